@@ -1,0 +1,3 @@
+"""Taxonomist: declarative image-classification pipelines."""
+
+__version__ = "0.1.0"

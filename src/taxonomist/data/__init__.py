@@ -1,0 +1,1 @@
+"""Data: sources, the manifest, image validation, splitting, the cache and the DataModule."""

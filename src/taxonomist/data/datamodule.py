@@ -1,0 +1,86 @@
+"""LightningDataModule over the preprocessed cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from taxonomist.data.cache import SplitArrays, read_labels, read_split
+from taxonomist.data.transforms import build_augment
+
+
+class CachedImageDataset(Dataset):
+    """Items of one cached split: (float CHW tensor, label), augmented when ``augment`` is set."""
+
+    def __init__(self, arrays: SplitArrays, mean: list[float], std: list[float], augment=None):
+        self.images = arrays.images
+        self.labels = torch.as_tensor(np.asarray(arrays.labels), dtype=torch.long)
+        self.augment = augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = np.array(self.images[idx])  # a writable copy (the array may be a read-only mmap)
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+            if image.ndim == 2:
+                image = image[:, :, None]
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        return (x - self.mean) / self.std, self.labels[idx]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val/test loaders over ``data/processed`` with the configured augmentation."""
+
+    def __init__(self, cfg: DictConfig, processed_dir: str | Path = "data/processed"):
+        super().__init__()
+        self.cfg = cfg
+        self.processed_dir = Path(processed_dir)
+        self.classes = read_labels(self.processed_dir)
+        self.datasets: dict[str, CachedImageDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        pre = self.cfg.preprocess
+        mean, std = list(pre.mean), list(pre.std)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        splits = wanted.get(stage or "", ("train", "val", "test"))
+        for split in splits:
+            if split in self.datasets:
+                continue
+            augment = build_augment(self.cfg.augment.train) if split == "train" else None
+            # Training reads random rows: load it into memory; the others stream from the mmap.
+            arrays = read_split(self.processed_dir, split, mmap=split != "train")
+            self.datasets[split] = CachedImageDataset(arrays, mean, std, augment)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        workers = int(self.cfg.train.num_workers)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, int(self.cfg.train.batch_size))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, int(self.cfg.evaluate.batch_size))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, int(self.cfg.evaluate.batch_size))

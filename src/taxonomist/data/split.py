@@ -1,0 +1,64 @@
+"""Seeded, stratified train/val(/test) assignment for rows whose split is not fixed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+
+class SplitError(ValueError):
+    """The data cannot be split as configured; the message names the class."""
+
+
+def assign_splits(
+    frame: pd.DataFrame,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    min_images_per_class: int = 2,
+) -> pd.DataFrame:
+    """Return a copy of ``frame`` with every row's ``split`` set to train, val or test.
+
+    Rows already marked ``test`` stay test (an official test split is kept). Unassigned rows
+    become test (stratified ``test_fraction``) only when no row is marked test. The val split
+    is a stratified ``val_fraction`` of the remaining training pool.
+    """
+    out = frame.copy()
+    counts = out.groupby("label").size()
+    small = counts[counts < min_images_per_class]
+    if len(small):
+        listing = ", ".join(f"{lbl!r} ({n})" for lbl, n in small.items())
+        raise SplitError(
+            f"class(es) with fewer than preprocess.min_images_per_class={min_images_per_class} "
+            f"images: {listing}; add images or remove the class"
+        )
+    has_test = (out["split"] == "test").any()
+    pool = out.index[out["split"] != "test"]
+    if not has_test:
+        pool_train, pool_test = _stratified(out.loc[pool], test_fraction, seed, "test")
+        out.loc[pool_test, "split"] = "test"
+        pool = pool_train
+    train_idx, val_idx = _stratified(out.loc[pool], val_fraction, seed + 1, "val")
+    out.loc[train_idx, "split"] = "train"
+    out.loc[val_idx, "split"] = "val"
+    return out
+
+
+def _stratified(
+    part: pd.DataFrame, fraction: float, seed: int, name: str
+) -> tuple[pd.Index, pd.Index]:
+    counts = part.groupby("label").size()
+    n_classes = len(counts)
+    n_take = int(np.ceil(len(part) * fraction))
+    if counts.min() < 2 or n_take < n_classes or len(part) - n_take < n_classes:
+        low = counts.idxmin()
+        raise SplitError(
+            f"cannot make a stratified {name} split of {fraction:.0%}: class {low!r} has "
+            f"{counts.min()} image(s) in the pool of {len(part)}, and every class needs at least "
+            f"one image on each side; add images or change preprocess.{name}_fraction"
+        )
+    keep, take = train_test_split(
+        part.index, test_size=n_take, random_state=seed, stratify=part["label"]
+    )
+    return pd.Index(keep), pd.Index(take)

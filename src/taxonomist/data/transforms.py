@@ -1,0 +1,47 @@
+"""Albumentations pipelines built from config, and the normalisation shared by all paths."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over the network
+
+import albumentations as A
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def build_augment(entries: ListConfig | Sequence[Any] | None) -> A.Compose | None:
+    """Instantiate a list of ``{_target_: albumentations.X, ...}`` entries as one Compose."""
+    if not entries:
+        return None
+    items = OmegaConf.to_container(entries, resolve=True) if isinstance(entries, ListConfig) else entries
+    transforms = []
+    for i, entry in enumerate(items):  # type: ignore[arg-type]
+        try:
+            transforms.append(instantiate(entry))
+        except Exception as err:
+            raise ValueError(f"augment.train[{i}] ({entry.get('_target_')}): {err}") from err
+    return A.Compose(transforms)
+
+
+def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W), scaled to [0, 1] then standardised."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def preprocess_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The preprocessing a packaged model must repeat on raw images."""
+    pre = cfg.preprocess
+    return {
+        "image_size": int(pre.image_size),
+        "channels": int(pre.channels),
+        "resize_mode": str(pre.resize_mode),
+        "mean": [float(v) for v in pre.mean],
+        "std": [float(v) for v in pre.std],
+    }

@@ -1,0 +1,1 @@
+"""Evaluation: test-split metrics, per-class tables and plots."""

@@ -1,0 +1,97 @@
+"""Plots people would rather look at than read: confusion matrix, per-class F1, mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
+    """Row-normalised confusion matrix with counts, saved as PNG."""
+    n = len(classes)
+    size = max(5.0, 0.6 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    ax.set_title("Confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_class(table: pd.DataFrame, path: Path) -> Path:
+    """Horizontal bars of per-class precision, recall and F1."""
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.35 * n + 1)))
+    y = np.arange(n)
+    for offset, col in zip((-0.27, 0.0, 0.27), ("precision", "recall", "f1"), strict=True):
+        ax.barh(y + offset, table[col], height=0.27, label=col)
+    ax.set_yticks(y, table["class"])
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    ax.set_title("Per-class metrics (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_misclassified(
+    images: np.ndarray, true: list[str], pred: list[str], conf: list[float], path: Path
+) -> Path:
+    """A grid of misclassified test images titled with true, predicted and confidence."""
+    n = len(images)
+    cols = min(6, max(n, 1))
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t, p, c in zip(axes.flat, images, true, pred, conf, strict=False):
+        ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray")
+        ax.set_title(f"true: {t}\npred: {p} ({c:.0%})", fontsize=7)
+    if n == 0:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle("Misclassified test images (most confident first)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> Path:
+    """Training curves: loss and accuracy / macro-F1 per epoch."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for col in ("train/loss", "val/loss"):
+        if col in history:
+            ax1.plot(history["epoch"], history[col], marker="o", label=col)
+    for col in ("train/acc", "val/acc", "val/f1_macro"):
+        if col in history:
+            ax2.plot(history["epoch"], history[col], marker="o", label=col)
+    ax1.set_xlabel("epoch")
+    ax1.set_title("loss")
+    ax1.legend()
+    ax2.set_xlabel("epoch")
+    ax2.set_title("accuracy / macro-F1")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Models: timm backbones with weight loading, and the LightningModule that trains them."""

@@ -1,0 +1,151 @@
+"""Package: ONNX export (verified against PyTorch), model card, MLflow model, registry.
+
+Outputs under ``dist/``: ``model.onnx``, ``preprocess.json``, ``model_card.md`` and
+``package.json`` (registry name, version, aliases, verification). The MLflow model takes raw
+encoded images (preprocessing inside), carries a signature and an input example, and is
+registered as a new version with alias ``candidate``; ``champion`` moves to it only when its
+``package.champion_metric`` beats the current champion's.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import io
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.models import infer_signature
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+import taxonomist
+from taxonomist.data.cache import read_labels, read_split
+from taxonomist.data.transforms import normalise, preprocess_settings
+from taxonomist.export import registry
+from taxonomist.export.model_card import render_model_card
+from taxonomist.export.onnx import export_onnx, verify_onnx
+from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel
+from taxonomist.files import atomic_write_json, atomic_write_text, read_json
+from taxonomist.models.module import load_classifier
+from taxonomist.tracking import runs
+
+log = logging.getLogger(__name__)
+DIST_DIR = Path("dist")
+SERVING_REQUIREMENTS = ("mlflow", "onnxruntime", "pillow", "numpy", "pandas")
+
+
+def example_images(processed_dir: Path, n: int = 2) -> list[bytes]:
+    """PNG bytes of the first ``n`` test images: the MLflow input example (batch >= 2)."""
+    images = read_split(processed_dir, "test").images[:n]
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def pinned_requirements() -> list[str]:
+    """Serving requirements pinned to the versions installed here."""
+    reqs = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={md.version(name)}")
+        except md.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def run(
+    cfg: DictConfig,
+    processed_dir: Path = Path("data/processed"),
+    models_dir: Path = Path("models"),
+    reports_dir: Path = Path("reports/eval"),
+    metrics_file: Path = Path("reports/metrics.json"),
+    out_dir: Path = DIST_DIR,
+) -> dict:
+    """Export, verify, document, log and register the trained model."""
+    module = load_classifier(models_dir / "best.ckpt")
+    classes = read_labels(processed_dir)
+    settings = {**preprocess_settings(cfg), "classes": classes}
+    pre = cfg.preprocess
+    test = read_split(processed_dir, "test")
+    sample = torch.from_numpy(normalise(test.images[:64], pre.mean, pre.std))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(module.model, sample[:2], out_dir / "model.onnx", int(cfg.package.onnx_opset))
+    verification = verify_onnx(module.model, onnx_path, sample)
+    if verification["max_abs_diff"] > float(cfg.package.verify_atol):
+        raise RuntimeError(
+            f"ONNX and PyTorch outputs differ by {verification['max_abs_diff']:.3g} "
+            f"> package.verify_atol={cfg.package.verify_atol}"
+        )
+    log.info("ONNX verified: max |diff| %.2e at batch sizes %s", verification["max_abs_diff"], verification["batch_sizes"])
+    preprocess_path = atomic_write_json(out_dir / "preprocess.json", settings)
+
+    metrics = read_json(metrics_file)["test"]
+    per_class = pd.read_csv(reports_dir / "per_class.csv")
+    name = str(cfg.package.model_name)
+    metric_key = str(cfg.package.champion_metric)
+    score = float(metrics[metric_key.split("/", 1)[1]] if metric_key.startswith("test/") else metrics[metric_key])
+
+    with runs.resume_run(cfg) as active:
+        run_id = active.info.run_id
+        examples = pd.DataFrame({IMAGE_COLUMN: example_images(processed_dir)})
+        artifacts = {"onnx": str(onnx_path), "preprocess": str(preprocess_path)}
+        # Run the real model on the example to infer the output schema (a loaded instance
+        # holds an ONNX Runtime session, so a fresh one is logged).
+        context = type("Context", (), {"artifacts": artifacts})()
+        probe = ImageClassifierModel()
+        probe.load_context(context)
+        signature = infer_signature(examples, probe.predict(context, examples))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ImageClassifierModel(),
+            artifacts=artifacts,
+            code_paths=[str(Path(taxonomist.__file__).parent)],
+            signature=signature,
+            input_example=examples,
+            pip_requirements=pinned_requirements(),
+        )
+        client = mlflow.MlflowClient()
+        version = mlflow.register_model(info.model_uri, name).version
+        tags = {
+            registry.tag_name(f"test/{k}"): str(v) for k, v in metrics.items()
+        } | {
+            "data_hash": active.data.tags.get("data_hash", ""),
+            "git_commit": active.data.tags.get("git_commit", ""),
+            "run_id": run_id,
+        }
+        if active.data.tags.get("dvc_experiment"):
+            tags["dvc_experiment"] = active.data.tags["dvc_experiment"]
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        promotion = registry.promote(client, name, version, metric_key, score)
+
+        card = render_model_card(
+            name=name, version=version, cfg=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+            data_report=read_json(processed_dir / "report.json"), metrics=metrics,
+            per_class=per_class, verification=verification, run_id=run_id,
+            git_commit=active.data.tags.get("git_commit", "unknown"),
+        )
+        atomic_write_text(out_dir / "model_card.md", card)
+        mlflow.log_artifact(str(out_dir / "model_card.md"))
+        mlflow.log_artifact(str(onnx_path), artifact_path="onnx")
+        runs.log_metrics({"package/onnx_max_abs_diff": verification["max_abs_diff"]})
+        mlflow.set_tags({"registered_model": name, "registered_version": version})
+
+    summary = {
+        "model_uri": f"models:/{name}/{version}",
+        "champion_uri": f"models:/{name}@{registry.CHAMPION}",
+        "run_id": run_id,
+        **promotion,
+        "champion_metric": metric_key,
+        "score": score,
+        "onnx_verification": verification,
+    }
+    atomic_write_json(out_dir / "package.json", summary)
+    return summary

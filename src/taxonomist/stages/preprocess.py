@@ -1,0 +1,116 @@
+"""Preprocess: validate, de-duplicate, split, and cache the ingested images.
+
+Every image is decoded once: images that do not decode are quarantined (listed in
+``quarantine.csv`` with the reason), exact duplicates (same content hash) are dropped and
+listed in ``duplicates.csv``, the training pool is split (seeded, stratified) into train/val
+(and test when the source has none), and each split is written as a uint8 array.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from taxonomist.data.cache import write_labels, write_split
+from taxonomist.data.images import ImageSpec, InvalidImage, load_file
+from taxonomist.data.manifest import SPLITS, read_manifest
+from taxonomist.data.split import assign_splits
+from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+RAW_DIR = Path("data/raw")
+PROCESSED_DIR = Path("data/processed")
+
+
+def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop exact duplicates by content hash; return (kept, dropped-with-reason).
+
+    Copies with one label keep a single row (a test copy wins, so the test split is not
+    shrunk); copies with conflicting labels are all dropped, since neither label can be trusted.
+    """
+    order = frame.assign(_rank=(frame["split"] != "test").astype(int)).sort_values(
+        ["sha256", "_rank"], kind="stable"
+    )
+    labels_per_hash = order.groupby("sha256")["label"].nunique()
+    conflicting = set(labels_per_hash[labels_per_hash > 1].index)
+    is_conflict = order["sha256"].isin(conflicting)
+    is_repeat = order.duplicated("sha256", keep="first") & ~is_conflict
+    first_of = order.drop_duplicates("sha256").set_index("sha256")["path"]
+    dropped = order[is_conflict | is_repeat].copy()
+    dropped["reason"] = np.where(
+        dropped["sha256"].isin(conflicting), "conflicting labels for identical images", "duplicate"
+    )
+    dropped["duplicate_of"] = dropped["sha256"].map(first_of)
+    dropped.loc[dropped["reason"] != "duplicate", "duplicate_of"] = ""
+    kept = order[~(is_conflict | is_repeat)].drop(columns="_rank").sort_index()
+    return kept, dropped.drop(columns="_rank")
+
+
+def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR) -> dict:
+    """Run the preprocess stage; return the report (also written to ``report.json``)."""
+    pre = cfg.preprocess
+    spec = ImageSpec(size=int(pre.image_size), channels=int(pre.channels), resize_mode=str(pre.resize_mode))
+    manifest = read_manifest(raw_dir)
+
+    pixels: list[np.ndarray | None] = []
+    problems: list[dict[str, str]] = []
+    for row in tqdm(manifest.itertuples(), total=len(manifest), desc="validate+decode", unit="img", mininterval=1):
+        try:
+            pixels.append(load_file(str(raw_dir / row.path), spec))
+        except (InvalidImage, OSError) as err:
+            pixels.append(None)
+            problems.append({"path": row.path, "label": row.label, "source_id": row.source_id, "reason": str(err)})
+            log.warning("quarantined %s: %s", row.path, err)
+    ok = np.array([p is not None for p in pixels])
+    valid = manifest[ok].copy()
+    valid["_pixel_index"] = np.flatnonzero(ok)
+
+    kept, dropped = deduplicate(valid)
+    split_frame = assign_splits(
+        kept,
+        val_fraction=float(pre.val_fraction),
+        test_fraction=float(pre.test_fraction),
+        seed=int(cfg.seed),
+        min_images_per_class=int(pre.min_images_per_class),
+    )
+    classes = sorted(split_frame["label"].unique())
+    index_of = {c: i for i, c in enumerate(classes)}
+
+    with atomic_directory(out_dir) as tmp:
+        counts: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            part = split_frame[split_frame["split"] == split]
+            images = np.stack([pixels[i] for i in part["_pixel_index"]]) if len(part) else np.zeros(
+                (0, spec.size, spec.size, spec.channels), np.uint8
+            )
+            write_split(tmp, split, images, part["label"].map(index_of).to_numpy(np.int64))
+            counts[split] = {c: int(n) for c, n in part.groupby("label").size().items()}
+        write_labels(tmp, classes)
+        atomic_write_text(tmp / "splits.csv", split_frame.drop(columns="_pixel_index").to_csv(index=False))
+        atomic_write_text(tmp / "duplicates.csv", dropped.drop(columns="_pixel_index").to_csv(index=False))
+        atomic_write_text(
+            tmp / "quarantine.csv",
+            pd.DataFrame(problems, columns=["path", "label", "source_id", "reason"]).to_csv(index=False),
+        )
+        report = {
+            "images_in": len(manifest),
+            "quarantined": len(problems),
+            "duplicates_dropped": int((dropped["reason"] == "duplicate").sum()),
+            "conflicting_dropped": int((dropped["reason"] != "duplicate").sum()),
+            "images_out": len(split_frame),
+            "classes": classes,
+            "image_shape": [spec.size, spec.size, spec.channels],
+            "per_split": {s: sum(c.values()) for s, c in counts.items()},
+            "per_split_per_class": counts,
+        }
+        atomic_write_json(tmp / "report.json", report)
+    log.info(
+        "preprocess: %d in, %d quarantined, %d duplicates dropped, %s",
+        len(manifest), len(problems), len(dropped), report["per_split"],
+    )
+    return report

@@ -1,0 +1,106 @@
+"""Train: fit the classifier on the cached train split, pick the best epoch on val.
+
+Outputs: ``models/best.ckpt`` (best checkpoint by ``train.monitor``), ``models/labels.json``,
+``models/run.json`` (the MLflow run this pipeline execution logs to) and
+``reports/train_history.csv`` (per-epoch metrics for ``dvc plots``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from taxonomist.data.datamodule import ImageDataModule
+from taxonomist.files import atomic_write_json, read_json, sha256_file
+from taxonomist.models.callbacks import EpochHistory
+from taxonomist.models.module import ClassifierModule
+from taxonomist.tracking import runs
+
+log = logging.getLogger(__name__)
+MODELS_DIR = Path("models")
+HISTORY_FILE = Path("reports/train_history.csv")
+
+
+def configure_torch(cfg: DictConfig) -> None:
+    """Seed everything and set the CPU thread count."""
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    threads = int(cfg.trainer.num_threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def data_hash(processed_dir: Path) -> str:
+    """Content hash of the processed split assignment (identifies the exact training data)."""
+    return sha256_file(processed_dir / "splits.csv")
+
+
+def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_dir: Path = MODELS_DIR) -> dict:
+    """Train and write the best checkpoint; return the best score and the run id."""
+    configure_torch(cfg)
+    datamodule = ImageDataModule(cfg, processed_dir)
+    report = read_json(processed_dir / "report.json")
+    in_chans = int(report["image_shape"][2])
+    module = ClassifierModule(OmegaConf.to_container(cfg, resolve=True), datamodule.classes, in_chans)
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    run_id = runs.start_pipeline_run(
+        cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"}
+    )
+    mlf_logger = MLFlowLogger(
+        experiment_name=str(cfg.tracking.experiment),
+        tracking_uri=runs.tracking_uri(cfg),
+        run_id=run_id,
+        log_model=False,
+    )
+    ckpt_dir = models_dir / ".checkpoints"
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    monitor = str(cfg.train.monitor)
+    mode = "min" if monitor.endswith("loss") else "max"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1, save_last=False
+    )
+    callbacks = [
+        checkpoint,
+        EarlyStopping(monitor=monitor, mode=mode, patience=int(cfg.train.early_stopping_patience)),
+        LearningRateMonitor(logging_interval="epoch"),
+        TQDMProgressBar(refresh_rate=20),
+        EpochHistory(HISTORY_FILE),
+    ]
+    tcfg = cfg.trainer
+    trainer = L.Trainer(
+        max_epochs=int(tcfg.max_epochs),
+        accelerator=str(tcfg.accelerator),
+        devices=tcfg.devices,
+        precision=str(tcfg.precision),
+        deterministic=tcfg.deterministic,
+        gradient_clip_val=tcfg.gradient_clip_val,
+        limit_train_batches=tcfg.limit_train_batches,
+        limit_val_batches=tcfg.limit_val_batches,
+        log_every_n_steps=int(tcfg.log_every_n_steps),
+        logger=mlf_logger,
+        callbacks=callbacks,
+        enable_model_summary=False,
+        default_root_dir=str(models_dir),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    if not checkpoint.best_model_path:
+        raise RuntimeError(f"training produced no checkpoint (monitor {monitor!r} never logged?)")
+    shutil.move(checkpoint.best_model_path, models_dir / "best.ckpt")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    atomic_write_json(models_dir / "labels.json", {"classes": datamodule.classes})
+    best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
+    summary = {"run_id": run_id, "best_" + monitor.replace("/", "_"): best, "epochs": trainer.current_epoch}
+    log.info("train: best %s = %.4f (run %s)", monitor, best, run_id)
+    return summary

@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs that span the train, evaluate and package stages."""
