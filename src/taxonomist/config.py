@@ -149,9 +149,7 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: task={cfg.task!r} is not supported; use one of {SUPPORTED_TASKS}")
     pre = cfg.preprocess
     if pre.resize_mode not in RESIZE_MODES:
-        raise ConfigError(
-            f"{origin}: preprocess.resize_mode={pre.resize_mode!r}; use one of {RESIZE_MODES}"
-        )
+        raise ConfigError(f"{origin}: preprocess.resize_mode={pre.resize_mode!r}; use one of {RESIZE_MODES}")
     if pre.channels not in (1, 3):
         raise ConfigError(f"{origin}: preprocess.channels={pre.channels}; use 1 (grayscale) or 3 (RGB)")
     if len(pre.mean) != pre.channels or len(pre.std) != pre.channels:
@@ -172,8 +170,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"{path} not found. Run stages from the project root, or create it with "
-            "`taxonomist compose`."
+            f"{path} not found. Run stages from the project root, or create it with `taxonomist compose`."
         )
     with path.open() as fh:
         raw = yaml.safe_load(fh) or {}

@@ -45,9 +45,7 @@ def assign_splits(
     return out
 
 
-def _stratified(
-    part: pd.DataFrame, fraction: float, seed: int, name: str
-) -> tuple[pd.Index, pd.Index]:
+def _stratified(part: pd.DataFrame, fraction: float, seed: int, name: str) -> tuple[pd.Index, pd.Index]:
     counts = part.groupby("label").size()
     n_classes = len(counts)
     n_take = int(np.ceil(len(part) * fraction))
@@ -58,7 +56,5 @@ def _stratified(
             f"{counts.min()} image(s) in the pool of {len(part)}, and every class needs at least "
             f"one image on each side; add images or change preprocess.{name}_fraction"
         )
-    keep, take = train_test_split(
-        part.index, test_size=n_take, random_state=seed, stratify=part["label"]
-    )
+    keep, take = train_test_split(part.index, test_size=n_take, random_state=seed, stratify=part["label"])
     return pd.Index(keep), pd.Index(take)

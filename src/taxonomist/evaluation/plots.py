@@ -26,8 +26,15 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     ax.set_title("Confusion matrix (test)")
     fig.tight_layout()
@@ -54,9 +61,7 @@ def plot_per_class(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def plot_misclassified(
-    images: np.ndarray, true: list[str], pred: list[str], conf: list[float], path: Path
-) -> Path:
+def plot_misclassified(images: np.ndarray, true: list[str], pred: list[str], conf: list[float], path: Path) -> Path:
     """A grid of misclassified test images titled with true, predicted and confidence."""
     n = len(images)
     cols = min(6, max(n, 1))

@@ -46,7 +46,8 @@ def render_model_card(
         f"- Optimizer: `{cfg['optimizer'].get('_target_')}` lr {cfg['optimizer'].get('lr')}, "
         f"scheduler `{cfg['scheduler'].get('_target_')}`",
         f"- Epochs (max): {cfg['trainer']['max_epochs']}, batch size {cfg['train']['batch_size']}, "
-        f"precision {cfg['trainer']['precision']}, label smoothing {cfg['train']['label_smoothing']}, seed {cfg['seed']}",
+        f"precision {cfg['trainer']['precision']}, label smoothing {cfg['train']['label_smoothing']}, "
+        f"seed {cfg['seed']}",
         "",
         "## Test metrics",
         "| metric | value |",

@@ -31,8 +31,12 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
     tmp = path.with_suffix(".tmp.onnx")
     try:
         program = torch.onnx.export(
-            wrapped, (example,), dynamo=True, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            wrapped,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}},
             verbose=False,
         )
@@ -40,8 +44,13 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
     except Exception as err:
         log.warning("torch.export-based ONNX export failed (%s); using the TorchScript exporter", err)
         torch.onnx.export(
-            wrapped, (example,), str(tmp), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            wrapped,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
     tmp.replace(path)

@@ -30,9 +30,7 @@ def current_champion(client: MlflowClient, name: str):
         return None
 
 
-def promote(
-    client: MlflowClient, name: str, version: str, metric: str, score: float
-) -> dict[str, object]:
+def promote(client: MlflowClient, name: str, version: str, metric: str, score: float) -> dict[str, object]:
     """Set ``candidate`` on ``version``; move ``champion`` if ``score`` beats the champion's."""
     client.set_registered_model_alias(name, CANDIDATE, version)
     champion = current_champion(client, name)

@@ -77,9 +77,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         logits = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         probs = softmax(logits.astype(np.float64))
         best = probs.argmax(axis=1)
-        frame = pd.DataFrame(
-            {"label": [self.classes[i] for i in best], "score": probs[np.arange(len(best)), best]}
-        )
+        frame = pd.DataFrame({"label": [self.classes[i] for i in best], "score": probs[np.arange(len(best)), best]})
         for j, name in enumerate(self.classes):
             frame[prob_column(name)] = probs[:, j]
         return frame

@@ -58,9 +58,7 @@ def resolve_checkpoint(spec: str) -> Path:
                 f"(pip install {module_name.replace('_', '-')})"
             ) from None
         folder = Path(module.__file__).parent  # type: ignore[arg-type]
-        files = sorted(
-            p for ext in ("*.pth", "*.pt", "*.safetensors", "*.bin") for p in folder.rglob(ext)
-        )
+        files = sorted(p for ext in ("*.pth", "*.pt", "*.safetensors", "*.bin") for p in folder.rglob(ext))
         if not files:
             raise WeightsError(f"model.checkpoint: package {module_name!r} ships no weights file")
         return files[0]
@@ -134,9 +132,7 @@ def load_weights(model: torch.nn.Module, spec: str) -> dict[str, int]:
     return {"loaded": len(new_state), "adapted": adapted, "skipped": skipped}
 
 
-def _match_in_order(
-    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
-) -> list[tuple[str, str]]:
+def _match_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
     src = [k for k in source if not k.endswith("num_batches_tracked")]
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):

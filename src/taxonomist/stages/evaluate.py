@@ -40,8 +40,12 @@ def predict_split(
     dataset = CachedImageDataset(arrays, list(mean), list(std))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     trainer = L.Trainer(
-        accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=True,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=True,
     )
     probs = torch.cat(trainer.predict(module, dataloaders=loader))  # type: ignore[arg-type]
     return probs.float(), dataset.labels
@@ -76,8 +80,13 @@ def run(
     atomic_write_text(out_dir / "per_class.csv", table.to_csv(index=False))
     atomic_write_text(
         out_dir / "predictions.csv",
-        pd.DataFrame({"actual": [classes[i] for i in target], "predicted": [classes[i] for i in pred],
-                      "confidence": conf.numpy().round(5)}).to_csv(index=False),
+        pd.DataFrame(
+            {
+                "actual": [classes[i] for i in target],
+                "predicted": [classes[i] for i in pred],
+                "confidence": conf.numpy().round(5),
+            }
+        ).to_csv(index=False),
     )
     atomic_write_text(
         out_dir / "confusion_matrix.csv",
@@ -87,10 +96,15 @@ def run(
     plots.plot_per_class(table, out_dir / "per_class.png")
     wrong = torch.nonzero(pred != target).flatten()
     wrong = wrong[torch.argsort(conf[wrong], descending=True)][: int(cfg.evaluate.misclassified_examples)]
-    images = np.asarray(read_split(processed_dir, "test").images[wrong.numpy()]) if len(wrong) else np.zeros((0, 1, 1, 1))
+    images = (
+        np.asarray(read_split(processed_dir, "test").images[wrong.numpy()]) if len(wrong) else np.zeros((0, 1, 1, 1))
+    )
     plots.plot_misclassified(
-        images, [classes[target[i]] for i in wrong], [classes[pred[i]] for i in wrong],
-        [float(conf[i]) for i in wrong], out_dir / "misclassified.png",
+        images,
+        [classes[target[i]] for i in wrong],
+        [classes[pred[i]] for i in wrong],
+        [float(conf[i]) for i in wrong],
+        out_dir / "misclassified.png",
     )
     if HISTORY_FILE.is_file():
         plots.plot_history(pd.read_csv(HISTORY_FILE), out_dir / "training_curves.png")

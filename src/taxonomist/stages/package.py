@@ -83,7 +83,9 @@ def run(
             f"ONNX and PyTorch outputs differ by {verification['max_abs_diff']:.3g} "
             f"> package.verify_atol={cfg.package.verify_atol}"
         )
-    log.info("ONNX verified: max |diff| %.2e at batch sizes %s", verification["max_abs_diff"], verification["batch_sizes"])
+    log.info(
+        "ONNX verified: max |diff| %.2e at batch sizes %s", verification["max_abs_diff"], verification["batch_sizes"]
+    )
     preprocess_path = atomic_write_json(out_dir / "preprocess.json", settings)
 
     metrics = read_json(metrics_file)["test"]
@@ -113,9 +115,7 @@ def run(
         )
         client = mlflow.MlflowClient()
         version = mlflow.register_model(info.model_uri, name).version
-        tags = {
-            registry.tag_name(f"test/{k}"): str(v) for k, v in metrics.items()
-        } | {
+        tags = {registry.tag_name(f"test/{k}"): str(v) for k, v in metrics.items()} | {
             "data_hash": active.data.tags.get("data_hash", ""),
             "git_commit": active.data.tags.get("git_commit", ""),
             "run_id": run_id,
@@ -127,9 +127,14 @@ def run(
         promotion = registry.promote(client, name, version, metric_key, score)
 
         card = render_model_card(
-            name=name, version=version, cfg=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-            data_report=read_json(processed_dir / "report.json"), metrics=metrics,
-            per_class=per_class, verification=verification, run_id=run_id,
+            name=name,
+            version=version,
+            cfg=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+            data_report=read_json(processed_dir / "report.json"),
+            metrics=metrics,
+            per_class=per_class,
+            verification=verification,
+            run_id=run_id,
             git_commit=active.data.tags.get("git_commit", "unknown"),
         )
         atomic_write_text(out_dir / "model_card.md", card)

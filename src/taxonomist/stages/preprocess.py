@@ -33,9 +33,7 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     Copies with one label keep a single row (a test copy wins, so the test split is not
     shrunk); copies with conflicting labels are all dropped, since neither label can be trusted.
     """
-    order = frame.assign(_rank=(frame["split"] != "test").astype(int)).sort_values(
-        ["sha256", "_rank"], kind="stable"
-    )
+    order = frame.assign(_rank=(frame["split"] != "test").astype(int)).sort_values(["sha256", "_rank"], kind="stable")
     labels_per_hash = order.groupby("sha256")["label"].nunique()
     conflicting = set(labels_per_hash[labels_per_hash > 1].index)
     is_conflict = order["sha256"].isin(conflicting)
@@ -85,8 +83,10 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
         counts: dict[str, dict[str, int]] = {}
         for split in SPLITS:
             part = split_frame[split_frame["split"] == split]
-            images = np.stack([pixels[i] for i in part["_pixel_index"]]) if len(part) else np.zeros(
-                (0, spec.size, spec.size, spec.channels), np.uint8
+            images = (
+                np.stack([pixels[i] for i in part["_pixel_index"]])
+                if len(part)
+                else np.zeros((0, spec.size, spec.size, spec.channels), np.uint8)
             )
             write_split(tmp, split, images, part["label"].map(index_of).to_numpy(np.int64))
             counts[split] = {c: int(n) for c, n in part.groupby("label").size().items()}
@@ -111,6 +111,9 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
         atomic_write_json(tmp / "report.json", report)
     log.info(
         "preprocess: %d in, %d quarantined, %d duplicates dropped, %s",
-        len(manifest), len(problems), len(dropped), report["per_split"],
+        len(manifest),
+        len(problems),
+        len(dropped),
+        report["per_split"],
     )
     return report

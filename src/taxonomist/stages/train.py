@@ -55,9 +55,7 @@ def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_di
     module = ClassifierModule(OmegaConf.to_container(cfg, resolve=True), datamodule.classes, in_chans)
 
     models_dir.mkdir(parents=True, exist_ok=True)
-    run_id = runs.start_pipeline_run(
-        cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"}
-    )
+    run_id = runs.start_pipeline_run(cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"})
     mlf_logger = MLFlowLogger(
         experiment_name=str(cfg.tracking.experiment),
         tracking_uri=runs.tracking_uri(cfg),

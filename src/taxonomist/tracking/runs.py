@@ -59,9 +59,7 @@ def setup(cfg: DictConfig) -> str:
 def git_commit() -> str:
     """The current git commit, or "unknown" outside a repository."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

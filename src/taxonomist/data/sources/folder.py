@@ -22,9 +22,7 @@ def scan_folder(root: Path) -> dict[str, list[Path]]:
         raise SourceError(f"data.source: {root} is not a folder (expected <root>/<label>/<image>)")
     classes: dict[str, list[Path]] = {}
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SourceError(
                 f"data.source: class folder {class_dir} holds no images "
@@ -35,9 +33,7 @@ def scan_folder(root: Path) -> dict[str, list[Path]]:
         raise SourceError(f"data.source: {root} has no class folders (expected <root>/<label>/<image>)")
     if len(classes) < 2:
         only = next(iter(classes))
-        raise SourceError(
-            f"data.source: {root} has one class ({only!r}); classification needs at least two"
-        )
+        raise SourceError(f"data.source: {root} has one class ({only!r}); classification needs at least two")
     return classes
 
 
@@ -52,8 +48,6 @@ def materialise_folder(root: Path, out_dir: Path) -> list[Record]:
             for i, src in enumerate(files):
                 rel = f"images/{label}/{i:06d}{src.suffix.lower()}"
                 shutil.copyfile(src, out_dir / rel)
-                records.append(
-                    Record(rel, label, "", sha256_file(out_dir / rel), str(src.relative_to(root)))
-                )
+                records.append(Record(rel, label, "", sha256_file(out_dir / rel), str(src.relative_to(root))))
                 bar.update()
     return records
