@@ -93,14 +93,18 @@ def read_idx(images_gz: Path, labels_gz: Path) -> tuple[np.ndarray, np.ndarray]:
     """Decode a pair of IDX files into uint8 images (N, 28, 28) and int64 labels (N,)."""
     with gzip.open(images_gz, "rb") as fh:
         raw = fh.read()
+    if len(raw) < 16:
+        raise SourceError(f"{images_gz}: not an IDX image file ({len(raw)} bytes)")
     magic, count, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
     if magic != 2051:
         raise SourceError(f"{images_gz}: not an IDX image file (magic {magic})")
+    if len(raw) != 16 + int(count) * int(rows) * int(cols):
+        raise SourceError(f"{images_gz}: truncated or corrupt ({len(raw)} bytes for {count}x{rows}x{cols})")
     images = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(int(count), int(rows), int(cols))
     with gzip.open(labels_gz, "rb") as fh:
         raw = fh.read()
-    magic, n_labels = np.frombuffer(raw[:8], dtype=">u4")
-    if magic != 2049 or n_labels != count:
+    magic, n_labels = np.frombuffer(raw[:8], dtype=">u4") if len(raw) >= 8 else (0, 0)
+    if magic != 2049 or n_labels != count or len(raw) != 8 + int(count):
         raise SourceError(f"{labels_gz}: not an IDX label file matching {images_gz.name}")
     labels = np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)
     return images, labels

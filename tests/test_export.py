@@ -1,0 +1,262 @@
+"""ONNX export, the MLflow serving model and the registry aliases (taxonomist.export)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from taxonomist.data.images import ImageSpec, decode
+from taxonomist.data.transforms import normalise
+from taxonomist.export import registry
+from taxonomist.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, verify_onnx
+from taxonomist.export.serving import ImageClassifierModel, prob_column, softmax
+
+CLASSES = ["circle", "square", "triangle"]
+SETTINGS = {"image_size": 32, "channels": 3, "resize_mode": "squash", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random test_resnet (in channels-last, as training uses it) exported to ONNX."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=len(CLASSES), in_chans=3).eval()
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    folder = tmp_path_factory.mktemp("dist")
+    example = torch.randn(2, 3, 32, 32)
+    path = export_onnx(model, example, folder / "model.onnx")
+    return model, path
+
+
+def test_export_writes_one_self_contained_file(exported):
+    _, path = exported
+    assert path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]  # no temp or external data
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == [INPUT_NAME]
+    assert [o.name for o in proto.graph.output] == [OUTPUT_NAME]
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")  # a symbolic batch axis
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_onnx_runtime_matches_pytorch_at_any_batch(exported, batch):
+    model, path = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert got.shape == (batch, len(CLASSES))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_verify_onnx(exported):
+    model, path = exported
+    x = torch.randn(5, 3, 32, 32)
+    result = verify_onnx(model, path, x, batch_sizes=(1, 5))
+    assert result["batch_sizes"] == [1, 5]
+    assert 0.0 <= result["max_abs_diff"] < 1e-4
+
+
+def test_verify_onnx_detects_a_different_model(exported):
+    _, path = exported
+    other = timm.create_model("test_resnet", num_classes=len(CLASSES), in_chans=3).eval()
+    result = verify_onnx(other, path, torch.randn(3, 3, 32, 32), batch_sizes=(1,))
+    assert result["max_abs_diff"] > 1e-3
+
+
+def test_verify_onnx_detects_a_shape_mismatch(exported):
+    _, path = exported
+    four_classes = timm.create_model("test_resnet", num_classes=4, in_chans=3).eval()
+    with pytest.raises(RuntimeError, match="ONNX output shape"):
+        verify_onnx(four_classes, path, torch.randn(2, 3, 32, 32), batch_sizes=(1,))
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def png_bytes(seed: int, size=(40, 30), mode="RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory):
+    _, path = exported
+    pre = tmp_path_factory.mktemp("pre") / "preprocess.json"
+    pre.write_text(json.dumps({**SETTINGS, "classes": CLASSES}))
+    context = SimpleNamespace(artifacts={"onnx": str(path), "preprocess": str(pre)})
+    model = ImageClassifierModel()
+    model.load_context(context)
+    return model, context
+
+
+def test_serving_predicts_labels_and_probabilities(served, exported):
+    model, context = served
+    images = [png_bytes(i, mode=mode) for i, mode in enumerate(["RGB", "L", "RGBA", "P"])]
+    out = model.predict(context, pd.DataFrame({"image": images}))
+    prob_cols = [prob_column(c) for c in CLASSES]
+    assert out.columns.tolist() == ["label", "score", *prob_cols]
+    assert len(out) == 4
+    probs = out[prob_cols].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert out["label"].tolist() == [CLASSES[i] for i in probs.argmax(axis=1)]
+    np.testing.assert_allclose(out["score"], probs.max(axis=1))
+
+    # The same preprocessing as the pipeline (decode + normalise) and the PyTorch model agree.
+    torch_model, _ = exported
+    spec = ImageSpec(SETTINGS["image_size"], SETTINGS["channels"], SETTINGS["resize_mode"])
+    pixels = np.stack([decode(b, spec) for b in images])
+    x = torch.from_numpy(normalise(pixels, SETTINGS["mean"], SETTINGS["std"]))
+    with torch.no_grad():
+        expected = torch.softmax(torch_model(x).double(), dim=1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_serving_accepts_a_list_of_bytes_and_file_paths(served, tmp_path):
+    model, context = served
+    data = png_bytes(7)
+    path = tmp_path / "img.png"
+    path.write_bytes(data)
+    from_bytes = model.predict(context, [data, bytearray(data)])
+    from_path = model.predict(context, pd.DataFrame({"image": [str(path)]}))
+    pd.testing.assert_frame_equal(from_bytes.iloc[[0]], from_path)
+    pd.testing.assert_frame_equal(from_bytes.iloc[[1]].reset_index(drop=True), from_path)
+
+
+def test_serving_empty_input(served):
+    model, context = served
+    out = model.predict(context, pd.DataFrame({"image": []}))
+    assert out.empty
+    assert out.columns.tolist() == ["label", "score", *map(prob_column, CLASSES)]
+
+
+def test_serving_rejects_bad_input(served):
+    model, context = served
+    with pytest.raises(ValueError, match="column 'image'"):
+        model.predict(context, pd.DataFrame({"img": [png_bytes(0)]}))
+    with pytest.raises(ValueError, match="expected encoded image bytes, got int"):
+        model.predict(context, pd.DataFrame({"image": [3]}))
+
+
+def test_softmax_is_stable():
+    logits = np.array([[1000.0, 1000.0, -1000.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(softmax(logits), [[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(tmp_path_factory):
+    """An MlflowClient on a fresh SQLite store, with a run that holds a (stand-in) model artifact."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("test", artifact_location=(folder / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    model_dir = folder / "model"
+    model_dir.mkdir()
+    (model_dir / "model.onnx").write_bytes(b"stand-in")
+    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    client.set_terminated(run.info.run_id)
+    yield client, run.info.run_id
+    mlflow.set_tracking_uri(previous)
+
+
+def new_version(client, name: str, run_id: str, score: float | None, metric: str = "test/f1_macro") -> str:
+    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id).version
+    if score is not None:
+        client.set_model_version_tag(name, version, registry.tag_name(metric), str(score))
+    return version
+
+
+def aliases(client, name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+
+
+def test_tag_name():
+    assert registry.tag_name("test/f1_macro") == "test_f1_macro"
+
+
+def test_promote_moves_champion_only_on_a_higher_score(mlflow_client):
+    client, run_id = mlflow_client
+    name = "promote-test"
+    client.create_registered_model(name)
+    assert registry.current_champion(client, name) is None
+
+    steps = [  # (score, champion version afterwards)
+        (0.50, "1"),  # no champion yet: the first version becomes champion
+        (0.40, "1"),  # worse: stays candidate
+        (0.70, "3"),  # better: new champion
+        (0.70, "3"),  # a tie does not move the champion
+        (0.71, "5"),
+    ]
+    previous_scores = [None, 0.50, 0.50, 0.70, 0.70]
+    for i, ((score, champion), previous) in enumerate(zip(steps, previous_scores, strict=True), start=1):
+        version = new_version(client, name, run_id, score)
+        assert str(version) == str(i)
+        result = registry.promote(client, name, version, "test/f1_macro", score)
+        assert aliases(client, name) == {"candidate": str(i), "champion": champion}
+        assert result["promoted"] is (champion == str(i))
+        assert str(result["champion_version"]) == champion
+        assert result["aliases"] == (["candidate", "champion"] if champion == str(i) else ["candidate"])
+        assert result["previous_champion_score"] == previous
+        assert str(registry.current_champion(client, name).version) == champion
+
+
+def test_champion_without_metric_tag_is_replaced(mlflow_client):
+    client, run_id = mlflow_client
+    name = "untagged-champion"
+    client.create_registered_model(name)
+    first = new_version(client, name, run_id, score=None)
+    client.set_registered_model_alias(name, registry.CHAMPION, first)
+    second = new_version(client, name, run_id, score=0.1)
+    result = registry.promote(client, name, second, "test/f1_macro", 0.1)
+    assert result["promoted"] is True
+    assert result["previous_champion_score"] == -math.inf
+    assert aliases(client, name) == {"candidate": str(second), "champion": str(second)}
+
+
+def test_promote_uses_the_configured_metric(mlflow_client):
+    client, run_id = mlflow_client
+    name = "other-metric"
+    client.create_registered_model(name)
+    v1 = new_version(client, name, run_id, score=0.9, metric="test/acc")
+    registry.promote(client, name, v1, "test/acc", 0.9)
+    v2 = new_version(client, name, run_id, score=0.8, metric="test/acc")
+    client.set_model_version_tag(name, v2, "test_f1_macro", "0.99")  # not the champion metric
+    assert registry.promote(client, name, v2, "test/acc", 0.8)["promoted"] is False
+    assert aliases(client, name) == {"candidate": str(v2), "champion": str(v1)}
+
+
+def test_model_versions_point_at_the_logged_artifact(mlflow_client):
+    client, run_id = mlflow_client
+    files = [f.path for f in client.list_artifacts(run_id, "model")]
+    assert files == ["model/model.onnx"]
+    assert Path(client.download_artifacts(run_id, "model/model.onnx")).read_bytes() == b"stand-in"

@@ -1,0 +1,124 @@
+"""Atomic writes and hashes (taxonomist.files)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from taxonomist.files import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
+
+
+def siblings(path: Path) -> list[str]:
+    """Names in the folder holding ``path`` (to spot leftover temp folders/files)."""
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_atomic_directory_swaps_in_on_success(tmp_path):
+    target = tmp_path / "raw"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_directory(target) as tmp:
+        assert tmp != target
+        assert tmp.parent == target.parent
+        (tmp / "new.txt").write_text("new")
+        # The old content is still in place while the block runs.
+        assert (target / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert (target / "new.txt").read_text() == "new"
+    assert siblings(target) == ["raw"]  # no temp or .old folders left behind
+
+
+def test_atomic_directory_leaves_target_untouched_when_block_raises(tmp_path):
+    target = tmp_path / "raw"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+        (target / "old.txt").write_text("old")  # untouched
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert (target / "old.txt").read_text() == "old"
+    assert siblings(target) == ["raw"]
+
+
+def test_atomic_directory_creates_missing_target_and_parents(tmp_path):
+    target = tmp_path / "a" / "b" / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "f").write_bytes(b"x")
+    assert (target / "f").read_bytes() == b"x"
+
+
+def test_atomic_directory_failure_without_existing_target_creates_nothing(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target) as tmp:
+        (tmp / "f").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_replaces_stale_old_folder(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    stale = tmp_path / ".out.old"
+    stale.mkdir()
+    (stale / "junk").write_text("junk")
+    with atomic_directory(target) as tmp:
+        (tmp / "f").write_text("new")
+    assert (target / "f").read_text() == "new"
+    assert not stale.exists()
+
+
+def test_atomic_write_bytes_creates_parents_and_overwrites(tmp_path):
+    path = tmp_path / "x" / "y" / "data.bin"
+    assert atomic_write_bytes(path, b"one") == path
+    assert path.read_bytes() == b"one"
+    atomic_write_bytes(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert siblings(path) == ["data.bin"]
+
+
+def test_atomic_write_bytes_failure_keeps_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "not bytes")  # type: ignore[arg-type]
+    assert path.read_bytes() == b"old"
+    assert siblings(path) == ["data.bin"]
+
+
+def test_atomic_write_text_is_utf8(tmp_path):
+    path = atomic_write_text(tmp_path / "t.txt", "héllo – ✓\n")
+    assert path.read_bytes() == "héllo – ✓\n".encode()
+
+
+def test_atomic_write_json_round_trip(tmp_path):
+    obj = {"b": [1, 2.5, None], "a": {"nested": "é"}, "n": True}
+    path = atomic_write_json(tmp_path / "o.json", obj)
+    text = path.read_text()
+    assert text.endswith("\n")
+    assert text.index('"b"') < text.index('"a"')  # key order preserved, not sorted
+    assert read_json(path) == obj
+
+
+def test_sha256_bytes_known_vectors():
+    assert sha256_bytes(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert sha256_bytes(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_sha256_file_matches_hashlib_for_any_chunk_size(tmp_path, chunk):
+    data = bytes(range(256)) * 41 + b"tail"
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert sha256_file(path, chunk=chunk) == hashlib.sha256(data).hexdigest() == sha256_bytes(data)

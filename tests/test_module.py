@@ -1,0 +1,138 @@
+"""The LightningModule and checkpoint loading (taxonomist.models.module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+from conftest import tiny_overrides
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from taxonomist.config import compose
+from taxonomist.models.module import ClassifierModule, load_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["circle", "square", "triangle"]
+
+
+def pipeline_cfg(*extra: str) -> dict:
+    cfg = compose([*tiny_overrides(Path("/nonexistent")), *extra], conf_dir=REPO / "conf")
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def tiny_loader(n: int = 20, batch_size: int = 4, channels: int = 3) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, channels, 32, 32, generator=g)
+    y = torch.arange(n) % len(CLASSES)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    options = {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        **kwargs,
+    }
+    return L.Trainer(**options)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forward_shape(channels):
+    module = ClassifierModule(pipeline_cfg(), CLASSES, in_chans=channels).eval()
+    with torch.no_grad():
+        out = module(torch.randn(5, channels, 32, 32))
+    assert out.shape == (5, 3)
+    first_conv = next(v for v in module.model.state_dict().values() if v.ndim == 4)
+    assert first_conv.shape[1] == channels
+    assert module.classes == CLASSES
+    probs = module.predict_step((torch.randn(2, channels, 32, 32), torch.zeros(2)), 0)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
+
+
+def test_training_step_returns_loss_with_label_smoothing():
+    module = ClassifierModule(pipeline_cfg("train.label_smoothing=0.2"), CLASSES, in_chans=3)
+    module.log = lambda *a, **k: None  # not attached to a trainer
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    loss = module.training_step((x, y), 0)
+    expected = torch.nn.functional.cross_entropy(module(x), y, label_smoothing=0.2)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_configure_optimizers_without_scheduler_needs_no_trainer():
+    module = ClassifierModule(pipeline_cfg("scheduler=none", "optimizer=sgd"), CLASSES, in_chans=3)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    # Biases and norm weights get no weight decay.
+    decays = sorted(g["weight_decay"] for g in optimizer.param_groups)
+    assert decays[0] == 0.0 and decays[-1] == module.cfg.optimizer.weight_decay > 0
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert n_params == len(list(module.model.parameters()))
+
+
+def test_onecycle_total_steps_filled_from_trainer(tmp_path):
+    module = ClassifierModule(pipeline_cfg(), CLASSES, in_chans=3)
+    fit = trainer(tmp_path, max_epochs=2)
+    fit.fit(module, train_dataloaders=tiny_loader(n=20, batch_size=4))
+    scheduler = fit.lr_scheduler_configs[0].scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    assert scheduler.total_steps == 10 == fit.estimated_stepping_batches
+    assert fit.lr_scheduler_configs[0].interval == "step"
+    assert fit.global_step == 10  # OneCycleLR would raise if stepped past total_steps
+
+
+def test_cosine_t_max_filled_per_epoch(tmp_path):
+    module = ClassifierModule(pipeline_cfg("scheduler=cosine", "scheduler.interval=epoch"), CLASSES, in_chans=3)
+    fit = trainer(tmp_path, max_epochs=3, limit_train_batches=2)
+    fit.fit(module, train_dataloaders=tiny_loader())
+    scheduler = fit.lr_scheduler_configs[0].scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert scheduler.T_max == 3
+    assert fit.lr_scheduler_configs[0].interval == "epoch"
+
+
+def test_explicit_total_steps_is_kept(tmp_path):
+    module = ClassifierModule(pipeline_cfg("+scheduler.total_steps=50"), CLASSES, in_chans=3)
+    fit = trainer(tmp_path, max_epochs=1, limit_train_batches=2)
+    fit.fit(module, train_dataloaders=tiny_loader())
+    assert fit.lr_scheduler_configs[0].scheduler.total_steps == 50
+
+
+def test_load_classifier_round_trip(tmp_path):
+    # The initial weights come from a file that is gone by the time the checkpoint is loaded:
+    # load_classifier must rebuild the model from the checkpoint alone.
+    init = tmp_path / "init.pth"
+    initial = timm.create_model("test_resnet", num_classes=1000).state_dict()
+    torch.save(initial, init)
+    module = ClassifierModule(pipeline_cfg(f"model.checkpoint={init}"), CLASSES, in_chans=3)
+    key = next(k for k, v in initial.items() if v.ndim == 4)
+    assert torch.equal(module.model.state_dict()[key], initial[key])  # the file was loaded
+    fit = trainer(tmp_path, max_epochs=2)  # 10 steps: OneCycleLR needs pct_start * total_steps > 1
+    fit.fit(module, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(n=6))
+    ckpt = tmp_path / "best.ckpt"
+    fit.save_checkpoint(ckpt)
+    init.unlink()
+
+    loaded = load_classifier(ckpt)
+    assert not loaded.training
+    assert loaded.classes == CLASSES
+    assert loaded.cfg.model.checkpoint is None
+    trained = module.eval().state_dict()
+    restored = loaded.state_dict()
+    assert trained.keys() == restored.keys()
+    assert all(torch.equal(trained[k], restored[k]) for k in trained)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), module(x))
+    # The checkpoint holds the trained weights, not the initial file's.
+    assert not torch.equal(restored[f"model.{key}"], initial[key])
+    assert "val/f1_macro" in fit.callback_metrics and "train/loss" in fit.callback_metrics
