@@ -76,6 +76,7 @@ def tiny_overrides(source: Path) -> list[str]:
         "preprocess.test_fraction=0.2",
         "train.batch_size=16",
         "trainer.max_epochs=3",
+        "scheduler=cosine",
         "trainer.precision=32-true",
         "evaluate.batch_size=64",
         "package.model_name=taxonomist-test",

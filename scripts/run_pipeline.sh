@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Command 1: set up, then run the default pipeline (dvc repro) on Fashion-MNIST.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export NO_ALBUMENTATIONS_UPDATE=1
+.venv/bin/taxonomist check
+.venv/bin/dvc repro "$@"
+.venv/bin/dvc metrics show

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Command 2: set up, then lint and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export NO_ALBUMENTATIONS_UPDATE=1
+.venv/bin/ruff check src tests
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up everything Taxonomist needs on a fresh clone: Debian's Fashion-MNIST package (when
+# root and missing), uv, and the locked Python environment in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "==> installing dataset-fashion-mnist with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+    else
+        echo "==> dataset-fashion-mnist is not installed and this is not root: the ingest stage" \
+             "will download Fashion-MNIST instead (or run: sudo apt-get install dataset-fashion-mnist)"
+    fi
+fi
+
+if ! command -v uv >/dev/null 2>&1; then
+    echo "==> installing uv"
+    python3 -m pip install --quiet uv
+fi
+export UV_PYTHON_DOWNLOADS=never
+echo "==> syncing the locked environment (.venv)"
+uv sync --frozen --python python3.11

@@ -1,0 +1,94 @@
+"""End to end: the real `dvc repro` in a temporary git repo on a tiny image set the test makes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_image_folder, tiny_overrides
+from taxonomist.config import compose, write_params
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for name in ("conf", "src"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    source = make_image_folder(root.parent / f"{root.name}-images", per_class=30)
+    write_params(compose(tiny_overrides(source), conf_dir=root / "conf"), root / "params.yaml")
+    _run(["git", "init", "-q"], root)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root)
+    _run([str(BIN / "dvc"), "init", "-q"], root)
+    _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    _run([str(BIN / "dvc"), "repro"], root)
+    return root
+
+
+def test_repro_writes_real_metrics(project: Path) -> None:
+    metrics = json.loads((project / "reports/metrics.json").read_text())["test"]
+    for key in ("acc", "precision_macro", "recall_macro", "f1_macro"):
+        assert 0.0 <= metrics[key] <= 1.0
+    # 3 easy classes: a trained model beats chance (1/3) clearly.
+    assert metrics["acc"] > 0.45, metrics
+    per_class = (project / "reports/eval/per_class.csv").read_text().splitlines()
+    assert per_class[0].startswith("class,precision,recall,f1,support") and len(per_class) == 4
+    for png in ("confusion_matrix.png", "misclassified.png", "per_class.png", "training_curves.png"):
+        assert (project / "reports/eval" / png).stat().st_size > 1000
+    onnx = json.loads((project / "dist/package.json").read_text())
+    assert onnx["onnx_verification"]["max_abs_diff"] < 1e-4
+
+
+def test_mlflow_run_and_registry(project: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    metrics = json.loads((project / "reports/metrics.json").read_text())["test"]
+    assert run.data.metrics["test/acc"] == pytest.approx(metrics["acc"])
+    assert run.data.params["model.name"] == "test_resnet"
+    assert run.data.tags["data_hash"] and run.data.tags["git_commit"] != ""
+    history = client.get_metric_history(run_id, "val/f1_macro")
+    assert len(history) == 3
+    version = client.get_model_version_by_alias("taxonomist-test", "champion")
+    assert version.run_id == run_id
+    assert float(version.tags["test_f1_macro"]) == pytest.approx(metrics["f1_macro"])
+    model = mlflow.pyfunc.load_model("models:/taxonomist-test@champion")
+    import pandas as pd
+
+    files = sorted((project.parent / f"{project.name}-images").rglob("*.png"))[:4]
+    out = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    assert len(out) == 4 and set(out["label"]) <= {"circle", "square", "triangle"}
+
+
+def test_noop_and_evaluate_only_change(project: Path) -> None:
+    status = _run([str(BIN / "dvc"), "repro"], project)
+    assert "Running stage" not in status.stdout
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"]["misclassified_examples"] = 12
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ckpt_mtime = (project / "models/best.ckpt").stat().st_mtime
+    out = _run([str(BIN / "dvc"), "repro"], project).stdout
+    assert "Running stage 'evaluate'" in out
+    assert "Running stage 'train'" not in out
+    assert (project / "models/best.ckpt").stat().st_mtime == ckpt_mtime
