@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, make_image_folder, tiny_overrides
+
 from taxonomist.config import compose, write_params
 
 pytestmark = pytest.mark.e2e
