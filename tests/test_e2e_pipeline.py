@@ -69,7 +69,7 @@ def test_mlflow_run_and_registry(project: Path) -> None:
     assert run.data.params["model.name"] == "test_resnet"
     assert run.data.tags["data_hash"] and run.data.tags["git_commit"] != ""
     history = client.get_metric_history(run_id, "val/f1_macro")
-    assert len(history) == 3
+    assert len(history) == 8
     version = client.get_model_version_by_alias("taxonomist-test", "champion")
     assert version.run_id == run_id
     assert float(version.tags["test_f1_macro"]) == pytest.approx(metrics["f1_macro"])
