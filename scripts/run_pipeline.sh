@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export NO_ALBUMENTATIONS_UPDATE=1
+export PATH="$PWD/.venv/bin:$PATH"  # dvc.yaml runs `taxonomist <stage>`
 .venv/bin/taxonomist check
 .venv/bin/dvc repro "$@"
 .venv/bin/dvc metrics show
