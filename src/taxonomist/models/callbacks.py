@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import lightning as L
@@ -47,13 +48,8 @@ class EpochHistory(L.Callback):
         fields: list[str] = []
         for row in self.rows:
             fields += [k for k in row if k not in fields]
-        lines: list[str] = []
-
-        class _Sink:
-            def write(self, text: str) -> None:
-                lines.append(text)
-
-        writer = csv.DictWriter(_Sink(), fieldnames=fields, lineterminator="\n")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        atomic_write_text(self.path, "".join(lines))
+        atomic_write_text(self.path, buf.getvalue())
