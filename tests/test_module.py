@@ -90,6 +90,16 @@ def test_onecycle_total_steps_filled_from_trainer(tmp_path):
     assert fit.global_step == 10  # OneCycleLR would raise if stepped past total_steps
 
 
+@pytest.mark.parametrize(("n_batches", "scheduled"), [(1, False), (2, True), (5, True)])
+def test_onecycle_survives_very_short_runs(tmp_path, n_batches, scheduled):
+    # pct_start=0.2 of 4 steps is 0.8 steps: torch's OneCycleLR divides by zero there unless adjusted.
+    module = ClassifierModule(pipeline_cfg("scheduler.pct_start=0.2"), CLASSES, in_chans=3)
+    fit = trainer(tmp_path, max_epochs=2, limit_train_batches=n_batches)
+    fit.fit(module, train_dataloaders=tiny_loader())
+    assert fit.global_step == 2 * n_batches
+    assert bool(fit.lr_scheduler_configs) is scheduled
+
+
 def test_cosine_t_max_filled_per_epoch(tmp_path):
     module = ClassifierModule(pipeline_cfg("scheduler=cosine", "scheduler.interval=epoch"), CLASSES, in_chans=3)
     fit = trainer(tmp_path, max_epochs=3, limit_train_batches=2)
@@ -116,7 +126,7 @@ def test_load_classifier_round_trip(tmp_path):
     module = ClassifierModule(pipeline_cfg(f"model.checkpoint={init}"), CLASSES, in_chans=3)
     key = next(k for k, v in initial.items() if v.ndim == 4)
     assert torch.equal(module.model.state_dict()[key], initial[key])  # the file was loaded
-    fit = trainer(tmp_path, max_epochs=2)  # 10 steps: OneCycleLR needs pct_start * total_steps > 1
+    fit = trainer(tmp_path, max_epochs=2)
     fit.fit(module, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(n=6))
     ckpt = tmp_path / "best.ckpt"
     fit.save_checkpoint(ckpt)

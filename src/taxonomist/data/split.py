@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 
 class SplitError(ValueError):
@@ -46,15 +45,23 @@ def assign_splits(
 
 
 def _stratified(part: pd.DataFrame, fraction: float, seed: int, name: str) -> tuple[pd.Index, pd.Index]:
+    """Split ``part`` per class: ``round(n * fraction)`` images of each class are taken, but
+    always at least one and never all, so every class lands on both sides."""
     counts = part.groupby("label").size()
-    n_classes = len(counts)
-    n_take = int(np.ceil(len(part) * fraction))
-    if counts.min() < 2 or n_take < n_classes or len(part) - n_take < n_classes:
+    if counts.min() < 2:
         low = counts.idxmin()
         raise SplitError(
             f"cannot make a stratified {name} split of {fraction:.0%}: class {low!r} has "
             f"{counts.min()} image(s) in the pool of {len(part)}, and every class needs at least "
             f"one image on each side; add images or change preprocess.{name}_fraction"
         )
-    keep, take = train_test_split(part.index, test_size=n_take, random_state=seed, stratify=part["label"])
-    return pd.Index(keep), pd.Index(take)
+    rng = np.random.default_rng(seed)
+    keep: list = []
+    take: list = []
+    for label in sorted(counts.index, key=str):
+        index = part.index[part["label"] == label].to_numpy()
+        n_take = min(max(round(len(index) * fraction), 1), len(index) - 1)
+        shuffled = rng.permutation(index)
+        take.extend(shuffled[:n_take])
+        keep.extend(shuffled[n_take:])
+    return pd.Index(sorted(keep)), pd.Index(sorted(take))

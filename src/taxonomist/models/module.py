@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from torchmetrics.classification import (
 )
 
 from taxonomist.models.backbone import create_backbone
+
+log = logging.getLogger(__name__)
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -105,6 +108,15 @@ class ClassifierModule(L.LightningModule):
             sched_cfg["total_steps"] = steps
         if "T_max" in params and "T_max" not in sched_cfg:
             sched_cfg["T_max"] = steps
+        if "pct_start" in params:  # OneCycleLR: each phase needs at least two steps
+            total = int(sched_cfg.get("total_steps") or steps)
+            if total < 4:
+                log.warning(
+                    "%d scheduler steps are too few for %s: training at a constant lr", total, sched_cfg["_target_"]
+                )
+                return optimizer
+            pct = float(sched_cfg.get("pct_start", params["pct_start"].default))
+            sched_cfg["pct_start"] = min(max(pct, 2 / total), 1 - 2 / total)
         scheduler = instantiate(sched_cfg)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
