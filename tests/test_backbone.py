@@ -138,6 +138,15 @@ def test_checkpoint_matching_too_few_tensors_raises(tmp_path, resnet18_imagenet_
         load_weights(model, str(path))
 
 
+def test_checkpoint_missing_some_backbone_tensors_raises(tmp_path, resnet18_imagenet_like):
+    _, saved = resnet18_imagenet_like
+    path = tmp_path / "no_layer4.pth"
+    torch.save({k: v for k, v in saved.items() if not k.startswith("layer4")}, path)
+    model = timm.create_model("resnet18", num_classes=1000)
+    with pytest.raises(WeightsError, match=r"no weights for 25 of the model's 122 tensors \(layer4\.0\.conv1\.weight"):
+        load_weights(model, str(path))
+
+
 def test_non_state_dict_file_raises(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)

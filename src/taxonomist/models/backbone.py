@@ -123,10 +123,13 @@ def load_weights(model: torch.nn.Module, spec: str) -> dict[str, int]:
                 f"model.checkpoint: {path}: tensor {src_key!r} has shape {tuple(tensor.shape)}, "
                 f"model expects {tuple(want.shape)} for {dst_key!r}; is it for {model.__class__.__name__}?"
             )
-    if len(new_state) < 0.5 * len(target):
+    missing = [k for k in target if k not in new_state and k not in head and not k.endswith("num_batches_tracked")]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        arch = getattr(model, "default_cfg", {}).get("architecture") or model.__class__.__name__
         raise WeightsError(
-            f"model.checkpoint: {path} matched only {len(new_state)} of {len(target)} tensors; "
-            "it is probably for another architecture"
+            f"model.checkpoint: {path} has no weights for {len(missing)} of the model's {len(target)} tensors "
+            f"({shown}); is it a checkpoint of {arch}?"
         )
     model.load_state_dict(new_state, strict=False)
     return {"loaded": len(new_state), "adapted": adapted, "skipped": skipped}
