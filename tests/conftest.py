@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -80,3 +81,23 @@ def tiny_overrides(source: Path) -> list[str]:
         "evaluate.batch_size=64",
         "package.model_name=taxonomist-test",
     ]
+
+
+def write_tiny_conf(conf_dir: Path, source: Path, name: str = "tiny") -> Path:
+    """Write ``conf/<name>.yaml``: the default config with :func:`tiny_overrides` applied, as a
+    primary config DVC's Hydra composition can use (``dvc config hydra.config_name <name>``)."""
+    groups = [o.split("=", 1) for o in tiny_overrides(source) if "." not in o.split("=", 1)[0]]
+    values: dict = {}
+    for override in tiny_overrides(source):
+        key, value = override.split("=", 1)
+        if "." not in key:
+            continue
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    defaults = ["config", *({f"override {g}": v} for g, v in groups), "_self_"]
+    path = conf_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"defaults": defaults, **values}, sort_keys=False))
+    return path

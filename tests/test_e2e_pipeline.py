@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, tiny_overrides
+from conftest import REPO, make_image_folder, tiny_overrides, write_tiny_conf
 
 from taxonomist.config import compose, write_params
 
@@ -32,14 +32,21 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
     for name in ("conf", "src"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for name in ("dvc.yaml", ".gitignore"):  # .gitignore keeps the MLflow store out of git, as in the repo
+        shutil.copy(REPO / name, root / name)
     source = make_image_folder(root.parent / f"{root.name}-images", per_class=30)
     write_params(compose(tiny_overrides(source), conf_dir=root / "conf"), root / "params.yaml")
     _run(["git", "init", "-q"], root)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root)
     _run([str(BIN / "dvc"), "init", "-q"], root)
     _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    # `dvc exp run -S` composes conf/ itself; here it composes the tiny config instead of config.yaml.
+    write_tiny_conf(root / "conf", source)
+    _run([str(BIN / "dvc"), "config", "hydra.enabled", "true"], root)
+    _run([str(BIN / "dvc"), "config", "hydra.config_name", "tiny"], root)
     _run([str(BIN / "dvc"), "repro"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "tiny pipeline"], root)
     return root
 
 
@@ -92,3 +99,35 @@ def test_noop_and_evaluate_only_change(project: Path) -> None:
     assert "Running stage 'evaluate'" in out
     assert "Running stage 'train'" not in out
     assert (project / "models/best.ckpt").stat().st_mtime == ckpt_mtime
+
+
+def test_dvc_exp_run_with_hydra_override(project: Path) -> None:
+    _run([str(BIN / "dvc"), "exp", "run", "-n", "effnet", "-S", "model.name=test_efficientnet"], project)
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], project).stdout)
+    experiments = [exp for commit in shown for exp in commit.get("experiments") or []]
+    (effnet,) = [e for e in experiments if e.get("name") == "effnet"]
+    data = effnet["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["model"]["name"] == "test_efficientnet"
+    test_metrics = data["metrics"]["reports/metrics.json"]["data"]["test"]
+    assert 0.0 <= test_metrics["f1_macro"] <= 1.0
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    found = mlflow.search_runs(filter_string="tags.dvc_experiment = 'effnet'", search_all_experiments=True)
+    assert len(found) == 1, found
+    assert found.iloc[0]["params.model.name"] == "test_efficientnet"
+    assert found.iloc[0]["metrics.test/f1_macro"] == pytest.approx(test_metrics["f1_macro"])
+
+
+def test_dvc_exp_run_rejects_unknown_key(project: Path) -> None:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [str(BIN / "dvc"), "exp", "run", "-S", "model.nmae=resnet18"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "model.nmae" in proc.stdout + proc.stderr
