@@ -49,7 +49,8 @@ class Row:
         fmt = "{:.4f}" if self.unit == "" else "{:.1f}"
         target = "" if self.target is None else ("≥ " if self.higher_is_better else "≤ ") + fmt.format(self.target)
         ratio = "" if self.target is None else f"{self.value / self.target:.2f}"
-        return [self.figure, fmt.format(self.value) + (f" {self.unit}" if self.unit else ""), target, ratio, self.verdict()]
+        measured = fmt.format(self.value) + (f" {self.unit}" if self.unit else "")
+        return [self.figure, measured, target, ratio, self.verdict()]
 
 
 def dvc(*args: str) -> list[str]:
