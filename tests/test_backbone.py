@@ -188,7 +188,6 @@ def test_checkpoint_package_without_weights():
 
 @pytest.fixture(scope="module")
 def effnet_lite0():
-    pytest.importorskip(EFFNET_PACKAGE, reason=f"{EFFNET_PACKAGE} (the dev dependency with ImageNet weights)")
     cfg = model_cfg("tf_efficientnet_lite0", checkpoint=f"package:{EFFNET_PACKAGE}")
     return create_backbone(cfg, num_classes=1000, in_chans=3).eval()
 
@@ -250,12 +249,12 @@ def test_pretrained_model_classifies_real_photos(effnet_lite0, photo, expected):
 
 
 def test_pretrained_model_sees_a_cat_in_chelsea(effnet_lite0):
-    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed")
+    from skimage import data as skimage_data  # a dev dependency
+
     assert set(IMAGENET_CATS) & set(top5(effnet_lite0, imagenet_input(Image.fromarray(skimage_data.chelsea()))))
 
 
 def test_package_weights_into_grayscale_ten_class_model():
-    pytest.importorskip(EFFNET_PACKAGE, reason=f"{EFFNET_PACKAGE} is not installed")
     model = timm.create_model("tf_efficientnet_lite0", num_classes=10, in_chans=1)
     counts = load_weights(model, f"package:{EFFNET_PACKAGE}")
     assert counts["adapted"] == 1 and counts["skipped"] == 2
