@@ -68,7 +68,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             out.append(bytes(v))
         return out
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         images = self._images(model_input)
         if not images:
             return pd.DataFrame(columns=["label", "score", *map(prob_column, self.classes)])
