@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image, ImageDraw
+
+from taxonomist.config import compose
+from taxonomist.stages import ingest, preprocess
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -101,3 +105,17 @@ def write_tiny_conf(conf_dir: Path, source: Path, name: str = "tiny") -> Path:
     path = conf_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"defaults": defaults, **values}, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def staged(tmp_path):
+    """An image folder with one truncated PNG and one exact duplicate, ingested and preprocessed."""
+    source = make_image_folder(tmp_path / "shapes", per_class=12)
+    good = (source / "circle" / "circle_001.png").read_bytes()
+    (source / "circle" / "zz_truncated.png").write_bytes(good[: len(good) // 2])
+    shutil.copyfile(source / "square" / "square_002.png", source / "square" / "zz_duplicate.png")
+    cfg = compose(tiny_overrides(source), conf_dir=REPO / "conf")
+    raw, processed = tmp_path / "data" / "raw", tmp_path / "data" / "processed"
+    summary = ingest.run(cfg, out_dir=raw)
+    report = preprocess.run(cfg, raw_dir=raw, out_dir=processed)
+    return {"source": source, "cfg": cfg, "raw": raw, "processed": processed, "summary": summary, "report": report}

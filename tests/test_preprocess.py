@@ -155,20 +155,6 @@ def test_cache_round_trip(tmp_path):
 # --------------------------------------------------------------------------- ingest + preprocess stages
 
 
-@pytest.fixture
-def staged(tmp_path):
-    """An image folder with one truncated PNG and one exact duplicate, ingested and preprocessed."""
-    source = make_image_folder(tmp_path / "shapes", per_class=12)
-    good = (source / "circle" / "circle_001.png").read_bytes()
-    (source / "circle" / "zz_truncated.png").write_bytes(good[: len(good) // 2])
-    shutil.copyfile(source / "square" / "square_002.png", source / "square" / "zz_duplicate.png")
-    cfg = compose(tiny_overrides(source), conf_dir=REPO / "conf")
-    raw, processed = tmp_path / "data" / "raw", tmp_path / "data" / "processed"
-    summary = ingest.run(cfg, out_dir=raw)
-    report = preprocess.run(cfg, raw_dir=raw, out_dir=processed)
-    return {"source": source, "cfg": cfg, "raw": raw, "processed": processed, "summary": summary, "report": report}
-
-
 def test_ingest_summary(staged):
     summary = staged["summary"]
     assert summary["images"] == 38

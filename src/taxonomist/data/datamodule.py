@@ -37,6 +37,16 @@ class CachedImageDataset(Dataset):
         return (x - self.mean) / self.std, self.labels[idx]
 
 
+def seed_worker_augment(worker_id: int) -> None:
+    """Give each loader worker's copy of the augmentation its own seed, derived from the
+    worker's torch seed (itself derived from the seeded main process): reproducible, and not
+    the same augmentations in every worker."""
+    info = torch.utils.data.get_worker_info()
+    augment = getattr(info.dataset, "augment", None) if info is not None else None
+    if augment is not None:
+        augment.set_random_seed(info.seed % 2**32)
+
+
 class ImageDataModule(L.LightningDataModule):
     """Train/val/test loaders over ``data/processed`` with the configured augmentation."""
 
@@ -59,7 +69,7 @@ class ImageDataModule(L.LightningDataModule):
         for split in splits:
             if split in self.datasets:
                 continue
-            augment = build_augment(self.cfg.augment.train) if split == "train" else None
+            augment = build_augment(self.cfg.augment.train, seed=int(self.cfg.seed)) if split == "train" else None
             # Training reads random rows: load it into memory; the others stream from the mmap.
             arrays = read_split(self.processed_dir, split, mmap=split != "train")
             self.datasets[split] = CachedImageDataset(arrays, mean, std, augment)
@@ -74,6 +84,7 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
+            worker_init_fn=seed_worker_augment if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -14,8 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
-def build_augment(entries: ListConfig | Sequence[Any] | None) -> A.Compose | None:
-    """Instantiate a list of ``{_target_: albumentations.X, ...}`` entries as one Compose."""
+def build_augment(entries: ListConfig | Sequence[Any] | None, seed: int | None = None) -> A.Compose | None:
+    """Instantiate a list of ``{_target_: albumentations.X, ...}`` entries as one Compose.
+
+    Albumentations keeps its own random state, which global seeding does not reach: ``seed``
+    makes the sequence of augmentations reproducible.
+    """
     if not entries:
         return None
     items = OmegaConf.to_container(entries, resolve=True) if isinstance(entries, ListConfig) else entries
@@ -25,7 +29,7 @@ def build_augment(entries: ListConfig | Sequence[Any] | None) -> A.Compose | Non
             transforms.append(instantiate(entry))
         except Exception as err:
             raise ValueError(f"augment.train[{i}] ({entry.get('_target_')}): {err}") from err
-    return A.Compose(transforms)
+    return A.Compose(transforms, seed=seed)
 
 
 def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
