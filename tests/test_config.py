@@ -196,3 +196,16 @@ def test_flatten_real_config():
     assert flat["optimizer._target_"] == "torch.optim.AdamW"
     assert all(not isinstance(v, dict | list) or v == {} for v in flat.values())
     assert "augment.train" in flat and "albumentations.HorizontalFlip" in flat["augment.train"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.nmae=resnet18", r"Could not override 'model\.nmae'.*Key 'nmae' is not in struct"),
+        ("model=nope", r"Could not find 'model/nope' Available options in 'model': .*resnet10_narrow"),
+        ("model.name=[", r"no viable alternative at input '\['"),
+    ],
+)
+def test_compose_names_a_bad_override(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose([override], conf_dir=CONF)

@@ -8,6 +8,7 @@ schema below, so a typo in a key fails with the key's name instead of being igno
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,14 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     conf_dir = Path(conf_dir).resolve()
     if not (conf_dir / f"{CONFIG_NAME}.yaml").is_file():
         raise ConfigError(f"{conf_dir}/{CONFIG_NAME}.yaml not found")
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+    except HydraException as err:  # an unknown key or group option, a malformed override
+        message = str(err).split("Config search path")[0] + (f" ({err.__cause__})" if err.__cause__ else "")
+        raise ConfigError(re.sub(r"\s+", " ", message).strip()) from None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return validate(resolved, origin=f"{conf_dir}")
 
