@@ -3,7 +3,8 @@
 Runs ``dvc repro --force`` in the project (every stage, as on a fresh clone), times each
 stage from DVC's own "Running stage" lines, then times a no-op ``dvc repro`` (median of 3)
 and reads the test metrics the evaluate stage wrote. Prints a table of each figure with its
-target and writes it, with the date and the machine, to ``reports/benchmark.md``.
+target and writes it, with the date and the machine, to ``reports/benchmark.md`` and into
+README.md between the ``benchmark:start`` / ``benchmark:end`` markers.
 
 Usage: ``bash scripts/bench.sh`` (sets up the environment first), or
 ``python benchmarks/pipeline.py [--skip-repro]`` inside the environment.
@@ -26,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "reports" / "benchmark.md"
+README = ROOT / "README.md"
+MARKERS = ("<!-- benchmark:start -->", "<!-- benchmark:end -->")
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
 
@@ -100,6 +103,17 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def show_in_readme(body: str) -> None:
+    """Replace the README's text between the benchmark markers with ``body``."""
+    text = README.read_text()
+    start, end = MARKERS
+    if start not in text or end not in text:
+        print(f"README.md has no {start} ... {end} block; not updated", file=sys.stderr)
+        return
+    head, rest = text.split(start, 1)
+    README.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-repro", action="store_true", help="only time the no-op repro and read the metrics")
@@ -126,6 +140,7 @@ def main() -> int:
     )
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(text)
+    show_in_readme(text.split("\n", 2)[2].strip())
     print("\n" + text)
     return 0 if all(row.verdict() != "NOT met" for row in rows) else 1
 
