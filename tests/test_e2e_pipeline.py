@@ -88,6 +88,21 @@ def test_mlflow_run_and_registry(project: Path) -> None:
     assert len(out) == 4 and set(out["label"]) <= {"circle", "square", "triangle"}
 
 
+def test_inspect_notebook_runs_on_the_pipeline_outputs(project: Path) -> None:
+    """notebooks/inspect_champion.ipynb executes top to bottom against this run's outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks/inspect_champion.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(project)}}).execute()
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    text = "\n".join(out.get("text", "") + out.get("data", {}).get("text/plain", "") for out in outputs)
+    assert "model taxonomist-test" in text and "candidate, champion" in text
+    assert "classified right" in text
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    assert len(images) >= 2  # the confusion matrix and the prediction grid
+
+
 def test_noop_and_evaluate_only_change(project: Path) -> None:
     status = _run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in status.stdout
