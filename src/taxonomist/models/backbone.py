@@ -35,14 +35,23 @@ def create_backbone(model_cfg: DictConfig, num_classes: int, in_chans: int) -> t
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise ValueError(f"model.name: {name!r} is not a timm model.{hint}")
     kwargs: dict[str, Any] = OmegaConf.to_container(model_cfg.kwargs, resolve=True) or {}  # type: ignore[assignment]
-    model = timm.create_model(
-        name,
-        pretrained=bool(model_cfg.pretrained),
-        num_classes=num_classes,
-        in_chans=in_chans,
-        drop_rate=float(model_cfg.drop_rate),
-        **kwargs,
-    )
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=bool(model_cfg.pretrained),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_rate=float(model_cfg.drop_rate),
+            **kwargs,
+        )
+    except OSError as err:  # hub cache miss while offline, HTTP and connection errors
+        if not model_cfg.pretrained:
+            raise
+        raise WeightsError(
+            f"model.pretrained: timm's weights for {name!r} are not in the Hugging Face hub cache "
+            f"and could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            "Connect once to fill the cache, set model.checkpoint=<file>, or set model.pretrained=false."
+        ) from err
     if model_cfg.checkpoint:
         load_weights(model, str(model_cfg.checkpoint))
     return model
