@@ -90,18 +90,19 @@ def tiny_overrides(source: Path) -> list[str]:
 def write_tiny_conf(conf_dir: Path, source: Path, name: str = "tiny") -> Path:
     """Write ``conf/<name>.yaml``: the default config with :func:`tiny_overrides` applied, as a
     primary config DVC's Hydra composition can use (``dvc config hydra.config_name <name>``)."""
-    groups = [o.split("=", 1) for o in tiny_overrides(source) if "." not in o.split("=", 1)[0]]
+    defaults: list = ["config"]
     values: dict = {}
     for override in tiny_overrides(source):
         key, value = override.split("=", 1)
-        if "." not in key:
+        if "." not in key:  # a config group choice
+            defaults.append({f"override {key}": value})
             continue
         *parents, leaf = key.split(".")
         node = values
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    defaults = ["config", *({f"override {g}": v} for g, v in groups), "_self_"]
+    defaults.append("_self_")
     path = conf_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"defaults": defaults, **values}, sort_keys=False))
     return path

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,16 +264,33 @@ def test_package_weights_into_grayscale_ten_class_model():
     assert model.state_dict()["conv_stem.weight"].shape[1] == 1
 
 
+OFFLINE_PRETRAINED = """
+import sys, torch
+from omegaconf import OmegaConf
+from taxonomist.models.backbone import WeightsError, create_backbone
+cfg = OmegaConf.create({"name": "test_resnet.r160_in1k", "pretrained": True, "checkpoint": None,
+                        "drop_rate": 0.0, "kwargs": {}})
+try:
+    torch.save(create_backbone(cfg, num_classes=3, in_chans=1).state_dict(), sys.argv[1])
+except WeightsError as err:
+    print(err)
+"""
+
+
+def build_pretrained_offline(home: Path) -> dict[str, torch.Tensor] | str:
+    """In a child process with ``HF_HUB_OFFLINE=1`` and the hub cache under ``home/hub`` (as on
+    a user's offline machine), build ``test_resnet.r160_in1k`` with ``model.pretrained=true``:
+    its state dict, or the WeightsError's message."""
+    out = home / "built.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(home / "hub"), "HF_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_PRETRAINED, str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out) if out.exists() else proc.stdout
+
+
 def test_pretrained_true_loads_from_the_hugging_face_hub_cache(tmp_path):
-    """``model.pretrained=true`` takes timm's weights from the hub cache, offline, adapted to the task.
-
-    The cache entry is made here (random weights in the hub's snapshot layout); a child process
-    starts with ``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` pointing at it, as a user's machine would.
-    """
-    import os
-    import subprocess
-    import sys
-
+    """``model.pretrained=true`` takes timm's weights from the hub cache, adapted to the task.
+    The cache entry is made here: random weights in the hub's snapshot layout."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -281,20 +301,8 @@ def test_pretrained_true_loads_from_the_hugging_face_hub_cache(tmp_path):
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs/main").write_text("0123abcd")
 
-    script = (
-        "import sys, torch\n"
-        "from omegaconf import OmegaConf\n"
-        "from taxonomist.models.backbone import create_backbone\n"
-        "cfg = OmegaConf.create({'name': 'test_resnet.r160_in1k', 'pretrained': True, 'checkpoint': None,"
-        " 'drop_rate': 0.0, 'kwargs': {}})\n"
-        "torch.save(create_backbone(cfg, num_classes=3, in_chans=1).state_dict(), sys.argv[1])\n"
-    )
-    out = tmp_path / "built.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    built = torch.load(out)
-
+    built = build_pretrained_offline(tmp_path)
+    assert isinstance(built, dict), built
     assert torch.equal(built["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
     # One input channel: timm folds the RGB stem into one channel; the 1000-class head is replaced.
     assert torch.allclose(built["conv1.0.weight"], state["conv1.0.weight"].sum(dim=1, keepdim=True))
@@ -302,22 +310,7 @@ def test_pretrained_true_loads_from_the_hugging_face_hub_cache(tmp_path):
 
 
 def test_pretrained_weights_missing_offline_is_a_weights_error(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    script = (
-        "from omegaconf import OmegaConf\n"
-        "from taxonomist.models.backbone import WeightsError, create_backbone\n"
-        "cfg = OmegaConf.create({'name': 'test_resnet.r160_in1k', 'pretrained': True, 'checkpoint': None,"
-        " 'drop_rate': 0.0, 'kwargs': {}})\n"
-        "try:\n"
-        "    create_backbone(cfg, num_classes=3, in_chans=1)\n"
-        "except WeightsError as err:\n"
-        "    print(err)\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "model.pretrained" in proc.stdout and "'test_resnet.r160_in1k'" in proc.stdout
-    assert "model.checkpoint=<file>" in proc.stdout
+    message = build_pretrained_offline(tmp_path)  # empty cache
+    assert isinstance(message, str)
+    assert "model.pretrained" in message and "'test_resnet.r160_in1k'" in message
+    assert "model.checkpoint=<file>" in message

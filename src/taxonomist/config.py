@@ -182,12 +182,11 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     """Compose ``conf/`` with Hydra overrides into a resolved, validated config."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
 
     conf_dir = Path(conf_dir).resolve()
     if not (conf_dir / f"{CONFIG_NAME}.yaml").is_file():
         raise ConfigError(f"{conf_dir}/{CONFIG_NAME}.yaml not found")
-    from hydra.errors import HydraException
-
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
