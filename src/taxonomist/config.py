@@ -29,9 +29,32 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     source: str = "builtin:fashion-mnist"
+    format: str = "auto"  # auto | folder | manifest | archive | label_studio
     builtin_dir: str = "/usr/share/datasets/fashion-mnist"
     download: bool = True
     download_url: str = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+    image_root: str | None = None  # where manifest / export image paths are resolved (default: beside the file)
+    max_labels: int = 0  # multi-label: keep only the N most frequent labels (0 = all)
+
+
+@dataclass
+class ThresholdConfig:
+    """How binary and multi-label decision thresholds are tuned on the validation split."""
+
+    mode: str = "max_f1"  # max_f1 | min_precision | min_recall | fixed
+    value: float = 0.5  # the target precision/recall, or the fixed threshold
+
+
+@dataclass
+class TaskConfig:
+    name: str = "multiclass"  # binary | multiclass | multilabel | hierarchical
+    positive_label: str | None = None  # binary: the positive class (default: the last in sorted order)
+    class_weights: str = "none"  # none | balanced: weight the loss by inverse class frequency
+    balanced_sampling: bool = False  # multiclass/binary: sample training images class-balanced
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    allow_empty: bool = False  # multilabel: accept images with no label at all
+    taxonomy: str | None = None  # hierarchical: a YAML tree of labels (default: from the label paths)
+    path_separator: str = " > "  # hierarchical: how predicted paths are shown
 
 
 @dataclass
@@ -66,7 +89,7 @@ class TrainConfig:
     batch_size: int = 128
     num_workers: int = 0
     label_smoothing: float = 0.0
-    monitor: str = "val/f1_macro"
+    monitor: str = "auto"  # "auto": the task's primary validation metric
     early_stopping_patience: int = 5
 
 
@@ -95,7 +118,7 @@ class PackageConfig:
     model_name: str = "taxonomist"
     onnx_opset: int = 18
     verify_atol: float = 1e-4
-    champion_metric: str = "test/f1_macro"
+    champion_metric: str = "auto"  # "auto": the task's primary test metric
 
 
 @dataclass
@@ -116,7 +139,7 @@ class PipelineConfig:
     scheduler: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 42
-    task: str = "multiclass"
+    task: TaskConfig = field(default_factory=TaskConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -124,7 +147,8 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-SUPPORTED_TASKS = ("multiclass",)
+SUPPORTED_TASKS = ("binary", "multiclass", "multilabel", "hierarchical")
+THRESHOLD_MODES = ("max_f1", "min_precision", "min_recall", "fixed")
 RESIZE_MODES = ("squash", "center_crop", "pad")
 
 
@@ -146,8 +170,16 @@ def validate(raw: DictConfig | dict[str, Any], origin: str = PARAMS_FILE) -> Dic
 
 
 def _check_values(cfg: DictConfig, origin: str) -> None:
-    if cfg.task not in SUPPORTED_TASKS:
-        raise ConfigError(f"{origin}: task={cfg.task!r} is not supported; use one of {SUPPORTED_TASKS}")
+    task = cfg.task
+    if task.name not in SUPPORTED_TASKS:
+        raise ConfigError(f"{origin}: task.name={task.name!r} is not supported; use one of {SUPPORTED_TASKS}")
+    if task.threshold.mode not in THRESHOLD_MODES:
+        raise ConfigError(f"{origin}: task.threshold.mode={task.threshold.mode!r}; use one of {THRESHOLD_MODES}")
+    low = 0.0 if task.threshold.mode == "fixed" else 1e-9
+    if not low <= float(task.threshold.value) < 1.0:
+        raise ConfigError(f"{origin}: task.threshold.value must be in [{low:g}, 1), got {task.threshold.value}")
+    if task.class_weights not in ("none", "balanced"):
+        raise ConfigError(f"{origin}: task.class_weights={task.class_weights!r}; use none or balanced")
     pre = cfg.preprocess
     if pre.resize_mode not in RESIZE_MODES:
         raise ConfigError(f"{origin}: preprocess.resize_mode={pre.resize_mode!r}; use one of {RESIZE_MODES}")

@@ -110,9 +110,9 @@ def read_idx(images_gz: Path, labels_gz: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def materialise_fashion_mnist(data_cfg: DictConfig, out_dir: Path) -> list[Record]:
+def materialise_fashion_mnist(cfg: DictConfig, out_dir: Path) -> list[Record]:
     """Write Fashion-MNIST as PNG files under ``out_dir/images/<split>/<label>/``."""
-    folder = locate(data_cfg, download_dir=Path("data/downloads/fashion-mnist"))
+    folder = locate(cfg.data, download_dir=Path("data/downloads/fashion-mnist"))
     records: list[Record] = []
     for split, (img_file, lbl_file) in SPLIT_FILES.items():
         images, labels = read_idx(folder / img_file, folder / lbl_file)
@@ -125,5 +125,5 @@ def materialise_fashion_mnist(data_cfg: DictConfig, out_dir: Path) -> list[Recor
             label = CLASSES[labels[idx]]
             rel = f"images/{split}/{label}/{split}_{idx:05d}.png"
             (out_dir / rel).write_bytes(data)
-            records.append(Record(rel, label, split, sha256_bytes(data), f"fashion-mnist:{split}:{idx}"))
+            records.append(Record(rel, (label,), split, sha256_bytes(data), f"fashion-mnist:{split}:{idx}"))
     return records
