@@ -15,6 +15,23 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     fi
 fi
 
+# The emoji sets (data=emoji_tags, data=emoji_categories) read the npm packages pinned in
+# package.json / package-lock.json from node_modules.
+if [ ! -f node_modules/emoji-datasource-google/emoji.json ] || [ ! -f node_modules/openmoji/data/openmoji.csv ]; then
+    if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "==> installing npm with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm
+    fi
+    if command -v npm >/dev/null 2>&1; then
+        echo "==> installing the emoji datasets (npm ci)"
+        npm ci --no-audit --no-fund --loglevel=error
+    else
+        echo "==> npm is not installed and this is not root: the emoji pipelines (data=emoji_tags," \
+             "data=emoji_categories) need it (install npm, e.g. sudo apt-get install npm, and run this again)"
+    fi
+fi
+
 if ! command -v uv >/dev/null 2>&1; then
     echo "==> installing uv"
     python3 -m pip install --quiet uv

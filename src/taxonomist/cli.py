@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        if type(err).__name__ in {"SourceError", "SplitError", "WeightsError"}:
+        if type(err).__name__ in {"SourceError", "SplitError", "WeightsError", "TaxonomyError", "LabelError"}:
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise
@@ -86,6 +86,18 @@ def _check(conf: str, params: str) -> int:
     return 0
 
 
+def answer_text(row) -> str:
+    """One line for a served answer: ``label score``, ``path score``, or ``label (p), ...``."""
+    if "path" in row:
+        return f"{row['path'] or '(no confident answer)'}\t{row['score']:.4f}"
+    if "labels" in row:
+        labels = list(row["labels"])
+        if not labels:
+            return "(no label)"
+        return ", ".join(f"{lbl} ({row[f'prob_{lbl}']:.2f})" for lbl in labels)
+    return f"{row['label']}\t{row['score']:.4f}"
+
+
 def _predict(cfg, images: list[str], model_uri: str | None) -> int:
     import mlflow
     import pandas as pd
@@ -98,7 +110,7 @@ def _predict(cfg, images: list[str], model_uri: str | None) -> int:
     frame = pd.DataFrame({"image": [Path(p).read_bytes() for p in images]})
     result = model.predict(frame)
     for path, (_, row) in zip(images, result.iterrows(), strict=True):
-        print(f"{path}\t{row['label']}\t{row['score']:.4f}")
+        print(f"{path}\t{answer_text(row)}")
     return 0
 
 

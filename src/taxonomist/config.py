@@ -178,6 +178,13 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
     low = 0.0 if task.threshold.mode == "fixed" else 1e-9
     if not low <= float(task.threshold.value) < 1.0:
         raise ConfigError(f"{origin}: task.threshold.value must be in [{low:g}, 1), got {task.threshold.value}")
+    if task.balanced_sampling and task.name == "multilabel":
+        raise ConfigError(f"{origin}: task.balanced_sampling needs a single-label task, not multilabel")
+    if task.name == "hierarchical" and task.threshold.mode != "fixed":
+        raise ConfigError(
+            f"{origin}: task hierarchical takes task.threshold.mode=fixed (value = the probability a node "
+            "needs for the predicted path to go down to it)"
+        )
     if task.class_weights not in ("none", "balanced"):
         raise ConfigError(f"{origin}: task.class_weights={task.class_weights!r}; use none or balanced")
     pre = cfg.preprocess

@@ -1,7 +1,8 @@
 """The preprocessed cache: one uint8 array per split, memory-mapped by the loader.
 
 ``data/processed/<split>_images.npy`` holds (N, H, W, C) uint8 pixels and
-``<split>_labels.npy`` the int64 class indices; ``labels.json`` maps indices to names.
+``<split>_labels.npy`` the targets (int64 indices, or a uint8 multi-hot matrix for
+multi-label data); ``labels.json`` holds the label space (task, classes, label tree).
 Decoding happens once, in preprocess, never per epoch.
 """
 
@@ -13,13 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from taxonomist.files import atomic_write_json, read_json
+from taxonomist.tasks.labels import LabelSpace
 
 LABELS_FILE = "labels.json"
 
 
 @dataclass
 class SplitArrays:
-    """Images (N, H, W, C) uint8 and labels (N,) int64 of one split."""
+    """Images (N, H, W, C) uint8 and targets ((N,) int64 or (N, L) uint8) of one split."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -32,7 +34,8 @@ def write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray
     """Write one split's arrays (plain .npy, so they can be memory-mapped)."""
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-    np.save(folder / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
+    labels = np.asarray(labels)
+    np.save(folder / f"{split}_labels.npy", labels.astype(np.uint8 if labels.ndim == 2 else np.int64))
 
 
 def read_split(folder: str | Path, split: str, mmap: bool = True) -> SplitArrays:
@@ -46,11 +49,14 @@ def read_split(folder: str | Path, split: str, mmap: bool = True) -> SplitArrays
     return SplitArrays(images=images, labels=labels)
 
 
-def write_labels(folder: Path, classes: list[str]) -> None:
-    """Write the class names in index order."""
-    atomic_write_json(folder / LABELS_FILE, {"classes": classes})
+def write_labels(folder: Path, space: LabelSpace) -> None:
+    """Write the label space (``labels.json``)."""
+    atomic_write_json(folder / LABELS_FILE, space.to_dict())
 
 
-def read_labels(folder: str | Path) -> list[str]:
-    """Class names in index order."""
-    return list(read_json(Path(folder) / LABELS_FILE)["classes"])
+def read_labels(folder: str | Path) -> LabelSpace:
+    """The label space written by :func:`write_labels`."""
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the preprocess stage first")
+    return LabelSpace.from_dict(read_json(path))

@@ -8,18 +8,21 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from taxonomist.data.cache import SplitArrays, read_labels, read_split
 from taxonomist.data.transforms import build_augment
 
 
 class CachedImageDataset(Dataset):
-    """Items of one cached split: (float CHW tensor, label), augmented when ``augment`` is set."""
+    """Items of one cached split: (float CHW tensor, target), augmented when ``augment`` is set.
+
+    Targets are class/node indices (long), or float multi-hot rows for multi-label data."""
 
     def __init__(self, arrays: SplitArrays, mean: list[float], std: list[float], augment=None):
         self.images = arrays.images
-        self.labels = torch.as_tensor(np.asarray(arrays.labels), dtype=torch.long)
+        labels = np.asarray(arrays.labels)
+        self.labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
         self.augment = augment
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -54,12 +57,27 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.processed_dir = Path(processed_dir)
-        self.classes = read_labels(self.processed_dir)
+        self.space = read_labels(self.processed_dir)
         self.datasets: dict[str, CachedImageDataset] = {}
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def classes(self) -> list[str]:
+        """The model's output units (see :class:`taxonomist.tasks.labels.LabelSpace`)."""
+        return self.space.classes
+
+    def train_targets(self) -> np.ndarray:
+        """The training split's targets (for class weights and balanced sampling)."""
+        return np.asarray(read_split(self.processed_dir, "train", mmap=True).labels)
+
+    def balanced_sampler(self) -> WeightedRandomSampler:
+        """Draw training images with probability inversely proportional to their class size."""
+        targets = self.train_targets()
+        if targets.ndim != 1:
+            raise ValueError("task.balanced_sampling needs a single-label task (not multilabel)")
+        counts = np.bincount(targets)
+        weights = 1.0 / counts[targets]
+        generator = torch.Generator().manual_seed(int(self.cfg.seed))
+        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(targets), generator=generator)
 
     def setup(self, stage: str | None = None) -> None:
         pre = self.cfg.preprocess
@@ -76,10 +94,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         workers = int(self.cfg.train.num_workers)
+        sampler = self.balanced_sampler() if shuffle and bool(self.cfg.task.balanced_sampling) else None
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),

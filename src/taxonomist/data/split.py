@@ -16,15 +16,17 @@ def assign_splits(
     test_fraction: float,
     seed: int,
     min_images_per_class: int = 2,
+    by: str = "label",
 ) -> pd.DataFrame:
     """Return a copy of ``frame`` with every row's ``split`` set to train, val or test.
 
-    Rows already marked ``test`` stay test (an official test split is kept). Unassigned rows
-    become test (stratified ``test_fraction``) only when no row is marked test. The val split
-    is a stratified ``val_fraction`` of the remaining training pool.
+    Rows already marked ``test`` or ``val`` keep their split (a source's own split is kept).
+    Unassigned rows become test (stratified ``test_fraction``) only when no row is marked
+    test, and val (stratified ``val_fraction`` of the remaining pool) only when no row is
+    marked val. Strata are the values of column ``by`` (the class, by default).
     """
     out = frame.copy()
-    counts = out.groupby("label").size()
+    counts = out.groupby(by).size()
     small = counts[counts < min_images_per_class]
     if len(small):
         listing = ", ".join(f"{lbl!r} ({n})" for lbl, n in small.items())
@@ -33,21 +35,25 @@ def assign_splits(
             f"images: {listing}; add images or remove the class"
         )
     has_test = (out["split"] == "test").any()
-    pool = out.index[out["split"] != "test"]
+    has_val = (out["split"] == "val").any()
+    pool = out.index[~out["split"].isin(["test", "val"])]
     if not has_test:
-        pool_train, pool_test = _stratified(out.loc[pool], test_fraction, seed, "test")
+        pool_train, pool_test = _stratified(out.loc[pool], test_fraction, seed, "test", by)
         out.loc[pool_test, "split"] = "test"
         pool = pool_train
-    train_idx, val_idx = _stratified(out.loc[pool], val_fraction, seed + 1, "val")
+    if has_val:
+        out.loc[pool, "split"] = "train"
+        return out
+    train_idx, val_idx = _stratified(out.loc[pool], val_fraction, seed + 1, "val", by)
     out.loc[train_idx, "split"] = "train"
     out.loc[val_idx, "split"] = "val"
     return out
 
 
-def _stratified(part: pd.DataFrame, fraction: float, seed: int, name: str) -> tuple[pd.Index, pd.Index]:
+def _stratified(part: pd.DataFrame, fraction: float, seed: int, name: str, by: str) -> tuple[pd.Index, pd.Index]:
     """Split ``part`` per class: ``round(n * fraction)`` images of each class are taken, but
     always at least one and never all, so every class lands on both sides."""
-    counts = part.groupby("label").size()
+    counts = part.groupby(by).size()
     if counts.min() < 2:
         low = counts.idxmin()
         raise SplitError(
@@ -59,7 +65,7 @@ def _stratified(part: pd.DataFrame, fraction: float, seed: int, name: str) -> tu
     keep: list = []
     take: list = []
     for label in sorted(counts.index, key=str):
-        index = part.index[part["label"] == label].to_numpy()
+        index = part.index[part[by] == label].to_numpy()
         n_take = min(max(round(len(index) * fraction), 1), len(index) - 1)
         shuffled = rng.permutation(index)
         take.extend(shuffled[:n_take])

@@ -12,20 +12,22 @@ import numpy as np
 import pandas as pd
 
 
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
-    """Row-normalised confusion matrix with counts, saved as PNG."""
-    n = len(classes)
-    size = max(5.0, 0.6 * n + 2)
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, columns: list[str] | None = None) -> Path:
+    """Row-normalised confusion matrix with counts, saved as PNG (``columns``: predicted
+    names when they differ from the true ones, e.g. with an extra "(none)")."""
+    columns = columns or classes
+    n, m = len(classes), len(columns)
+    size = max(5.0, 0.6 * max(n, m) + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_xticks(range(m), columns, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if n <= 30:
+    if max(n, m) <= 30:
         for i in range(n):
-            for j in range(n):
+            for j in range(m):
                 ax.text(
                     j,
                     i,
@@ -61,7 +63,9 @@ def plot_per_class(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def plot_misclassified(images: np.ndarray, true: list[str], pred: list[str], conf: list[float], path: Path) -> Path:
+def plot_misclassified(
+    images: np.ndarray, true: list[str], pred: list[str], conf: list[float | None], path: Path
+) -> Path:
     """A grid of misclassified test images titled with true, predicted and confidence."""
     n = len(images)
     cols = min(6, max(n, 1))
@@ -71,10 +75,36 @@ def plot_misclassified(images: np.ndarray, true: list[str], pred: list[str], con
         ax.axis("off")
     for ax, img, t, p, c in zip(axes.flat, images, true, pred, conf, strict=False):
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray")
-        ax.set_title(f"true: {t}\npred: {p} ({c:.0%})", fontsize=7)
+        score = f" ({c:.0%})" if c is not None else ""
+        ax.set_title(f"true: {_short(t)}\npred: {_short(p)}{score}", fontsize=7)
     if n == 0:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle("Misclassified test images (most confident first)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short(text: str, width: int = 28) -> str:
+    """Keep plot titles readable: long label sets and paths are cut with an ellipsis."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def plot_curves(pr: pd.DataFrame, roc: pd.DataFrame, path: Path) -> Path:
+    """Precision-recall and ROC curves of a binary classifier, side by side."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ax1.plot(pr["recall"], pr["precision"])
+    ax1.set_xlabel("recall")
+    ax1.set_ylabel("precision")
+    ax1.set_title("Precision-recall (test)")
+    ax1.set_xlim(0, 1)
+    ax1.set_ylim(0, 1.02)
+    ax2.plot(roc["fpr"], roc["tpr"])
+    ax2.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+    ax2.set_xlabel("false positive rate")
+    ax2.set_ylabel("true positive rate")
+    ax2.set_title("ROC (test)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -87,14 +117,14 @@ def plot_history(history: pd.DataFrame, path: Path) -> Path:
     for col in ("train/loss", "val/loss"):
         if col in history:
             ax1.plot(history["epoch"], history[col], marker="o", label=col)
-    for col in ("train/acc", "val/acc", "val/f1_macro"):
+    for col in [c for c in history.columns if c.startswith(("train/", "val/")) and not c.endswith("loss")][:6]:
         if col in history:
             ax2.plot(history["epoch"], history[col], marker="o", label=col)
     ax1.set_xlabel("epoch")
     ax1.set_title("loss")
     ax1.legend()
     ax2.set_xlabel("epoch")
-    ax2.set_title("accuracy / macro-F1")
+    ax2.set_title("metrics")
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,53 +9,58 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 from taxonomist.models.backbone import create_backbone
+from taxonomist.tasks.heads import TaskLoss, task_metrics, to_probabilities
+from taxonomist.tasks.labels import LabelSpace
 
 log = logging.getLogger(__name__)
 
 
-def classification_metrics(num_classes: int) -> MetricCollection:
-    """Accuracy plus macro precision, recall and F1 for a multi-class problem."""
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-            "precision_macro": MulticlassPrecision(num_classes=num_classes, average="macro"),
-            "recall_macro": MulticlassRecall(num_classes=num_classes, average="macro"),
-            "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro"),
-        }
-    )
-
-
 class ClassifierModule(L.LightningModule):
-    """Multi-class image classifier around ``timm.create_model``.
+    """Image classifier around ``timm.create_model`` for any of the four tasks.
 
-    ``cfg`` is the whole pipeline config (model, optimizer, scheduler, train sections); it is
-    saved in the checkpoint so :meth:`load_from_checkpoint` rebuilds the same model.
+    ``cfg`` is the whole pipeline config (model, optimizer, scheduler, train sections) and
+    ``space`` the label space (:meth:`LabelSpace.to_dict`); both are saved in the checkpoint so
+    :func:`load_classifier` rebuilds the same model. ``class_weights`` are the loss weights of
+    ``task.class_weights: balanced`` (see :func:`taxonomist.tasks.heads.class_weights`).
     """
 
-    def __init__(self, cfg: dict[str, Any], classes: list[str], in_chans: int):
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        space: dict[str, Any],
+        in_chans: int,
+        class_weights: list[float] | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the config is logged flattened, by us
         self.cfg = OmegaConf.create(cfg)
-        self.classes = list(classes)
-        self.model = create_backbone(self.cfg.model, num_classes=len(classes), in_chans=in_chans)
+        self.space = LabelSpace.from_dict(space)
+        self.model = create_backbone(self.cfg.model, num_classes=self.space.num_outputs, in_chans=in_chans)
         if self.cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.label_smoothing = float(self.cfg.train.label_smoothing)
-        self.train_metrics = classification_metrics(len(classes)).clone(prefix="train/")
-        self.val_metrics = classification_metrics(len(classes)).clone(prefix="val/")
+        self.criterion = TaskLoss(self.space, float(self.cfg.train.label_smoothing), class_weights)
+        self.eval_criterion = TaskLoss(self.space)
+        self.train_metrics = task_metrics(self.space).clone(prefix="train/")
+        self.val_metrics = task_metrics(self.space).clone(prefix="val/")
+
+    @property
+    def classes(self) -> list[str]:
+        """The model's output units."""
+        return self.space.classes
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities the metrics take: positive class (binary), per label, per node, or per class."""
+        membership = getattr(self.criterion, "membership", None)
+        return to_probabilities(logits, self.space, membership)
+
+    def _update(self, metrics, logits: torch.Tensor, y: torch.Tensor) -> None:
+        target = y.long() if self.space.task in ("binary", "multilabel") else y
+        metrics.update(self.probabilities(logits.detach()), target)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.model.channels_last:
@@ -65,8 +70,8 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.train_metrics.update(logits.detach(), y)
+        loss = self.criterion(logits, y)
+        self._update(self.train_metrics, logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
@@ -77,19 +82,21 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.val_metrics.update(logits, y)
+        loss = self.eval_criterion(logits, y)
+        self._update(self.val_metrics, logits, y)
         self.log("val/loss", loss, on_epoch=True, prog_bar=False, batch_size=len(y))
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
-        self.log("val/acc", values.pop("val/acc"), prog_bar=True)
+        headline = next(k for k in ("val/acc", "val/subset_acc") if k in values)
+        self.log(headline, values.pop(headline), prog_bar=True)
         self.log_dict(values, prog_bar=False)
         self.val_metrics.reset()
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Raw logits (float32); :mod:`taxonomist.tasks.decide` turns them into answers."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return torch.softmax(self(x).float(), dim=1)
+        return self(x).float()
 
     def configure_optimizers(self) -> Any:
         opt_cfg = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
@@ -132,6 +139,8 @@ def load_classifier(path: str | Path, map_location: str = "cpu") -> ClassifierMo
     cfg = OmegaConf.create(hparams["cfg"])
     cfg.model.pretrained = False
     cfg.model.checkpoint = None
-    module = ClassifierModule(OmegaConf.to_container(cfg), hparams["classes"], hparams["in_chans"])
+    module = ClassifierModule(
+        OmegaConf.to_container(cfg), hparams["space"], hparams["in_chans"], hparams.get("class_weights")
+    )
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()

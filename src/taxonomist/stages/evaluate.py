@@ -1,8 +1,12 @@
-"""Evaluate: test-split metrics, per-class table, confusion matrix and plots.
+"""Evaluate: tune the decision on the validation split, then measure the test split.
+
+Binary and multi-label thresholds are tuned on the validation split (``task.threshold``) and
+written to ``reports/eval/decision.json``, which the package stage ships with the model.
 
 Outputs: ``reports/metrics.json`` (``dvc metrics show``) and, under ``reports/eval/``,
-``per_class.csv``, ``predictions.csv`` (``dvc plots`` confusion matrix), ``confusion_matrix.csv``
-and PNG plots; the same numbers and files are logged to the pipeline's MLflow run.
+``per_class.csv``, ``predictions.csv`` (``dvc plots`` confusion matrix), confusion matrices,
+curves (binary: PR and ROC) and PNG plots; the same numbers and files are logged to the
+pipeline's MLflow run.
 """
 
 from __future__ import annotations
@@ -21,22 +25,26 @@ from torch.utils.data import DataLoader
 from taxonomist.data.cache import read_labels, read_split
 from taxonomist.data.datamodule import CachedImageDataset
 from taxonomist.evaluation import plots
-from taxonomist.evaluation.metrics import confusion, per_class_table, summary_metrics
+from taxonomist.evaluation.tasks import Evaluation, evaluate
 from taxonomist.files import atomic_write_json, atomic_write_text
 from taxonomist.models.module import load_classifier
+from taxonomist.tasks.decide import Decision, probabilities, tune
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
 REPORTS_DIR = Path("reports/eval")
 METRICS_FILE = Path("reports/metrics.json")
 HISTORY_FILE = Path("reports/train_history.csv")
+DECISION_FILE = "decision.json"
 
 
 def predict_split(
     module: L.LightningModule, processed_dir: Path, split: str, batch_size: int, mean, std
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities and targets of one cached split, through ``Trainer.predict``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and targets of one cached split, through ``Trainer.predict``."""
     arrays = read_split(processed_dir, split)
+    if len(arrays) == 0:
+        return np.zeros((0, module.space.num_outputs), np.float32), np.asarray(arrays.labels)
     dataset = CachedImageDataset(arrays, list(mean), list(std))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     trainer = L.Trainer(
@@ -47,8 +55,37 @@ def predict_split(
         enable_model_summary=False,
         enable_progress_bar=True,
     )
-    probs = torch.cat(trainer.predict(module, dataloaders=loader))  # type: ignore[arg-type]
-    return probs.float(), dataset.labels
+    logits = torch.cat(trainer.predict(module, dataloaders=loader))  # type: ignore[arg-type]
+    return logits.float().numpy(), np.asarray(arrays.labels)
+
+
+def write_reports(result: Evaluation, images: np.ndarray, out_dir: Path, examples: int = 36) -> None:
+    """Write the tables, confusion matrices, curves and plots of an evaluation."""
+    atomic_write_text(out_dir / "per_class.csv", result.per_class.to_csv(index=False))
+    atomic_write_text(out_dir / "predictions.csv", result.predictions.to_csv(index=False))
+    for name, (matrix, names) in result.confusions.items():
+        rows = names[: matrix.shape[0]]
+        frame = pd.DataFrame(matrix, index=rows, columns=names[: matrix.shape[1]])
+        atomic_write_text(out_dir / f"{name}.csv", frame.to_csv(index_label="true\\predicted"))
+        plots.plot_confusion(matrix, rows, out_dir / f"{name}.png", columns=names[: matrix.shape[1]])
+    for name, frame in result.curves.items():
+        atomic_write_text(out_dir / f"{name}.csv", frame.to_csv(index=False))
+    if "pr_curve" in result.curves:
+        plots.plot_curves(result.curves["pr_curve"], result.curves["roc_curve"], out_dir / "pr_roc_curves.png")
+    plots.plot_per_class(result.per_class, out_dir / "per_class.png")
+    shown = result.mistakes[:examples]
+    plots.plot_misclassified(
+        np.asarray(images[shown]) if len(shown) else np.zeros((0, 1, 1, 1), np.uint8),
+        [str(result.predictions["actual"].iloc[i]) for i in shown],
+        [str(result.predictions["predicted"].iloc[i]) for i in shown],
+        [
+            float(result.predictions["confidence"].iloc[i]) if "confidence" in result.predictions else None
+            for i in shown
+        ],
+        out_dir / "misclassified.png",
+    )
+    if HISTORY_FILE.is_file():
+        plots.plot_history(pd.read_csv(HISTORY_FILE), out_dir / "training_curves.png")
 
 
 def run(
@@ -58,63 +95,51 @@ def run(
     out_dir: Path = REPORTS_DIR,
     metrics_file: Path = METRICS_FILE,
 ) -> dict[str, float]:
-    """Evaluate ``models/best.ckpt`` on the test split; return the summary metrics."""
+    """Tune the decision on val, evaluate ``models/best.ckpt`` on test; return the metrics."""
     L.seed_everything(int(cfg.seed), verbose=False)
     module = load_classifier(models_dir / "best.ckpt")
-    classes = read_labels(processed_dir)
-    if list(module.classes) != classes:
-        raise RuntimeError("models/best.ckpt was trained on other classes than data/processed holds")
-    pre = cfg.preprocess
-    probs, target = predict_split(module, processed_dir, "test", int(cfg.evaluate.batch_size), pre.mean, pre.std)
+    space = read_labels(processed_dir)
+    if module.space != space:
+        raise RuntimeError("models/best.ckpt was trained on other labels than data/processed holds: retrain")
+    pre, batch = cfg.preprocess, int(cfg.evaluate.batch_size)
+    val_logits, val_target = predict_split(module, processed_dir, "val", batch, pre.mean, pre.std)
+    logits, target = predict_split(module, processed_dir, "test", batch, pre.mean, pre.std)
     if len(target) == 0:
         raise RuntimeError("the test split is empty: nothing to evaluate")
-
-    metrics = summary_metrics(probs, target)
-    table = per_class_table(probs, target, classes)
-    matrix = confusion(probs, target).numpy()
-    pred = probs.argmax(1)
-    conf = probs.max(1).values
+    th = cfg.task.threshold
+    decision = (
+        tune(
+            probabilities(val_logits, space),
+            val_target,
+            space,
+            str(th.mode),
+            float(th.value),
+            str(cfg.task.path_separator),
+        )
+        if len(val_target)
+        else Decision(
+            [float(th.value)] * (len(space.classes) if space.task == "multilabel" else 1), str(cfg.task.path_separator)
+        )
+    )
+    result = evaluate(probabilities(logits, space), target, space, decision)
+    metrics = result.metrics
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(metrics_file, {"test": metrics})
-    atomic_write_text(out_dir / "per_class.csv", table.to_csv(index=False))
-    atomic_write_text(
-        out_dir / "predictions.csv",
-        pd.DataFrame(
-            {
-                "actual": [classes[i] for i in target],
-                "predicted": [classes[i] for i in pred],
-                "confidence": conf.numpy().round(5),
-            }
-        ).to_csv(index=False),
-    )
-    atomic_write_text(
-        out_dir / "confusion_matrix.csv",
-        pd.DataFrame(matrix, index=classes, columns=classes).to_csv(index_label="true\\predicted"),
-    )
-    plots.plot_confusion(matrix, classes, out_dir / "confusion_matrix.png")
-    plots.plot_per_class(table, out_dir / "per_class.png")
-    wrong = torch.nonzero(pred != target).flatten()
-    wrong = wrong[torch.argsort(conf[wrong], descending=True)][: int(cfg.evaluate.misclassified_examples)]
-    images = (
-        np.asarray(read_split(processed_dir, "test").images[wrong.numpy()]) if len(wrong) else np.zeros((0, 1, 1, 1))
-    )
-    plots.plot_misclassified(
-        images,
-        [classes[target[i]] for i in wrong],
-        [classes[pred[i]] for i in wrong],
-        [float(conf[i]) for i in wrong],
-        out_dir / "misclassified.png",
-    )
-    if HISTORY_FILE.is_file():
-        plots.plot_history(pd.read_csv(HISTORY_FILE), out_dir / "training_curves.png")
+    atomic_write_json(out_dir / DECISION_FILE, {"task": space.task, **decision.to_dict()})
+    write_reports(result, read_split(processed_dir, "test").images, out_dir, int(cfg.evaluate.misclassified_examples))
 
     with runs.resume_run(cfg):
         runs.log_metrics({f"test/{k}": v for k, v in metrics.items()})
         runs.log_metrics(
-            {f"test/{m}/{row['class']}": row[m] for _, row in table.iterrows() for m in ("precision", "recall", "f1")}
+            {
+                runs.metric_name(f"test/{m}/{row['class']}"): row[m]
+                for _, row in result.per_class.iterrows()
+                for m in ("precision", "recall", "f1")
+            }
         )
         mlflow.log_artifacts(str(out_dir), artifact_path="evaluation")
         mlflow.log_artifact(str(metrics_file), artifact_path="evaluation")
-    log.info("evaluate: test acc %.4f, macro-F1 %.4f", metrics["acc"], metrics["f1_macro"])
+    headline = ", ".join(f"{k} {v:.4f}" for k, v in list(metrics.items())[:4])
+    log.info("evaluate (%s): %s", space.task, headline)
     return metrics

@@ -1,8 +1,9 @@
 """Package: ONNX export (verified against PyTorch), model card, MLflow model, registry.
 
-Outputs under ``dist/``: ``model.onnx``, ``preprocess.json``, ``model_card.md`` and
-``package.json`` (registry name, version, aliases, verification). The MLflow model takes raw
-encoded images (preprocessing inside), carries a signature and an input example, and is
+Outputs under ``dist/``: ``model.onnx``, ``serving.json`` (preprocessing, label space and the
+tuned decision), ``model_card.md`` and ``package.json`` (registry name, version, aliases,
+verification). The MLflow model takes raw encoded images (preprocessing inside), answers in
+the task's form (one label, a set, or a path), carries a signature and an input example, and is
 registered as a new version with alias ``candidate``; ``champion`` moves to it only when its
 ``package.champion_metric`` beats the current champion's.
 """
@@ -30,6 +31,8 @@ from taxonomist.export.onnx import export_onnx, verify_onnx
 from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel
 from taxonomist.files import atomic_write_json, atomic_write_text, read_json
 from taxonomist.models.module import load_classifier
+from taxonomist.stages.evaluate import DECISION_FILE
+from taxonomist.tasks.heads import resolve_champion_metric
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -69,8 +72,11 @@ def run(
 ) -> dict:
     """Export, verify, document, log and register the trained model."""
     module = load_classifier(models_dir / "best.ckpt")
-    classes = read_labels(processed_dir)
-    settings = {**preprocess_settings(cfg), "classes": classes}
+    space = read_labels(processed_dir)
+    decision = read_json(reports_dir / DECISION_FILE)
+    if decision.get("task") != space.task:
+        raise RuntimeError(f"{reports_dir / DECISION_FILE} is not for task {space.task}: run the evaluate stage again")
+    settings = {**preprocess_settings(cfg), "labels": space.to_dict(), "decision": decision}
     pre = cfg.preprocess
     test = read_split(processed_dir, "test")
     sample = torch.from_numpy(normalise(test.images[:64], pre.mean, pre.std))
@@ -86,18 +92,21 @@ def run(
     log.info(
         "ONNX verified: max |diff| %.2e at batch sizes %s", verification["max_abs_diff"], verification["batch_sizes"]
     )
-    preprocess_path = atomic_write_json(out_dir / "preprocess.json", settings)
+    settings_path = atomic_write_json(out_dir / "serving.json", settings)
 
     metrics = read_json(metrics_file)["test"]
     per_class = pd.read_csv(reports_dir / "per_class.csv")
     name = str(cfg.package.model_name)
-    metric_key = str(cfg.package.champion_metric)
-    score = float(metrics[metric_key.split("/", 1)[1]] if metric_key.startswith("test/") else metrics[metric_key])
+    metric_key = resolve_champion_metric(str(cfg.package.champion_metric), space.task)
+    short = metric_key.split("/", 1)[1] if metric_key.startswith("test/") else metric_key
+    if short not in metrics:
+        raise RuntimeError(f"package.champion_metric={metric_key!r} is not a test metric; known: {sorted(metrics)}")
+    score = float(metrics[short])
 
     with runs.resume_run(cfg) as active:
         run_id = active.info.run_id
         examples = pd.DataFrame({IMAGE_COLUMN: example_images(processed_dir)})
-        artifacts = {"onnx": str(onnx_path), "preprocess": str(preprocess_path)}
+        artifacts = {"onnx": str(onnx_path), "settings": str(settings_path)}
         # Run the real model on the example to infer the output schema (a loaded instance
         # holds an ONNX Runtime session, so a fresh one is logged).
         context = type("Context", (), {"artifacts": artifacts})()
@@ -133,6 +142,8 @@ def run(
             data_report=read_json(processed_dir / "report.json"),
             metrics=metrics,
             per_class=per_class,
+            space=space.to_dict(),
+            decision=decision,
             verification=verification,
             run_id=run_id,
             git_commit=active.data.tags.get("git_commit", "unknown"),

@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from taxonomist.data.cache import write_labels, write_split
 from taxonomist.data.images import ImageSpec, InvalidImage, load_file
-from taxonomist.data.manifest import SPLITS, read_manifest
-from taxonomist.data.split import assign_splits
+from taxonomist.data.manifest import SPLITS, read_manifest, split_labels
+from taxonomist.data.split import SplitError, assign_splits
 from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
+from taxonomist.tasks.labels import LabelError, LabelSpace
 
 log = logging.getLogger(__name__)
 RAW_DIR = Path("data/raw")
@@ -49,11 +50,34 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return kept, dropped.drop(columns="_rank")
 
 
+def strata(frame: pd.DataFrame, task: str, min_images_per_class: int) -> pd.Series:
+    """The stratum of each row for the split: its label, or for multi-label rows the rarest of
+    their labels (rows without labels form their own stratum; strata too small to split join
+    the largest one). For multi-label data every label needs ``min_images_per_class`` images."""
+    if task != "multilabel":
+        return frame["label"]
+    lists = frame["label"].map(split_labels)
+    freq = lists.explode().value_counts()
+    small = freq[freq < min_images_per_class]
+    if len(small):
+        listing = ", ".join(f"{lbl!r} ({n})" for lbl, n in small.items())
+        raise SplitError(
+            f"label(s) with fewer than preprocess.min_images_per_class={min_images_per_class} "
+            f"images: {listing}; add images, lower data.max_labels, or remove the label"
+        )
+    rarest = lists.map(lambda labels: min(labels, key=lambda lbl: (freq[lbl], lbl)) if labels else "(no label)")
+    sizes = rarest.value_counts()
+    tiny = set(sizes[sizes < 3].index)
+    return rarest.where(~rarest.isin(tiny), sizes.index[0])
+
+
 def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR) -> dict:
     """Run the preprocess stage; return the report (also written to ``report.json``)."""
     pre = cfg.preprocess
     spec = ImageSpec(size=int(pre.image_size), channels=int(pre.channels), resize_mode=str(pre.resize_mode))
+    task = str(cfg.task.name)
     manifest = read_manifest(raw_dir)
+    manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
 
     pixels: list[np.ndarray | None] = []
     problems: list[dict[str, str]] = []
@@ -62,22 +86,26 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
             pixels.append(load_file(str(raw_dir / row.path), spec))
         except (InvalidImage, OSError) as err:
             pixels.append(None)
-            problems.append({"path": row.path, "label": row.label, "source_id": row.source_id, "reason": str(err)})
+            problems.append({"path": row.path, "labels": row.labels, "source_id": row.source_id, "reason": str(err)})
             log.warning("quarantined %s: %s", row.path, err)
     ok = np.array([p is not None for p in pixels])
     valid = manifest[ok].copy()
     valid["_pixel_index"] = np.flatnonzero(ok)
 
     kept, dropped = deduplicate(valid)
+    kept["stratum"] = strata(kept, task, int(pre.min_images_per_class))
     split_frame = assign_splits(
         kept,
         val_fraction=float(pre.val_fraction),
         test_fraction=float(pre.test_fraction),
         seed=int(cfg.seed),
         min_images_per_class=int(pre.min_images_per_class),
+        by="stratum",
     )
-    classes = sorted(split_frame["label"].unique())
-    index_of = {c: i for i, c in enumerate(classes)}
+    try:
+        space = LabelSpace.from_labels(task, split_frame["labels"], cfg.task.positive_label)
+    except LabelError as err:
+        raise SplitError(str(err)) from None
 
     with atomic_directory(out_dir) as tmp:
         counts: dict[str, dict[str, int]] = {}
@@ -88,14 +116,16 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
                 if len(part)
                 else np.zeros((0, spec.size, spec.size, spec.channels), np.uint8)
             )
-            write_split(tmp, split, images, part["label"].map(index_of).to_numpy(np.int64))
-            counts[split] = {c: int(n) for c, n in part.groupby("label").size().items()}
-        write_labels(tmp, classes)
-        atomic_write_text(tmp / "splits.csv", split_frame.drop(columns="_pixel_index").to_csv(index=False))
-        atomic_write_text(tmp / "duplicates.csv", dropped.drop(columns="_pixel_index").to_csv(index=False))
+            write_split(tmp, split, images, space.encode(part["labels"]))
+            per_label = part["labels"].map(split_labels).explode().dropna()
+            counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
+        write_labels(tmp, space)
+        internal = ["_pixel_index", "label", "stratum"]
+        atomic_write_text(tmp / "splits.csv", split_frame.drop(columns=internal).to_csv(index=False))
+        atomic_write_text(tmp / "duplicates.csv", dropped.drop(columns=["_pixel_index", "label"]).to_csv(index=False))
         atomic_write_text(
             tmp / "quarantine.csv",
-            pd.DataFrame(problems, columns=["path", "label", "source_id", "reason"]).to_csv(index=False),
+            pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"]).to_csv(index=False),
         )
         report = {
             "images_in": len(manifest),
@@ -103,7 +133,8 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
             "duplicates_dropped": int((dropped["reason"] == "duplicate").sum()),
             "conflicting_dropped": int((dropped["reason"] != "duplicate").sum()),
             "images_out": len(split_frame),
-            "classes": classes,
+            "task": task,
+            "classes": space.classes,
             "image_shape": [spec.size, spec.size, spec.channels],
             "per_split": {s: sum(c.values()) for s, c in counts.items()},
             "per_split_per_class": counts,

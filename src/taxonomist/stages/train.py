@@ -26,6 +26,7 @@ from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.files import atomic_write_json, read_json, sha256_file
 from taxonomist.models.callbacks import EpochHistory
 from taxonomist.models.module import ClassifierModule
+from taxonomist.tasks.heads import class_weights, resolve_monitor
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,13 @@ def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_di
     datamodule = ImageDataModule(cfg, processed_dir)
     report = read_json(processed_dir / "report.json")
     in_chans = int(report["image_shape"][2])
-    module = ClassifierModule(OmegaConf.to_container(cfg, resolve=True), datamodule.classes, in_chans)
+    space = datamodule.space
+    if space.task != str(cfg.task.name):
+        raise RuntimeError(
+            f"data/processed holds {space.task} labels but task.name={cfg.task.name}: run the preprocess stage again"
+        )
+    weights = class_weights(space, datamodule.train_targets()) if cfg.task.class_weights == "balanced" else None
+    module = ClassifierModule(OmegaConf.to_container(cfg, resolve=True), space.to_dict(), in_chans, weights)
 
     models_dir.mkdir(parents=True, exist_ok=True)
     run_id = runs.start_pipeline_run(cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"})
@@ -64,7 +71,7 @@ def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_di
     )
     ckpt_dir = models_dir / ".checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    monitor = str(cfg.train.monitor)
+    monitor = resolve_monitor(str(cfg.train.monitor), space.task)
     mode = "min" if monitor.endswith("loss") else "max"
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1, save_last=False
@@ -97,7 +104,7 @@ def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_di
         raise RuntimeError(f"training produced no checkpoint (monitor {monitor!r} never logged?)")
     shutil.move(checkpoint.best_model_path, models_dir / "best.ckpt")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    atomic_write_json(models_dir / "labels.json", {"classes": datamodule.classes})
+    atomic_write_json(models_dir / "labels.json", space.to_dict())
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
     summary = {"run_id": run_id, "best_" + monitor.replace("/", "_"): best, "epochs": trainer.current_epoch}
     log.info("train: best %s = %.4f (run %s)", monitor, best, run_id)

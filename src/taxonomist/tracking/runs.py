@@ -8,6 +8,7 @@ it from there. The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``trac
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -79,7 +80,7 @@ def start_pipeline_run(cfg: DictConfig, tags: dict[str, str]) -> str:
     client = mlflow.MlflowClient()
     all_tags = {
         "git_commit": git_commit(),
-        "task": str(cfg.task),
+        "task": str(cfg.task.name),
         "model_name": str(cfg.model.name),
         "mlflow.source.name": "dvc repro",
         **tags,
@@ -122,8 +123,13 @@ def resume_run(cfg: DictConfig, run_id: str | None = None) -> Iterator[Any]:
         yield run
 
 
+def metric_name(name: str) -> str:
+    """A name MLflow accepts (letters, digits, ``_ - . / :`` and spaces); others become ``_``."""
+    return re.sub(r"[^\w\-./: ]", "_", name)
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log numeric metrics to the active run (names may contain ``/``)."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()}, step=step)

@@ -1,53 +1,166 @@
-"""A folder-per-class tree of images: ``<root>/<label>/<image>``."""
+"""A folder-per-class tree of images, and the helpers every file-based reader shares.
+
+Layout: ``<root>/<label>/<image>``; images are found recursively under each first-level
+folder. For ``task.name=hierarchical`` the nested folders are the hierarchy: an image's label
+is its folder path below ``root`` joined with ``/``, so ``root/Apparel/Footwear/Sneaker/x.jpg``
+is labelled ``Apparel/Footwear/Sneaker`` and ``root/Apparel/y.jpg`` is labelled ``Apparel``.
+Hidden files and folders (``.name``) and ``__MACOSX`` are skipped; so are images directly in
+``root`` (they have no label).
+
+Shared helpers (used by the manifest, archive and Label Studio readers):
+
+* :func:`copy_images` copies the found images to ``out_dir/images/<generated name>`` (never a
+  name built from user text) and returns their records;
+* :func:`check_label` refuses label names the manifest cannot hold;
+* :func:`image_root`, :func:`resolve_image` and :func:`report_problems` resolve image
+  references and report every bad one in a single error.
+"""
 
 from __future__ import annotations
 
+import re
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from taxonomist.data.manifest import Record
+from taxonomist.data.manifest import LABEL_SEP, PATH_SEP, Record
 from taxonomist.data.sources import SourceError
 from taxonomist.files import sha256_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IGNORED_NAMES = frozenset({"__MACOSX"})  # macOS zip resource forks
+MAX_LISTED_PROBLEMS = 5  # how many bad rows/tasks one error message lists
+_SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
 
 
-def scan_folder(root: Path) -> dict[str, list[Path]]:
-    """Map each class folder under ``root`` to its image files, with clear errors."""
+@dataclass(frozen=True)
+class SourceImage:
+    """An image file found by a reader, before it is copied: its labels, split and origin."""
+
+    src: Path
+    labels: tuple[str, ...]
+    split: str
+    source_id: str
+
+
+def is_hidden(name: str) -> bool:
+    """True for names readers skip: dot-files/folders and macOS ``__MACOSX`` folders."""
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def check_label(label: str, where: str) -> str:
+    """Return ``label`` if the manifest can hold it; refuse an empty one or one holding ``|``."""
+    if not label:
+        raise SourceError(f"{where}: empty label")
+    if LABEL_SEP in label:
+        raise SourceError(
+            f"{where}: label {label!r} contains {LABEL_SEP!r}, which separates labels in the manifest; rename it"
+        )
+    return label
+
+
+def _task_name(cfg: DictConfig) -> str:
+    return str(OmegaConf.select(cfg, "task.name", default="multiclass"))
+
+
+def scan_folder(root: Path, hierarchical: bool = False) -> dict[str, list[Path]]:
+    """Map each label under ``root`` to its image files, with clear errors.
+
+    By default the label is the first-level folder (images found recursively below it); with
+    ``hierarchical`` it is the image's folder path relative to ``root``, joined with ``/``.
+    """
     if not root.exists():
         raise SourceError(f"data.source: {root} does not exist")
     if not root.is_dir():
         raise SourceError(f"data.source: {root} is not a folder (expected <root>/<label>/<image>)")
     classes: dict[str, list[Path]] = {}
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)):
+        files = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(is_hidden(part) for part in p.relative_to(class_dir).parts)
+        )
         if not files:
             raise SourceError(
                 f"data.source: class folder {class_dir} holds no images "
                 f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}); remove it or add images"
             )
-        classes[class_dir.name] = files
+        for path in files:
+            folders = path.parent.relative_to(root).parts if hierarchical else (class_dir.name,)
+            for name in folders:
+                check_label(name, f"data.source: folder {path.parent}")
+            classes.setdefault(PATH_SEP.join(folders), []).append(path)
     if not classes:
         raise SourceError(f"data.source: {root} has no class folders (expected <root>/<label>/<image>)")
     if len(classes) < 2:
         only = next(iter(classes))
         raise SourceError(f"data.source: {root} has one class ({only!r}); classification needs at least two")
-    return classes
+    return dict(sorted(classes.items()))
 
 
-def materialise_folder(root: Path, out_dir: Path) -> list[Record]:
-    """Copy the images of a folder-per-class tree into ``out_dir/images/<label>/``."""
-    classes = scan_folder(root)
+def materialise_folder(cfg: DictConfig, root: Path, out_dir: Path) -> list[Record]:
+    """Copy the images of a folder-per-class tree (nested folders = a hierarchy) into ``out_dir/images``."""
+    classes = scan_folder(root, hierarchical=_task_name(cfg) == "hierarchical")
+    images = [
+        SourceImage(src, (label,), "", src.relative_to(root).as_posix())
+        for label, files in classes.items()
+        for src in files
+    ]
+    return copy_images(images, out_dir, desc=f"ingest {root.name}")
+
+
+def _safe_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return suffix if _SAFE_SUFFIX.fullmatch(suffix) else ""
+
+
+def copy_images(images: Sequence[SourceImage], out_dir: Path, desc: str) -> list[Record]:
+    """Copy ``images`` to ``out_dir/images/<index><ext>`` and return their records.
+
+    Destination names are generated (a running number plus the original, lower-cased
+    extension), never built from paths or labels, so nothing can land outside ``out_dir``.
+    """
+    folder = out_dir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []
-    total = sum(len(v) for v in classes.values())
-    with tqdm(total=total, desc=f"ingest {root.name}", unit="img", mininterval=1) as bar:
-        for label, files in classes.items():
-            (out_dir / "images" / label).mkdir(parents=True, exist_ok=True)
-            for i, src in enumerate(files):
-                rel = f"images/{label}/{i:06d}{src.suffix.lower()}"
-                shutil.copyfile(src, out_dir / rel)
-                records.append(Record(rel, label, "", sha256_file(out_dir / rel), str(src.relative_to(root))))
-                bar.update()
+    for i, image in enumerate(tqdm(images, desc=desc, unit="img", mininterval=1)):
+        rel = f"images/{i:06d}{_safe_suffix(image.src)}"
+        shutil.copyfile(image.src, out_dir / rel)
+        records.append(Record(rel, image.labels, image.split, sha256_file(out_dir / rel), image.source_id))
     return records
+
+
+def image_root(cfg: DictConfig) -> Path | None:
+    """``data.image_root``, where manifest and export image paths are resolved (None: not set)."""
+    configured = OmegaConf.select(cfg, "data.image_root", default=None)
+    return Path(str(configured)).expanduser() if configured else None
+
+
+def resolve_image(ref: str, root: Path, inside: Path | None = None) -> tuple[Path, str | None]:
+    """Resolve an image path (absolute, or relative to ``root``); return it and a problem, if any.
+
+    The problem is None when the file exists (and, with ``inside``, lies inside that folder);
+    otherwise it reads e.g. ``image file 'x.png' not found (looked in /abs/x.png)``.
+    """
+    path = (root / Path(ref).expanduser()).resolve()
+    if inside is not None and not path.is_relative_to(inside.resolve()):
+        return path, f"image file {ref!r} lies outside the archive"
+    if not path.is_file():
+        return path, f"image file {ref!r} not found (looked in {path})"
+    return path, None
+
+
+def report_problems(header: str, problems: Sequence[str]) -> None:
+    """Raise one :class:`SourceError` listing the first few ``problems`` and how many there are."""
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    tail = f"\n  ... and {more} more" if more > 0 else ""
+    raise SourceError(f"{len(problems)} {header}:\n  {shown}{tail}")
