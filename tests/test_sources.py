@@ -1,4 +1,7 @@
-"""Data sources: a folder-per-class tree and Fashion-MNIST (taxonomist.data.sources)."""
+"""Data sources: a folder-per-class tree and Fashion-MNIST (taxonomist.data.sources).
+
+The other formats (nested folders, manifests, archives, Label Studio) are in test_sources_formats.py.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +17,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_image_folder
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from taxonomist.data.manifest import COLUMNS, read_manifest, write_manifest
+from taxonomist.data.manifest import COLUMNS, join_labels, read_manifest, write_manifest
 from taxonomist.data.sources import SourceError, materialise
 from taxonomist.data.sources import fashion_mnist as fm
 from taxonomist.data.sources.folder import materialise_folder, scan_folder
 from taxonomist.files import sha256_file
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def source_cfg(source: Path | str, task: str = "multiclass", image_root: Path | None = None) -> DictConfig:
+    """A whole config with only the keys the readers use."""
+    data = {"source": str(source), "format": "auto", "image_root": str(image_root) if image_root else None}
+    return OmegaConf.create({"data": data, "task": {"name": task}})
 
 
 # --------------------------------------------------------------------------- folder source
@@ -81,14 +90,15 @@ def test_folder_scan_ignores_hidden_folders_and_non_images(tmp_path):
 def test_materialise_folder_copies_images_with_matching_hashes(tmp_path):
     root = make_image_folder(tmp_path / "src", per_class=6)
     out = tmp_path / "raw"
-    records = materialise(OmegaConf.create({"source": str(root)}), out)
+    records = materialise(source_cfg(root), out)
     assert len(records) == 18
-    assert Counter(r.label for r in records) == {"circle": 6, "square": 6, "triangle": 6}
+    assert Counter(r.labels for r in records) == {("circle",): 6, ("square",): 6, ("triangle",): 6}
     assert {r.split for r in records} == {""}  # splits are assigned later, in preprocess
     for r in records:
         copied = out / r.path
         original = root / r.source_id
-        assert r.path.startswith(f"images/{r.label}/")
+        assert r.path.startswith("images/")  # generated names, never built from labels
+        assert r.labels == (Path(r.source_id).parts[0],)
         assert copied.suffix == original.suffix.lower()
         assert copied.read_bytes() == original.read_bytes()
         assert r.sha256 == sha256_file(copied) == sha256_file(original)
@@ -97,11 +107,11 @@ def test_materialise_folder_copies_images_with_matching_hashes(tmp_path):
 
 def test_manifest_round_trip(tmp_path):
     root = make_image_folder(tmp_path / "src", per_class=2, classes=("a", "b"))
-    records = materialise_folder(root, tmp_path / "raw")
+    records = materialise_folder(source_cfg(root), root, tmp_path / "raw")
     write_manifest(records, tmp_path / "raw")
     frame = read_manifest(tmp_path / "raw")
     assert list(frame.columns) == COLUMNS
-    assert frame.to_dict("records") == [r.__dict__ for r in records]
+    assert frame.to_dict("records") == [{**r.__dict__, "labels": join_labels(r.labels)} for r in records]
     assert (frame["split"] == "").all()  # empty strings survive, not NaN
 
 
@@ -112,7 +122,7 @@ def test_read_manifest_missing(tmp_path):
 
 def test_unknown_builtin_source(tmp_path):
     with pytest.raises(SourceError, match="unknown built-in dataset 'mnist'"):
-        materialise(OmegaConf.create({"source": "builtin:mnist"}), tmp_path)
+        materialise(source_cfg("builtin:mnist"), tmp_path)
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -146,10 +156,11 @@ def fake_fmnist(tmp_path):
     return folder, arrays
 
 
-def fmnist_cfg(builtin_dir: Path, download: bool = False, url: str = "http://127.0.0.1:9/") -> object:
-    return OmegaConf.create(
-        {"source": "builtin:fashion-mnist", "builtin_dir": str(builtin_dir), "download": download, "download_url": url}
-    )
+def fmnist_cfg(builtin_dir: Path, download: bool = False, url: str = "http://127.0.0.1:9/") -> DictConfig:
+    """A whole config for the Fashion-MNIST reader (``fm.locate`` takes its ``data`` section)."""
+    cfg = source_cfg("builtin:fashion-mnist")
+    cfg.data.update(builtin_dir=str(builtin_dir), download=download, download_url=url)
+    return cfg
 
 
 def test_read_idx(fake_fmnist):
@@ -204,8 +215,8 @@ def check_materialised(records, out: Path, arrays) -> None:
         rows = [r for r in records if r.split == split]
         for idx, r in enumerate(rows):
             assert r.source_id == f"fashion-mnist:{split}:{idx}"
-            assert r.label == fm.CLASSES[labels[idx]]
-            assert r.path == f"images/{split}/{r.label}/{split}_{idx:05d}.png"
+            assert r.labels == (fm.CLASSES[labels[idx]],)
+            assert r.path == f"images/{split}/{r.labels[0]}/{split}_{idx:05d}.png"
             assert r.sha256 == sha256_file(out / r.path)
             with Image.open(out / r.path) as img:
                 assert img.mode == "L"
@@ -226,7 +237,7 @@ def test_missing_data_without_download_tells_how_to_get_it(tmp_path, monkeypatch
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SourceError) as info:
-        fm.locate(fmnist_cfg(empty, download=False), download_dir=tmp_path / "dl")
+        fm.locate(fmnist_cfg(empty, download=False).data, download_dir=tmp_path / "dl")
     message = str(info.value)
     assert str(empty) in message
     assert "data.download=false" in message
@@ -288,7 +299,7 @@ def test_download_verifies_md5_and_materialises(fake_fmnist, tmp_path, monkeypat
 
     # A second run finds the verified downloads and does not fetch again.
     file_server.requests.clear()
-    assert fm.locate(fmnist_cfg(empty, download=True, url=url), download_dir=downloads) == downloads
+    assert fm.locate(fmnist_cfg(empty, download=True, url=url).data, download_dir=downloads) == downloads
     assert file_server.requests == []
 
 
@@ -300,7 +311,7 @@ def test_download_checksum_mismatch(fake_fmnist, tmp_path, monkeypatch, file_ser
     url = file_server(folder)
     dl = tmp_path / "dl"
     with pytest.raises(SourceError, match=r"Checksum mismatch for .*t10k-images-idx3-ubyte\.gz.*expected 0{32}"):
-        fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url), download_dir=dl)
+        fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url).data, download_dir=dl)
     assert not (dl / "t10k-images-idx3-ubyte.gz").exists()
     assert not list(dl.glob("*.part"))
 
@@ -310,7 +321,7 @@ def test_real_checksums_reject_fake_files(fake_fmnist, tmp_path, file_server):
     folder, _ = fake_fmnist
     url = file_server(folder)
     with pytest.raises(SourceError, match="Checksum mismatch"):
-        fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url), download_dir=tmp_path / "dl")
+        fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url).data, download_dir=tmp_path / "dl")
 
 
 def test_download_http_error_is_a_source_error(fake_fmnist, tmp_path, monkeypatch, file_server):
@@ -321,7 +332,7 @@ def test_download_http_error_is_a_source_error(fake_fmnist, tmp_path, monkeypatc
     (served / "train-labels-idx1-ubyte.gz").unlink()  # -> HTTP 404
     url = file_server(served)
     with pytest.raises(SourceError, match=r"Could not download .*train-labels-idx1-ubyte\.gz.*apt-get"):
-        fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url), download_dir=tmp_path / "dl")
+        fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url).data, download_dir=tmp_path / "dl")
     assert not list((tmp_path / "dl").glob("*.part"))
 
 

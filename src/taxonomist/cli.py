@@ -4,7 +4,8 @@ Examples::
 
     taxonomist compose                      # conf/ -> params.yaml
     taxonomist compose model.name=resnet34  # with Hydra overrides
-    taxonomist check                        # fail if params.yaml and conf/ drift apart
+    taxonomist pipelines                    # conf/pipeline/* -> pipelines/<name>/{params,dvc}.yaml
+    taxonomist check                        # fail if params.yaml or pipelines/ drift from conf/
     taxonomist train                        # one stage (what dvc.yaml runs)
     taxonomist predict img1.png img2.jpg    # with models:/<name>@champion
 
@@ -37,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.name=resnet34")
     p.add_argument("--conf", default="conf", help="config folder (default: %(default)s)")
     p.add_argument("--output", default=PARAMS_FILE, help="file to write (default: %(default)s)")
-    p = sub.add_parser("check", help=f"fail if {PARAMS_FILE} differs from the composition of conf/")
+    p = sub.add_parser("pipelines", help="write params.yaml and dvc.yaml of every ready pipeline under pipelines/")
+    p.add_argument("--conf", default="conf")
+    p = sub.add_parser("check", help=f"fail if {PARAMS_FILE} or pipelines/ differ from the composition of conf/")
     p.add_argument("--conf", default="conf")
     p.add_argument("--params", default=PARAMS_FILE)
     p = sub.add_parser("predict", help="classify image files with a registered model")
@@ -56,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = compose(args.overrides, conf_dir=args.conf)
             write_params(cfg, args.output)
             print(f"wrote {args.output}")
+            return 0
+        if args.command == "pipelines":
+            from taxonomist.files import atomic_write_text
+            from taxonomist.pipelines import expected_files
+
+            for path, text in expected_files(args.conf).items():
+                atomic_write_text(path, text)
+                print(f"wrote {path}")
             return 0
         if args.command == "check":
             return _check(args.conf, args.params)
@@ -77,12 +88,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(conf: str, params: str) -> int:
+    from taxonomist.pipelines import expected_files
+
     expected = to_yaml(compose([], conf_dir=conf))
     actual = Path(params).read_text() if Path(params).is_file() else ""
     if expected != actual:
         print(f"{params} differs from the composition of {conf}/: run `taxonomist compose`", file=sys.stderr)
         return 1
-    print(f"{params} matches {conf}/")
+    stale = [str(p) for p, text in expected_files(conf).items() if not p.is_file() or p.read_text() != text]
+    if stale:
+        print(f"out of date: {', '.join(stale)}: run `taxonomist pipelines`", file=sys.stderr)
+        return 1
+    print(f"{params} and pipelines/ match {conf}/")
     return 0
 
 
