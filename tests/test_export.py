@@ -21,7 +21,8 @@ from taxonomist.data.images import ImageSpec, decode
 from taxonomist.data.transforms import normalise
 from taxonomist.export import registry
 from taxonomist.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, verify_onnx
-from taxonomist.export.serving import ImageClassifierModel, prob_column, softmax
+from taxonomist.export.serving import ImageClassifierModel, prob_column
+from taxonomist.tasks.decide import softmax
 
 CLASSES = ["circle", "square", "triangle"]
 SETTINGS = {"image_size": 32, "channels": 3, "resize_mode": "squash", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
@@ -104,9 +105,10 @@ def png_bytes(seed: int, size=(40, 30), mode="RGB") -> bytes:
 @pytest.fixture(scope="module")
 def served(exported, tmp_path_factory):
     _, path = exported
-    pre = tmp_path_factory.mktemp("pre") / "preprocess.json"
-    pre.write_text(json.dumps({**SETTINGS, "classes": CLASSES}))
-    context = SimpleNamespace(artifacts={"onnx": str(path), "preprocess": str(pre)})
+    pre = tmp_path_factory.mktemp("pre") / "serving.json"
+    labels = {"task": "multiclass", "classes": CLASSES, "nodes": []}
+    pre.write_text(json.dumps({**SETTINGS, "labels": labels, "decision": {"thresholds": []}}))
+    context = SimpleNamespace(artifacts={"onnx": str(path), "settings": str(pre)})
     model = ImageClassifierModel()
     model.load_context(context)
     return model, context

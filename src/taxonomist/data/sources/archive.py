@@ -219,5 +219,5 @@ def materialise_archive(cfg: DictConfig, path: Path, out_dir: Path) -> list[Reco
             raise SourceError(message) from None
     finally:
         for folder in extracted:
-            pass
+            shutil.rmtree(folder, ignore_errors=True)
     return [replace(r, source_id=f"{path.name}:{r.source_id}") for r in records]

@@ -11,7 +11,8 @@ Shared helpers (used by the manifest, archive and Label Studio readers):
 
 * :func:`copy_images` copies the found images to ``out_dir/images/<generated name>`` (never a
   name built from user text) and returns their records;
-* :func:`check_label` refuses label names the manifest cannot hold;
+* :func:`check_label` refuses label names the manifest cannot hold, :func:`clean_labels`
+  tidies a label list;
 * :func:`image_root`, :func:`resolve_image` and :func:`report_problems` resolve image
   references and report every bad one in a single error.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def check_label(label: str, where: str) -> str:
             f"{where}: label {label!r} contains {LABEL_SEP!r}, which separates labels in the manifest; rename it"
         )
     return label
+
+
+def clean_labels(labels: Iterable[str], where: str) -> tuple[str, ...]:
+    """A label list as a record holds it: stripped, empty ones dropped, each checked and kept once (in order)."""
+    stripped = (label.strip() for label in labels)
+    return tuple(dict.fromkeys(check_label(label, where) for label in stripped if label))
 
 
 def _task_name(cfg: DictConfig) -> str:

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -44,7 +43,7 @@ from taxonomist.data.sources import SourceError
 from taxonomist.data.sources.folder import (
     IMAGE_SUFFIXES,
     SourceImage,
-    check_label,
+    clean_labels,
     copy_images,
     image_root,
     is_hidden,
@@ -91,10 +90,6 @@ def value_labels(value: Any, where: str) -> list[str]:
     return labels
 
 
-def _unique(labels: Iterable[str], where: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(check_label(label.strip(), where) for label in labels))
-
-
 def _stamp(item: dict[str, Any]) -> str:
     return str(item.get("updated_at") or item.get("created_at") or "")
 
@@ -113,7 +108,7 @@ def _full_task(task: dict[str, Any], where: str) -> tuple[Any, tuple[str, ...] |
         return url, None
     regions = _latest(annotations).get("result") or []
     labels = [label for region in regions for label in value_labels(region.get("value"), where)]
-    return url, _unique(labels, where)
+    return url, clean_labels(labels, where)
 
 
 def _min_labels(value: Any, where: str) -> list[str]:
@@ -134,7 +129,7 @@ def _min_task(record: dict[str, Any], where: str) -> tuple[Any, tuple[str, ...] 
             f"{where}: cannot tell which of the keys {', '.join(label_keys)} holds the labels; "
             "export the project as JSON (not JSON_MIN)"
         )
-    return record[key], _unique(_min_labels(record[label_keys[0]], where), where)
+    return record[key], clean_labels(_min_labels(record[label_keys[0]], where), where)
 
 
 def _tasks(items: list[Any], name: str) -> dict[str, tuple[Any, tuple[str, ...] | None]]:
@@ -214,8 +209,8 @@ def read_export(path: Path) -> list[Any]:
 def materialise_label_studio(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Path | None = None) -> list[Record]:
     """Copy the annotated images of a Label Studio export into ``out_dir/images``.
 
-    With ``inside`` (set by the archive reader) ``data.image_root`` is ignored: images are
-    found beside the export and must lie inside that folder.
+    With ``inside`` (the archive reader's extraction folder) ``data.image_root`` is ignored:
+    images are found beside the export and must lie inside ``inside``.
     """
     name = path.name
     configured = None if inside is not None else image_root(cfg)

@@ -35,6 +35,7 @@ from taxonomist.data.sources import SourceError
 from taxonomist.data.sources.folder import (
     SourceImage,
     check_label,
+    clean_labels,
     copy_images,
     image_root,
     report_problems,
@@ -61,7 +62,7 @@ def read_table(path: Path) -> pd.DataFrame:
             frame = pd.read_parquet(path)
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (OSError, ValueError, pd.errors.ParserError) as err:  # pyarrow's errors subclass these
+    except (OSError, ValueError) as err:  # pandas' and pyarrow's read errors subclass these
         raise SourceError(f"{path}: cannot read the manifest ({err})") from None
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     if frame.empty:
@@ -119,13 +120,10 @@ def parse_labels(value: Any, where: str) -> tuple[str, ...]:
                 raise SourceError(f"{where}: labels cell {text!r} is not a JSON list")
         else:
             items = text.split(LABEL_SEP) if text else []
-    labels = []
     for item in items:
         if not isinstance(item, str | Integral) or isinstance(item, bool):
             raise SourceError(f"{where}: labels must be names, got {item!r}")
-        if label := str(item).strip():
-            labels.append(check_label(label, where))
-    return tuple(dict.fromkeys(labels))  # each label once, in the order given
+    return clean_labels((str(item) for item in items), where)
 
 
 def parse_split(value: Any, where: str) -> str:
@@ -158,8 +156,8 @@ def _label_column(frame: pd.DataFrame, name: str) -> tuple[str, Callable[[Any, s
 def materialise_table(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Path | None = None) -> list[Record]:
     """Copy the images listed in a CSV or Parquet manifest into ``out_dir/images``.
 
-    With ``inside`` (set by the archive reader) ``data.image_root`` is ignored: images are
-    resolved beside the manifest and must lie inside that folder.
+    With ``inside`` (the archive reader's extraction folder) ``data.image_root`` is ignored:
+    images are resolved beside the manifest and must lie inside ``inside``.
     """
     frame = read_table(path)
     name = path.name
