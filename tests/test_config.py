@@ -118,7 +118,8 @@ def test_validate_wrong_type_names_the_key(params):
         ("preprocess", "val_fraction", 0.0, r"preprocess\.val_fraction"),
         ("preprocess", "val_fraction", 1.0, r"preprocess\.val_fraction"),
         ("preprocess", "image_size", 4, r"preprocess\.image_size"),
-        (None, "task", "multilabel", "task='multilabel'"),
+        ("task", "name", "regression", "task.name='regression' is not supported"),
+        ("task", "class_weights", "inverse", "task.class_weights='inverse'"),
         ("optimizer", "_target_", None, "optimizer needs a _target_"),
     ],
 )

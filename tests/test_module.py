@@ -17,6 +17,7 @@ from taxonomist.models.module import ClassifierModule, load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
+SPACE = {"task": "multiclass", "classes": CLASSES, "nodes": []}
 
 
 def pipeline_cfg(*extra: str) -> dict:
@@ -48,19 +49,21 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_forward_shape(channels):
-    module = ClassifierModule(pipeline_cfg(), CLASSES, in_chans=channels).eval()
+    module = ClassifierModule(pipeline_cfg(), SPACE, in_chans=channels).eval()
     with torch.no_grad():
         out = module(torch.randn(5, channels, 32, 32))
     assert out.shape == (5, 3)
     first_conv = next(v for v in module.model.state_dict().values() if v.ndim == 4)
     assert first_conv.shape[1] == channels
     assert module.classes == CLASSES
-    probs = module.predict_step((torch.randn(2, channels, 32, 32), torch.zeros(2)), 0)
-    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
+    x = torch.randn(2, channels, 32, 32)
+    with torch.no_grad():
+        logits = module.predict_step((x, torch.zeros(2)), 0)  # raw logits, float32
+        torch.testing.assert_close(logits, module(x).float())
 
 
 def test_training_step_returns_loss_with_label_smoothing():
-    module = ClassifierModule(pipeline_cfg("train.label_smoothing=0.2"), CLASSES, in_chans=3)
+    module = ClassifierModule(pipeline_cfg("train.label_smoothing=0.2"), SPACE, in_chans=3)
     module.log = lambda *a, **k: None  # not attached to a trainer
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     loss = module.training_step((x, y), 0)
@@ -69,7 +72,7 @@ def test_training_step_returns_loss_with_label_smoothing():
 
 
 def test_configure_optimizers_without_scheduler_needs_no_trainer():
-    module = ClassifierModule(pipeline_cfg("scheduler=none", "optimizer=sgd"), CLASSES, in_chans=3)
+    module = ClassifierModule(pipeline_cfg("scheduler=none", "optimizer=sgd"), SPACE, in_chans=3)
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD)
     # Biases and norm weights get no weight decay.
@@ -80,7 +83,7 @@ def test_configure_optimizers_without_scheduler_needs_no_trainer():
 
 
 def test_onecycle_total_steps_filled_from_trainer(tmp_path):
-    module = ClassifierModule(pipeline_cfg(), CLASSES, in_chans=3)
+    module = ClassifierModule(pipeline_cfg(), SPACE, in_chans=3)
     fit = trainer(tmp_path, max_epochs=2)
     fit.fit(module, train_dataloaders=tiny_loader(n=20, batch_size=4))
     scheduler = fit.lr_scheduler_configs[0].scheduler
@@ -93,7 +96,7 @@ def test_onecycle_total_steps_filled_from_trainer(tmp_path):
 @pytest.mark.parametrize(("n_batches", "scheduled"), [(1, False), (2, True), (5, True)])
 def test_onecycle_survives_very_short_runs(tmp_path, n_batches, scheduled):
     # pct_start=0.2 of 4 steps is 0.8 steps: torch's OneCycleLR divides by zero there unless adjusted.
-    module = ClassifierModule(pipeline_cfg("scheduler.pct_start=0.2"), CLASSES, in_chans=3)
+    module = ClassifierModule(pipeline_cfg("scheduler.pct_start=0.2"), SPACE, in_chans=3)
     fit = trainer(tmp_path, max_epochs=2, limit_train_batches=n_batches)
     fit.fit(module, train_dataloaders=tiny_loader())
     assert fit.global_step == 2 * n_batches
@@ -101,7 +104,7 @@ def test_onecycle_survives_very_short_runs(tmp_path, n_batches, scheduled):
 
 
 def test_cosine_t_max_filled_per_epoch(tmp_path):
-    module = ClassifierModule(pipeline_cfg("scheduler=cosine", "scheduler.interval=epoch"), CLASSES, in_chans=3)
+    module = ClassifierModule(pipeline_cfg("scheduler=cosine", "scheduler.interval=epoch"), SPACE, in_chans=3)
     fit = trainer(tmp_path, max_epochs=3, limit_train_batches=2)
     fit.fit(module, train_dataloaders=tiny_loader())
     scheduler = fit.lr_scheduler_configs[0].scheduler
@@ -111,7 +114,7 @@ def test_cosine_t_max_filled_per_epoch(tmp_path):
 
 
 def test_explicit_total_steps_is_kept(tmp_path):
-    module = ClassifierModule(pipeline_cfg("+scheduler.total_steps=50"), CLASSES, in_chans=3)
+    module = ClassifierModule(pipeline_cfg("+scheduler.total_steps=50"), SPACE, in_chans=3)
     fit = trainer(tmp_path, max_epochs=1, limit_train_batches=2)
     fit.fit(module, train_dataloaders=tiny_loader())
     assert fit.lr_scheduler_configs[0].scheduler.total_steps == 50
@@ -123,7 +126,7 @@ def test_load_classifier_round_trip(tmp_path):
     init = tmp_path / "init.pth"
     initial = timm.create_model("test_resnet", num_classes=1000).state_dict()
     torch.save(initial, init)
-    module = ClassifierModule(pipeline_cfg(f"model.checkpoint={init}"), CLASSES, in_chans=3)
+    module = ClassifierModule(pipeline_cfg(f"model.checkpoint={init}"), SPACE, in_chans=3)
     key = next(k for k, v in initial.items() if v.ndim == 4)
     assert torch.equal(module.model.state_dict()[key], initial[key])  # the file was loaded
     fit = trainer(tmp_path, max_epochs=2)

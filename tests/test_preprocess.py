@@ -18,6 +18,7 @@ from taxonomist.data.sources import SourceError
 from taxonomist.data.split import SplitError, assign_splits
 from taxonomist.stages import ingest, preprocess
 from taxonomist.stages.preprocess import deduplicate
+from taxonomist.tasks.labels import LabelSpace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,14 +141,14 @@ def test_assign_splits_every_class_in_every_split_or_error(small):
 def test_cache_round_trip(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     write_split(tmp_path, "val", images, np.array([2, 0, 1, 2]))
-    write_labels(tmp_path, ["x", "y", "z"])
+    write_labels(tmp_path, LabelSpace("multiclass", ["x", "y", "z"]))
     arrays = read_split(tmp_path, "val")
     assert isinstance(arrays.images, np.memmap)
     np.testing.assert_array_equal(arrays.images, images)
     assert arrays.labels.dtype == np.int64 and arrays.labels.tolist() == [2, 0, 1, 2]
     assert len(arrays) == 4
     assert not isinstance(read_split(tmp_path, "val", mmap=False).images, np.memmap)
-    assert read_labels(tmp_path) == ["x", "y", "z"]
+    assert read_labels(tmp_path) == LabelSpace("multiclass", ["x", "y", "z"])
     with pytest.raises(FileNotFoundError, match="run the preprocess stage"):
         read_split(tmp_path, "train")
 
@@ -167,7 +168,7 @@ def test_ingest_summary(staged):
 def test_preprocess_quarantines_the_truncated_file(staged):
     quarantine = pd.read_csv(staged["processed"] / "quarantine.csv")
     assert quarantine["source_id"].tolist() == ["circle/zz_truncated.png"]
-    assert quarantine["label"].tolist() == ["circle"]
+    assert quarantine["labels"].tolist() == ["circle"]
     assert "cannot decode" in quarantine["reason"].item()
     assert staged["report"]["quarantined"] == 1
 
@@ -191,7 +192,7 @@ def test_preprocess_arrays_match_report(staged):
     assert json.loads((processed / "report.json").read_text()) == report
     assert report["images_in"] == 38
     assert report["images_out"] == 38 - 1 - 1
-    assert report["classes"] == ["circle", "square", "triangle"] == read_labels(processed)
+    assert report["classes"] == ["circle", "square", "triangle"] == read_labels(processed).classes
     assert report["image_shape"] == [32, 32, 3]
     total = 0
     for split in ("train", "val", "test"):
@@ -211,13 +212,13 @@ def test_preprocess_arrays_match_report(staged):
 def test_preprocess_pixels_and_labels_line_up_with_splits_csv(staged):
     processed, raw = staged["processed"], staged["raw"]
     splits = pd.read_csv(processed / "splits.csv", keep_default_na=False)
-    classes = read_labels(processed)
+    classes = read_labels(processed).classes
     spec = ImageSpec(32, 3, "squash")
     for split in ("train", "test"):
         part = splits[splits["split"] == split]
         arrays = read_split(processed, split)
         for i, row in enumerate(part.itertuples()):
-            assert classes[arrays.labels[i]] == row.label
+            assert classes[arrays.labels[i]] == row.labels
             np.testing.assert_array_equal(arrays.images[i], load_file(str(raw / row.path), spec))
 
 

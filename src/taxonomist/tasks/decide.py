@@ -41,7 +41,7 @@ def probabilities(logits: np.ndarray, space: LabelSpace) -> np.ndarray:
     else (N, classes)."""
     logits = np.asarray(logits, dtype=np.float64)
     if space.task == "binary":
-        return sigmoid(logits.reshape(len(logits), -1)[:, 0])
+        return sigmoid(logits[:, 0] if logits.ndim == 2 else logits)
     if space.task == "multilabel":
         return sigmoid(logits)
     probs = softmax(logits)
