@@ -1,0 +1,158 @@
+"""End to end for the binary, multi-label and hierarchical tasks: all five stages on tiny data
+the tests draw, read through different sources (zip archive, CSV manifest, nested folders),
+and `dvc repro` inside a ready pipeline folder under pipelines/."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO, draw_shape, make_image_folder, tiny_overrides
+from PIL import Image
+
+from taxonomist.config import compose
+from taxonomist.stages import evaluate, ingest, package, preprocess, train
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def shapes_manifest(root: Path, n: int = 72) -> Path:
+    """A CSV manifest of images holding a circle, a square or both side by side (multi-label)."""
+    rng = random.Random(3)
+    rows = []
+    (root / "imgs").mkdir(parents=True)
+    for i in range(n):
+        labels = [["circle"], ["square"], ["circle", "square"]][i % 3]
+        canvas = Image.new("RGB", (64, 32))
+        for k, shape in enumerate(labels if len(labels) == 2 else [labels[0], None]):
+            if shape is not None:
+                canvas.paste(draw_shape(shape, 32, rng), (32 * k if rng.random() < 0.5 else 32 * (1 - k), 0))
+        canvas.save(root / "imgs" / f"{i:03d}.png")
+        rows.append({"image": f"imgs/{i:03d}.png", "labels": json.dumps(labels)})
+    path = root / "labels.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def zipped_folder(root: Path) -> Path:
+    """A zip archive of a two-class folder tree."""
+    folder = make_image_folder(root / "shapes", per_class=24, classes=("circle", "square"))
+    archive = root / "shapes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*.*")):
+            zf.write(path, f"shapes/{path.relative_to(folder)}")
+    return archive
+
+
+def nested_folder(root: Path) -> Path:
+    """Nested folders: round/circle and angular/{square,triangle}."""
+    make_image_folder(root / "tree" / "round", per_class=24, classes=("circle",))
+    make_image_folder(root / "tree" / "angular", per_class=24, classes=("square", "triangle"), seed=1)
+    return root / "tree"
+
+
+CASES = {
+    "binary": (
+        zipped_folder,
+        ["task.positive_label=square", "task.threshold.mode=min_recall", "task.threshold.value=.8"],
+    ),
+    "multilabel": (shapes_manifest, ["task.class_weights=balanced"]),
+    "hierarchical": (nested_folder, []),
+}
+
+
+@pytest.mark.parametrize("task", sorted(CASES))
+def test_all_stages_for_task(task, tmp_path, monkeypatch):
+    make_source, extra = CASES[task]
+    source = make_source(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    overrides = [*tiny_overrides(source), "data=folder", f"data.source={source}", f"task={task}", *extra]
+    cfg = compose([*overrides, "trainer.max_epochs=4"], conf_dir=REPO / "conf")
+    assert ingest.run(cfg)["task"] == task
+    preprocess.run(cfg)
+    train.run(cfg)
+    metrics = evaluate.run(cfg)
+    summary = package.run(cfg)
+
+    decision = json.loads(Path("reports/eval/decision.json").read_text())
+    serving = json.loads(Path("dist/serving.json").read_text())
+    assert serving["decision"] == decision and serving["labels"]["task"] == task
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(summary["champion_uri"])
+    images = sorted(source.parent.rglob("*.png"))[:3]
+    answer = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+    card = Path("dist/model_card.md").read_text()
+    assert f"Task: {task}" in card
+    if task == "binary":
+        assert {"acc", "precision", "recall", "f1", "roc_auc", "average_precision"} <= set(metrics)
+        assert summary["champion_metric"] == "test/f1"
+        assert decision["thresholds"][0] == pytest.approx(metrics["threshold"])
+        assert set(answer["label"]) <= {"circle", "square"} and {"prob_circle", "prob_square"} <= set(answer)
+        assert Path("reports/eval/pr_curve.csv").is_file() and Path("reports/eval/pr_roc_curves.png").is_file()
+    elif task == "multilabel":
+        assert {"subset_acc", "hamming_loss", "f1_micro", "f1_macro", "precision_macro"} <= set(metrics)
+        assert len(decision["thresholds"]) == 2
+        assert all(isinstance(v, list | np.ndarray) and set(v) <= {"circle", "square"} for v in answer["labels"])
+        table = pd.read_csv("reports/eval/per_class.csv")
+        assert table["class"].tolist() == ["circle", "square"] and "threshold" in table
+    else:
+        assert {"hprecision", "hrecall", "hf1", "acc_level1", "acc_level2"} <= set(metrics)
+        assert summary["champion_metric"] == "test/hf1"
+        for path, label in zip(answer["path"], answer["label"], strict=True):
+            top, _, leaf = path.partition(" > ")
+            assert leaf == label and {"round": {"circle"}, "angular": {"square", "triangle"}}[top] >= {label}
+        assert Path("reports/eval/confusion_level2.png").is_file()
+    for value in metrics.values():
+        assert np.isfinite(value)
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_dvc_repro_inside_a_ready_pipeline(tmp_path):
+    """pipelines/binary runs with `dvc repro` in its folder, logs to the project's MLflow store
+    and registers its own model name."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("conf", "src"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    folder = root / "pipelines" / "binary"
+    folder.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / "pipelines" / "binary" / name, folder / name)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["trainer"]["max_epochs"] = 3
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run([str(BIN / "dvc"), "init", "-q"], root)
+    _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    _run([str(BIN / "dvc"), "repro"], folder)
+
+    metrics = json.loads((folder / "reports/metrics.json").read_text())["test"]
+    assert {"f1", "roc_auc", "threshold"} <= set(metrics)
+    assert not (root / "data").exists() and not (root / "models").exists()  # nothing leaks to the root
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    version = mlflow.MlflowClient().get_model_version_by_alias("taxonomist-faces", "champion")
+    assert version.tags["test_f1"] == str(metrics["f1"])
+    assert (root / "mlartifacts").is_dir() and not (folder / "mlflow.db").exists()
