@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -120,3 +123,13 @@ def staged(tmp_path):
     summary = ingest.run(cfg, out_dir=raw)
     report = preprocess.run(cfg, raw_dir=raw, out_dir=processed)
     return {"source": source, "cfg": cfg, "raw": raw, "processed": processed, "summary": summary, "report": report}
+
+
+def run_cmd(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command with the environment's ``bin`` on PATH (as DVC stages need); fail with
+    its output when it fails."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc

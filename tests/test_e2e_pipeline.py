@@ -6,25 +6,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, tiny_overrides, write_tiny_conf
+from conftest import BIN, REPO, make_image_folder, run_cmd, tiny_overrides, write_tiny_conf
 
 from taxonomist.config import compose, write_params
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent
-
-
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +26,17 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(REPO / name, root / name)
     source = make_image_folder(root.parent / f"{root.name}-images", per_class=30)
     write_params(compose(tiny_overrides(source), conf_dir=root / "conf"), root / "params.yaml")
-    _run(["git", "init", "-q"], root)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root)
-    _run([str(BIN / "dvc"), "init", "-q"], root)
-    _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    run_cmd(["git", "init", "-q"], root)
+    run_cmd(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root)
+    run_cmd([str(BIN / "dvc"), "init", "-q"], root)
+    run_cmd([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
     # `dvc exp run -S` composes conf/ itself; here it composes the tiny config instead of config.yaml.
     write_tiny_conf(root / "conf", source)
-    _run([str(BIN / "dvc"), "config", "hydra.enabled", "true"], root)
-    _run([str(BIN / "dvc"), "config", "hydra.config_name", "tiny"], root)
-    _run([str(BIN / "dvc"), "repro"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "tiny pipeline"], root)
+    run_cmd([str(BIN / "dvc"), "config", "hydra.enabled", "true"], root)
+    run_cmd([str(BIN / "dvc"), "config", "hydra.config_name", "tiny"], root)
+    run_cmd([str(BIN / "dvc"), "repro"], root)
+    run_cmd(["git", "add", "-A"], root)
+    run_cmd(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "tiny pipeline"], root)
     return root
 
 
@@ -70,7 +60,7 @@ def test_mlflow_run_and_registry(project: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     run_id = json.loads((project / "models/run.json").read_text())["run_id"]
-    run = client.get_run(run_id)
+    run = client.getrun_cmd(run_id)
     metrics = json.loads((project / "reports/metrics.json").read_text())["test"]
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["acc"])
     assert run.data.params["model.name"] == "test_resnet"
@@ -104,21 +94,21 @@ def test_inspect_notebook_runs_on_the_pipeline_outputs(project: Path) -> None:
 
 
 def test_noop_and_evaluate_only_change(project: Path) -> None:
-    status = _run([str(BIN / "dvc"), "repro"], project)
+    status = run_cmd([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in status.stdout
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["misclassified_examples"] = 12
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ckpt_mtime = (project / "models/best.ckpt").stat().st_mtime
-    out = _run([str(BIN / "dvc"), "repro"], project).stdout
+    out = run_cmd([str(BIN / "dvc"), "repro"], project).stdout
     assert "Running stage 'evaluate'" in out
     assert "Running stage 'train'" not in out
     assert (project / "models/best.ckpt").stat().st_mtime == ckpt_mtime
 
 
 def test_dvc_exp_run_with_hydra_override(project: Path) -> None:
-    _run([str(BIN / "dvc"), "exp", "run", "-n", "effnet", "-S", "model.name=test_efficientnet"], project)
-    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], project).stdout)
+    run_cmd([str(BIN / "dvc"), "exp", "run", "-n", "effnet", "-S", "model.name=test_efficientnet"], project)
+    shown = json.loads(run_cmd([str(BIN / "dvc"), "exp", "show", "--json"], project).stdout)
     experiments = [exp for commit in shown for exp in commit.get("experiments") or []]
     (effnet,) = [e for e in experiments if e.get("name") == "effnet"]
     data = effnet["revs"][0]["data"]

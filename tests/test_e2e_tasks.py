@@ -5,11 +5,8 @@ and `dvc repro` inside a ready pipeline folder under pipelines/."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -17,14 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, draw_shape, make_image_folder, tiny_overrides
+from conftest import BIN, REPO, draw_shape, make_image_folder, run_cmd, tiny_overrides
 from PIL import Image
 
 from taxonomist.config import compose
 from taxonomist.stages import evaluate, ingest, package, preprocess, train
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent
 
 
 def shapes_manifest(root: Path, n: int = 72) -> Path:
@@ -118,14 +114,6 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
         assert np.isfinite(value)
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
 def test_dvc_repro_inside_a_ready_pipeline(tmp_path):
     """pipelines/binary runs with `dvc repro` in its folder, logs to the project's MLflow store
     and registers its own model name."""
@@ -142,10 +130,10 @@ def test_dvc_repro_inside_a_ready_pipeline(tmp_path):
     params = yaml.safe_load((folder / "params.yaml").read_text())
     params["trainer"]["max_epochs"] = 3
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run([str(BIN / "dvc"), "init", "-q"], root)
-    _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
-    _run([str(BIN / "dvc"), "repro"], folder)
+    run_cmd(["git", "init", "-q"], root)
+    run_cmd([str(BIN / "dvc"), "init", "-q"], root)
+    run_cmd([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    run_cmd([str(BIN / "dvc"), "repro"], folder)
 
     metrics = json.loads((folder / "reports/metrics.json").read_text())["test"]
     assert {"f1", "roc_auc", "threshold"} <= set(metrics)

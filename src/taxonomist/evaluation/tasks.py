@@ -211,13 +211,7 @@ def _samples_mean(pred: np.ndarray, target: np.ndarray, kind: str) -> float:
 def evaluate_hierarchical(probs: np.ndarray, target: np.ndarray, space: LabelSpace, decision: Decision) -> Evaluation:
     """Hierarchical metrics: exact node, hP/hR/hF, and per level accuracy and macro-F1."""
     pred = decide(probs, space, decision)
-    parents, depths = space.node_parents(), space.node_depths()
-    anc = np.eye(len(space.nodes), dtype=bool)
-    for n in range(len(space.nodes)):
-        p = parents[n]
-        while p >= 0:
-            anc[n, p] = True
-            p = parents[p]
+    depths, anc = space.node_depths(), space.ancestor_matrix()
     pred_sets = np.where(pred[:, None] >= 0, anc[np.maximum(pred, 0)], False)
     true_sets = anc[target]
     overlap = (pred_sets & true_sets).sum()

@@ -65,7 +65,7 @@ class HierarchicalF1(Metric):
         super().__init__()
         self.space = space
         self.key = key
-        self.register_buffer("membership_nodes", torch.from_numpy(_ancestor_matrix(space)), persistent=False)
+        self.register_buffer("membership_nodes", torch.from_numpy(space.ancestor_matrix()), persistent=False)
         for name in ("overlap", "predicted", "true", "exact", "count"):
             self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
 
@@ -90,18 +90,6 @@ class HierarchicalF1(Metric):
             "hrecall": hr,
             "hf1": 2 * hp * hr / (hp + hr).clamp_min(1e-12),
         }
-
-
-def _ancestor_matrix(space: LabelSpace) -> np.ndarray:
-    """(nodes, nodes) bool: row ``n`` marks ``n`` and its ancestors."""
-    parents = space.node_parents()
-    out = np.eye(len(space.nodes), dtype=bool)
-    for n in range(len(space.nodes)):
-        p = parents[n]
-        while p >= 0:
-            out[n, p] = True
-            p = parents[p]
-    return out
 
 
 def task_metrics(space: LabelSpace) -> MetricCollection:

@@ -95,6 +95,17 @@ class LabelSpace:
                 out[index[a], j] = True
         return out
 
+    def ancestor_matrix(self) -> np.ndarray:
+        """(nodes, nodes) bool matrix: row ``n`` marks ``n`` and its ancestors."""
+        parents = self.node_parents()
+        out = np.eye(len(self.nodes), dtype=bool)
+        for n in range(len(self.nodes)):
+            p = parents[n]
+            while p >= 0:
+                out[n, p] = True
+                p = parents[p]
+        return out
+
     def node_depths(self) -> np.ndarray:
         """Depth (1 = top level) of each node."""
         return np.array([depth(n) for n in self.nodes], dtype=np.int64)
