@@ -76,7 +76,8 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
     overrides = [*tiny_overrides(source), "data=folder", f"data.source={source}", f"task={task}", *extra]
     cfg = compose([*overrides, "trainer.max_epochs=4"], conf_dir=REPO / "conf")
     assert ingest.run(cfg)["task"] == task
-    preprocess.run(cfg)
+    report = preprocess.run(cfg)
+    assert sum(report["per_split"].values()) == report["images_out"]  # images, not labels
     train.run(cfg)
     metrics = evaluate.run(cfg)
     summary = package.run(cfg)

@@ -109,6 +109,7 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
 
     with atomic_directory(out_dir) as tmp:
         counts: dict[str, dict[str, int]] = {}
+        sizes: dict[str, int] = {}
         for split in SPLITS:
             part = split_frame[split_frame["split"] == split]
             images = (
@@ -117,6 +118,7 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
                 else np.zeros((0, spec.size, spec.size, spec.channels), np.uint8)
             )
             write_split(tmp, split, images, space.encode(part["labels"]))
+            sizes[split] = len(part)
             per_label = part["labels"].map(split_labels).explode().dropna()
             counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
         write_labels(tmp, space)
@@ -136,7 +138,7 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
             "task": task,
             "classes": space.classes,
             "image_shape": [spec.size, spec.size, spec.channels],
-            "per_split": {s: sum(c.values()) for s, c in counts.items()},
+            "per_split": sizes,  # images; per_split_per_class counts labels (several per multi-label image)
             "per_split_per_class": counts,
         }
         atomic_write_json(tmp / "report.json", report)
