@@ -17,7 +17,7 @@ from taxonomist.data.images import ImageSpec, load_file
 from taxonomist.data.sources import SourceError
 from taxonomist.data.split import SplitError, assign_splits
 from taxonomist.stages import ingest, preprocess
-from taxonomist.stages.preprocess import deduplicate
+from taxonomist.stages.preprocess import deduplicate, strata
 from taxonomist.tasks.labels import LabelSpace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +133,27 @@ def test_assign_splits_every_class_in_every_split_or_error(small):
         return
     per_split = out.groupby("split")["label"].agg(set)
     assert all(labels == {"big", "small"} for labels in per_split), per_split.to_dict()
+
+
+def test_assign_splits_keeps_a_sources_own_val_split():
+    rows = [(f"{c}{i}", c, "val" if i < 2 else "", f"{c}{i}") for c in "ab" for i in range(10)]
+    out = assign_splits(frame(rows), val_fraction=0.3, test_fraction=0.2, seed=0)
+    assert sorted(out.loc[out["split"] == "val", "path"]) == ["a0", "a1", "b0", "b1"]  # not re-drawn
+    assert set(out["split"]) == {"train", "val", "test"}
+
+
+def test_multilabel_strata_use_the_rarest_label_and_name_too_rare_labels():
+    cells = ["a|b", "a", "a|c", "b", "a|b|c", "c", ""] * 3
+    rows = frame([(f"r{i}", cell, "", f"h{i}") for i, cell in enumerate(cells)])
+    out = strata(rows, "multilabel", min_images_per_class=2)
+    # label frequencies: a 12, b 9, c 9 -> each row's rarest label (ties by name)
+    assert out.tolist()[:7] == ["b", "a", "c", "b", "b", "c", "(no label)"]
+    with pytest.raises(SplitError, match=r"min_images_per_class=10 images: 'b' \(9\), 'c' \(9\)"):
+        strata(rows, "multilabel", min_images_per_class=10)
+    # a stratum too small to split (here: the one image whose rarest label is "a") joins the largest
+    lone = strata(frame([*[(f"x{i}", "b|c", "", f"x{i}") for i in range(4)], ("y", "a|b", "", "y")]), "multilabel", 1)
+    assert lone.tolist() == ["c"] * 5  # rarest of b|c is c (4 vs 5); the lone "a" row joins "c"
+    assert strata(rows, "multiclass", 2).equals(rows["label"])
 
 
 # --------------------------------------------------------------------------- cache
