@@ -20,16 +20,10 @@ from omegaconf import DictConfig
 
 from taxonomist.data.manifest import LABEL_SEP, PATH_SEP, Record
 from taxonomist.data.sources import SourceError
+from taxonomist.data.sources.folder import report_problems
 from taxonomist.tasks.taxonomy import LabelResolver, TaxonomyError, load_taxonomy
 
 log = logging.getLogger(__name__)
-MAX_LISTED = 5
-
-
-def _fail(problems: list[str], what: str) -> None:
-    if problems:
-        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise SourceError(f"{what}:\n  " + "\n  ".join(problems[:MAX_LISTED]) + more)
 
 
 def check_records(records: list[Record], cfg: DictConfig) -> list[Record]:
@@ -39,11 +33,11 @@ def check_records(records: list[Record], cfg: DictConfig) -> list[Record]:
     bad_chars = [
         f"{r.source_id}: label {lbl!r} contains {LABEL_SEP!r}" for r in records for lbl in r.labels if LABEL_SEP in lbl
     ]
-    _fail(bad_chars, "labels must not contain '|'")
+    report_problems("labels contain '|', which separates labels in the manifest", bad_chars)
     if task == "multilabel":
         return _check_multilabel(records, cfg)
     counts = [f"{r.source_id}: {len(r.labels)} labels {list(r.labels)}" for r in records if len(r.labels) != 1]
-    _fail(counts, f"task {task} takes exactly one label per image (use task=multilabel for several)")
+    report_problems(f"images do not have exactly one label, as task {task} needs (use task=multilabel)", counts)
     if task == "hierarchical":
         records = _check_hierarchy(records, cfg)
     classes = {r.labels[0] for r in records}
@@ -62,7 +56,7 @@ def _check_multilabel(records: list[Record], cfg: DictConfig) -> list[Record]:
     allow_empty = bool(cfg.task.allow_empty)
     if not allow_empty:
         empty = [f"{r.source_id}: no labels" for r in records if not r.labels]
-        _fail(empty, "multi-label images without labels (set task.allow_empty=true if they are real negatives)")
+        report_problems("multi-label images have no labels (set task.allow_empty=true if they are negatives)", empty)
     records = [replace(r, labels=tuple(sorted(set(r.labels)))) for r in records]
     max_labels = int(cfg.data.max_labels)
     if max_labels > 0:
@@ -92,7 +86,7 @@ def _check_hierarchy(records: list[Record], cfg: DictConfig) -> list[Record]:
         for r in records
         if any(not part.strip() for part in r.labels[0].split(PATH_SEP))
     ]
-    _fail(bad, "invalid label paths")
+    report_problems("label paths have an empty level", bad)
     if cfg.task.taxonomy is None:
         return records
     try:
@@ -106,5 +100,5 @@ def _check_hierarchy(records: list[Record], cfg: DictConfig) -> list[Record]:
             out.append(replace(r, labels=(resolver.resolve(r.labels[0], r.source_id),)))
         except TaxonomyError as err:
             problems.append(str(err))
-    _fail(problems, "labels not in the taxonomy")
+    report_problems("labels are not in the taxonomy", problems)
     return out
