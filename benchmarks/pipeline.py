@@ -103,10 +103,10 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def show_in_readme(body: str) -> None:
-    """Replace the README's text between the benchmark markers with ``body``."""
+def show_in_readme(body: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Replace the README's text between ``markers`` (the benchmark block) with ``body``."""
     text = README.read_text()
-    start, end = MARKERS
+    start, end = markers
     if start not in text or end not in text:
         print(f"README.md has no {start} ... {end} block; not updated", file=sys.stderr)
         return
