@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from taxonomist.data.cache import SplitArrays
-from taxonomist.data.datamodule import CachedImageDataset, seed_worker_augment
+from taxonomist.data.datamodule import CachedImageDataset, ImageDataModule, seed_worker_augment
 from taxonomist.data.transforms import build_augment
 from taxonomist.stages import train
 
@@ -63,3 +63,29 @@ def test_loader_workers_augment_differently():
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, worker_init_fn=seed_worker_augment)
     first, second = (x for x, _ in loader)
     assert not torch.equal(first, second)
+
+
+def test_balanced_sampling_draws_classes_evenly(staged, monkeypatch):
+    cfg = staged["cfg"].copy()
+    cfg.task.balanced_sampling = True
+    module = ImageDataModule(cfg, staged["processed"])
+    module.setup("fit")
+    targets = np.array([0] * 90 + [1] * 10)  # a 9:1 imbalance
+    monkeypatch.setattr(module, "train_targets", lambda: targets)
+    drawn = targets[list(module.balanced_sampler())]
+    assert len(drawn) == 100 and 0.35 < drawn.mean() < 0.65  # about half from the 10% class
+    assert list(module.balanced_sampler()) == list(module.balanced_sampler())  # seeded
+    loader = module.train_dataloader()
+    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+    cfg.task.balanced_sampling = False
+    plain = ImageDataModule(cfg, staged["processed"])
+    plain.setup("fit")
+    assert isinstance(plain.train_dataloader().sampler, torch.utils.data.RandomSampler)
+
+
+def test_dataset_targets_are_float_rows_for_multilabel_data():
+    arrays = SplitArrays(np.zeros((2, 4, 4, 1), np.uint8), np.array([[1, 0, 1], [0, 0, 0]], np.uint8))
+    _, target = CachedImageDataset(arrays, [0.5], [0.5])[0]
+    assert target.dtype == torch.float32 and target.tolist() == [1.0, 0.0, 1.0]
+    single = SplitArrays(np.zeros((2, 4, 4, 1), np.uint8), np.array([2, 0]))
+    assert CachedImageDataset(single, [0.5], [0.5])[0][1].dtype == torch.long
