@@ -60,7 +60,7 @@ def test_mlflow_run_and_registry(project: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     run_id = json.loads((project / "models/run.json").read_text())["run_id"]
-    run = client.getrun_cmd(run_id)
+    run = client.get_run(run_id)
     metrics = json.loads((project / "reports/metrics.json").read_text())["test"]
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["acc"])
     assert run.data.params["model.name"] == "test_resnet"
