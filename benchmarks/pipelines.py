@@ -53,7 +53,9 @@ def main() -> int:
         split = "/".join(str(report["per_split"][s]) for s in ("train", "val", "test"))
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
         took = f"{seconds:.0f} s" if seconds is not None else "(not timed)"
-        rows.append(f"| `pipelines/{task}` | {data}, {len(report['classes'])} labels | {split} | {shown} | {took} |")
+        space = json.loads((folder / "data/processed/labels.json").read_text())
+        size = f"{len(space['classes'])} labels" + (f" ({len(space['nodes'])} tree nodes)" if space["nodes"] else "")
+        rows.append(f"| `pipelines/{task}` | {data}, {size} | {split} | {shown} | {took} |")
     body = "\n".join(rows) + f"\n\nMeasured {dt.date.today().isoformat()} on {machine()}."
     print(body)
     REPORT.parent.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,8 @@ def test_verify_onnx(exported):
     result = verify_onnx(model, path, x, batch_sizes=(1, 5))
     assert result["batch_sizes"] == [1, 5]
     assert 0.0 <= result["max_abs_diff"] < 1e-4
+    with torch.no_grad():
+        assert result["max_abs_logit"] == pytest.approx(float(model(x).abs().max()), rel=1e-5)
 
 
 def test_verify_onnx_detects_a_different_model(exported):
