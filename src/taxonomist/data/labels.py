@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from taxonomist.data.manifest import LABEL_SEP, PATH_SEP, Record
 from taxonomist.data.sources import SourceError
-from taxonomist.data.sources.folder import report_problems
+from taxonomist.data.sources.common import report_problems
 from taxonomist.tasks.taxonomy import LabelResolver, TaxonomyError, load_taxonomy
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,8 @@ from omegaconf import DictConfig
 
 from taxonomist.data.manifest import Record
 from taxonomist.data.sources import SourceError
-from taxonomist.data.sources.folder import is_hidden, materialise_folder
+from taxonomist.data.sources.common import is_hidden
+from taxonomist.data.sources.folder import materialise_folder
 from taxonomist.data.sources.label_studio import materialise_label_studio
 from taxonomist.data.sources.table import materialise_table
 

@@ -1,4 +1,4 @@
-"""A folder-per-class tree of images, and the helpers every file-based reader shares.
+"""A folder-per-class tree of images.
 
 Layout: ``<root>/<label>/<image>``; images are found recursively under each first-level
 folder. For ``task.name=hierarchical`` the nested folders are the hierarchy: an image's label
@@ -6,68 +6,17 @@ is its folder path below ``root`` joined with ``/``, so ``root/Apparel/Footwear/
 is labelled ``Apparel/Footwear/Sneaker`` and ``root/Apparel/y.jpg`` is labelled ``Apparel``.
 Hidden files and folders (``.name``) and ``__MACOSX`` are skipped; so are images directly in
 ``root`` (they have no label).
-
-Shared helpers (used by the manifest, archive and Label Studio readers):
-
-* :func:`copy_images` copies the found images to ``out_dir/images/<generated name>`` (never a
-  name built from user text) and returns their records;
-* :func:`check_label` refuses label names the manifest cannot hold, :func:`clean_labels`
-  tidies a label list;
-* :func:`image_root`, :func:`resolve_image` and :func:`report_problems` resolve image
-  references and report every bad one in a single error.
 """
 
 from __future__ import annotations
 
-import re
-import shutil
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from taxonomist.data.manifest import LABEL_SEP, PATH_SEP, Record
+from taxonomist.data.manifest import PATH_SEP, Record
 from taxonomist.data.sources import SourceError
-from taxonomist.files import sha256_file
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-IGNORED_NAMES = frozenset({"__MACOSX"})  # macOS zip resource forks
-MAX_LISTED_PROBLEMS = 5  # how many bad rows/tasks one error message lists
-_SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    """An image file found by a reader, before it is copied: its labels, split and origin."""
-
-    src: Path
-    labels: tuple[str, ...]
-    split: str
-    source_id: str
-
-
-def is_hidden(name: str) -> bool:
-    """True for names readers skip: dot-files/folders and macOS ``__MACOSX`` folders."""
-    return name.startswith(".") or name in IGNORED_NAMES
-
-
-def check_label(label: str, where: str) -> str:
-    """Return ``label`` if the manifest can hold it; refuse an empty one or one holding ``|``."""
-    if not label:
-        raise SourceError(f"{where}: empty label")
-    if LABEL_SEP in label:
-        raise SourceError(
-            f"{where}: label {label!r} contains {LABEL_SEP!r}, which separates labels in the manifest; rename it"
-        )
-    return label
-
-
-def clean_labels(labels: Iterable[str], where: str) -> tuple[str, ...]:
-    """A label list as a record holds it: stripped, empty ones dropped, each checked and kept once (in order)."""
-    stripped = (label.strip() for label in labels)
-    return tuple(dict.fromkeys(check_label(label, where) for label in stripped if label))
+from taxonomist.data.sources.common import IMAGE_SUFFIXES, SourceImage, check_label, copy_images, is_hidden
 
 
 def _task_name(cfg: DictConfig) -> str:
@@ -120,54 +69,3 @@ def materialise_folder(cfg: DictConfig, root: Path, out_dir: Path) -> list[Recor
         for src in files
     ]
     return copy_images(images, out_dir, desc=f"ingest {root.name}")
-
-
-def _safe_suffix(path: Path) -> str:
-    suffix = path.suffix.lower()
-    return suffix if _SAFE_SUFFIX.fullmatch(suffix) else ""
-
-
-def copy_images(images: Sequence[SourceImage], out_dir: Path, desc: str) -> list[Record]:
-    """Copy ``images`` to ``out_dir/images/<index><ext>`` and return their records.
-
-    Destination names are generated (a running number plus the original, lower-cased
-    extension), never built from paths or labels, so nothing can land outside ``out_dir``.
-    """
-    folder = out_dir / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    records: list[Record] = []
-    for i, image in enumerate(tqdm(images, desc=desc, unit="img", mininterval=1)):
-        rel = f"images/{i:06d}{_safe_suffix(image.src)}"
-        shutil.copyfile(image.src, out_dir / rel)
-        records.append(Record(rel, image.labels, image.split, sha256_file(out_dir / rel), image.source_id))
-    return records
-
-
-def image_root(cfg: DictConfig) -> Path | None:
-    """``data.image_root``, where manifest and export image paths are resolved (None: not set)."""
-    configured = OmegaConf.select(cfg, "data.image_root", default=None)
-    return Path(str(configured)).expanduser() if configured else None
-
-
-def resolve_image(ref: str, root: Path, inside: Path | None = None) -> tuple[Path, str | None]:
-    """Resolve an image path (absolute, or relative to ``root``); return it and a problem, if any.
-
-    The problem is None when the file exists (and, with ``inside``, lies inside that folder);
-    otherwise it reads e.g. ``image file 'x.png' not found (looked in /abs/x.png)``.
-    """
-    path = (root / Path(ref).expanduser()).resolve()
-    if inside is not None and not path.is_relative_to(inside.resolve()):
-        return path, f"image file {ref!r} lies outside the archive"
-    if not path.is_file():
-        return path, f"image file {ref!r} not found (looked in {path})"
-    return path, None
-
-
-def report_problems(header: str, problems: Sequence[str]) -> None:
-    """Raise one :class:`SourceError` listing the first few ``problems`` and how many there are."""
-    if not problems:
-        return
-    shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = len(problems) - MAX_LISTED_PROBLEMS
-    tail = f"\n  ... and {more} more" if more > 0 else ""
-    raise SourceError(f"{len(problems)} {header}:\n  {shown}{tail}")

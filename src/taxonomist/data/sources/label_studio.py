@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 
 from taxonomist.data.manifest import PATH_SEP, Record
 from taxonomist.data.sources import SourceError
-from taxonomist.data.sources.folder import (
+from taxonomist.data.sources.common import (
     IMAGE_SUFFIXES,
     SourceImage,
     clean_labels,

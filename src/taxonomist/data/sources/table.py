@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 
 from taxonomist.data.manifest import LABEL_SEP, Record
 from taxonomist.data.sources import SourceError
-from taxonomist.data.sources.folder import (
+from taxonomist.data.sources.common import (
     SourceImage,
     check_label,
     clean_labels,
