@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from taxonomist.evaluation.tasks import NONE, evaluate
 from taxonomist.export.serving import answer_frame
@@ -102,3 +103,23 @@ def test_served_answers_have_the_task_shape(space, logits, decision, columns):
         assert frame["label"].tolist() == ["Bag", "Coat"]
         assert frame[f"prob_{'Tops'}"].iloc[1] > 0.9
     assert answer_frame(logits[:0], space, decision).columns.tolist() == frame.columns.tolist()
+
+
+def test_cli_prints_each_kind_of_answer():
+    from taxonomist.cli import answer_text
+
+    binary = answer_frame(np.array([[2.0]]), BINARY, Decision([0.5])).iloc[0]
+    assert answer_text(binary) == f"dog\t{binary['score']:.4f}"
+    multi = answer_frame(np.array([[3.0, -3.0, 2.0]]), MULTI, Decision([0.5] * 3)).iloc[0]
+    assert answer_text(multi) == "a (0.95), c (0.88)"
+    assert answer_text(answer_frame(np.array([[-3.0, -3.0, -3.0]]), MULTI, Decision([0.5] * 3)).iloc[0]) == "(no label)"
+    tree = answer_frame(np.array([[0.0, 0.0, 5.0, 0.0]]), TREE, Decision([0.0])).iloc[0]
+    assert answer_text(tree).startswith("Tops > Coat\t0.9")
+
+
+def test_cli_predict_names_missing_files(tmp_path, capsys):
+    from taxonomist.cli import main
+
+    code = main(["predict", str(tmp_path / "nope.png"), "--params", str(REPO / "params.yaml")])
+    assert code == 2
+    assert f"image file(s) not found: {tmp_path / 'nope.png'}" in capsys.readouterr().err

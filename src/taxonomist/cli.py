@@ -121,6 +121,10 @@ def _predict(cfg, images: list[str], model_uri: str | None) -> int:
 
     from taxonomist.tracking.runs import tracking_uri
 
+    missing = [p for p in images if not Path(p).is_file()]
+    if missing:
+        print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
     mlflow.set_tracking_uri(tracking_uri(cfg))
     uri = model_uri or f"models:/{cfg.package.model_name}@champion"
     model = mlflow.pyfunc.load_model(uri)
