@@ -152,6 +152,8 @@ def test_tune_gives_one_threshold_per_label_and_fixed_keeps_the_value(scores):
     assert len(decision.thresholds) == 2 and decision.thresholds[0] != decision.thresholds[1]
     assert tune(probs, target, LabelSpace("binary", ["n", "p"]), "fixed", 0.3, " > ").thresholds == [0.3]
     assert tune_threshold(probs, np.zeros_like(target), "max_f1", 0.0) == 0.5  # no positives: neutral
+    empty = tune(np.zeros((0, 2)), np.zeros((0, 2), np.uint8), multi, "max_f1", 0.5, " > ")
+    assert empty.thresholds == [0.5, 0.5]  # an empty val split: neutral thresholds
 
 
 # --------------------------------------------------------------------------- losses and weights

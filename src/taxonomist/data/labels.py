@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from omegaconf import DictConfig
 
-from taxonomist.data.manifest import LABEL_SEP, PATH_SEP, Record
+from taxonomist.data.manifest import PATH_SEP, Record
 from taxonomist.data.sources import SourceError
 from taxonomist.data.sources.common import report_problems
 from taxonomist.tasks.taxonomy import LabelResolver, TaxonomyError, load_taxonomy
@@ -30,10 +30,6 @@ def check_records(records: list[Record], cfg: DictConfig) -> list[Record]:
     """Return the records with labels checked (and resolved) for ``cfg.task``; raise
     :class:`SourceError` naming the offending rows."""
     task = str(cfg.task.name)
-    bad_chars = [
-        f"{r.source_id}: label {lbl!r} contains {LABEL_SEP!r}" for r in records for lbl in r.labels if LABEL_SEP in lbl
-    ]
-    report_problems("labels contain '|', which separates labels in the manifest", bad_chars)
     if task == "multilabel":
         return _check_multilabel(records, cfg)
     counts = [f"{r.source_id}: {len(r.labels)} labels {list(r.labels)}" for r in records if len(r.labels) != 1]

@@ -10,6 +10,18 @@ class SplitError(ValueError):
     """The data cannot be split as configured; the message names the class."""
 
 
+def require_min_images(counts: pd.Series, minimum: int, what: str, remedy: str) -> None:
+    """Raise :class:`SplitError` naming every entry of ``counts`` (images per class or label)
+    below ``minimum``."""
+    small = counts[counts < minimum]
+    if len(small):
+        listing = ", ".join(f"{name!r} ({n})" for name, n in small.items())
+        raise SplitError(
+            f"{what} with fewer than preprocess.min_images_per_class={minimum} images: {listing}; "
+            f"add images or {remedy}"
+        )
+
+
 def assign_splits(
     frame: pd.DataFrame,
     val_fraction: float,
@@ -26,14 +38,7 @@ def assign_splits(
     marked val. Strata are the values of column ``by`` (the class, by default).
     """
     out = frame.copy()
-    counts = out.groupby(by).size()
-    small = counts[counts < min_images_per_class]
-    if len(small):
-        listing = ", ".join(f"{lbl!r} ({n})" for lbl, n in small.items())
-        raise SplitError(
-            f"class(es) with fewer than preprocess.min_images_per_class={min_images_per_class} "
-            f"images: {listing}; add images or remove the class"
-        )
+    require_min_images(out.groupby(by).size(), min_images_per_class, "class(es)", "remove the class")
     has_test = (out["split"] == "test").any()
     has_val = (out["split"] == "val").any()
     pool = out.index[~out["split"].isin(["test", "val"])]

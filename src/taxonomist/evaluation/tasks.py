@@ -225,10 +225,9 @@ def evaluate_hierarchical(probs: np.ndarray, target: np.ndarray, space: LabelSpa
     }
     confusions: dict[str, tuple[np.ndarray, list[str]]] = {}
     for level in range(1, int(depths.max()) + 1):
-        names = [space.nodes[i] for i in np.flatnonzero(depths == level)]
-        index = {space.nodes.index(nm): k for k, nm in enumerate(names)}
-        true_l = np.array([_at_level(row, index, len(names)) for row in true_sets])
-        pred_l = np.array([_at_level(row, index, len(names)) for row in pred_sets])
+        columns = np.flatnonzero(depths == level)
+        names = [space.nodes[i] for i in columns]
+        true_l, pred_l = _at_level(true_sets[:, columns]), _at_level(pred_sets[:, columns])
         has = true_l < len(names)  # images whose label reaches this level
         if not has.any():
             continue
@@ -266,12 +265,10 @@ def evaluate_hierarchical(probs: np.ndarray, target: np.ndarray, space: LabelSpa
     return Evaluation(_rounded(metrics), table, predictions, confusions, {}, wrong[np.argsort(-conf[wrong])])
 
 
-def _at_level(row: np.ndarray, index: dict[int, int], none: int) -> int:
-    """The position (among the level's nodes) of the set's node at ``level``; ``none`` if absent."""
-    for node, k in index.items():
-        if row[node]:
-            return k
-    return none
+def _at_level(level_sets: np.ndarray) -> np.ndarray:
+    """Per row, the position of its node among one level's nodes (a path has at most one per
+    level), or the number of those nodes when the path does not reach the level."""
+    return np.where(level_sets.any(axis=1), level_sets.argmax(axis=1), level_sets.shape[1])
 
 
 EVALUATORS = {

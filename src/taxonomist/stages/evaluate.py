@@ -28,7 +28,7 @@ from taxonomist.evaluation import plots
 from taxonomist.evaluation.tasks import Evaluation, evaluate
 from taxonomist.files import atomic_write_json, atomic_write_text
 from taxonomist.models.module import load_classifier
-from taxonomist.tasks.decide import Decision, probabilities, tune
+from taxonomist.tasks.decide import probabilities, tune
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -107,20 +107,8 @@ def run(
     if len(target) == 0:
         raise RuntimeError("the test split is empty: nothing to evaluate")
     th = cfg.task.threshold
-    decision = (
-        tune(
-            probabilities(val_logits, space),
-            val_target,
-            space,
-            str(th.mode),
-            float(th.value),
-            str(cfg.task.path_separator),
-        )
-        if len(val_target)
-        else Decision(
-            [float(th.value)] * (len(space.classes) if space.task == "multilabel" else 1), str(cfg.task.path_separator)
-        )
-    )
+    val_probs = probabilities(val_logits, space)  # no val images: tuned thresholds stay at 0.5
+    decision = tune(val_probs, val_target, space, str(th.mode), float(th.value), str(cfg.task.path_separator))
     result = evaluate(probabilities(logits, space), target, space, decision)
     metrics = result.metrics
 

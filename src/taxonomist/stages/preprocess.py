@@ -19,7 +19,7 @@ from tqdm import tqdm
 from taxonomist.data.cache import write_labels, write_split
 from taxonomist.data.images import ImageSpec, InvalidImage, load_file
 from taxonomist.data.manifest import SPLITS, read_manifest, split_labels
-from taxonomist.data.split import SplitError, assign_splits
+from taxonomist.data.split import SplitError, assign_splits, require_min_images
 from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
 from taxonomist.tasks.labels import LabelError, LabelSpace
 
@@ -58,13 +58,7 @@ def strata(frame: pd.DataFrame, task: str, min_images_per_class: int) -> pd.Seri
         return frame["label"]
     lists = frame["label"].map(split_labels)
     freq = lists.explode().value_counts()
-    small = freq[freq < min_images_per_class]
-    if len(small):
-        listing = ", ".join(f"{lbl!r} ({n})" for lbl, n in small.items())
-        raise SplitError(
-            f"label(s) with fewer than preprocess.min_images_per_class={min_images_per_class} "
-            f"images: {listing}; add images, lower data.max_labels, or remove the label"
-        )
+    require_min_images(freq, min_images_per_class, "label(s)", "lower data.max_labels or remove the label")
     rarest = lists.map(lambda labels: min(labels, key=lambda lbl: (freq[lbl], lbl)) if labels else "(no label)")
     sizes = rarest.value_counts()
     tiny = set(sizes[sizes < 3].index)

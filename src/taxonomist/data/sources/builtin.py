@@ -34,12 +34,14 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_record(out_dir: Path, rel: str, data: bytes, labels: Sequence[str], source_id: str) -> Record:
-    """Write ``data`` to ``out_dir/rel`` and return its unsplit :class:`Record`."""
+def write_record(
+    out_dir: Path, rel: str, data: bytes, labels: Sequence[str], source_id: str, split: str = ""
+) -> Record:
+    """Write ``data`` to ``out_dir/rel`` and return its :class:`Record` (unsplit by default)."""
     target = out_dir / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
-    return Record(rel, tuple(labels), "", sha256_bytes(data), source_id)
+    return Record(rel, tuple(labels), split, sha256_bytes(data), source_id)
 
 
 def to_uint8(images: np.ndarray, max_value: float) -> np.ndarray:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import shutil
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image
 from tqdm import tqdm
 
 from taxonomist.data.manifest import Record
 from taxonomist.data.sources import SourceError
-from taxonomist.files import sha256_bytes
+from taxonomist.data.sources.builtin import png_bytes, write_record
 
 CLASSES = [
     "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
@@ -116,14 +114,9 @@ def materialise_fashion_mnist(cfg: DictConfig, out_dir: Path) -> list[Record]:
     records: list[Record] = []
     for split, (img_file, lbl_file) in SPLIT_FILES.items():
         images, labels = read_idx(folder / img_file, folder / lbl_file)
-        for cls in CLASSES:
-            (out_dir / "images" / split / cls).mkdir(parents=True, exist_ok=True)
         for idx in tqdm(range(len(images)), desc=f"fashion-mnist {split}", unit="img", mininterval=1):
-            buf = io.BytesIO()
-            Image.fromarray(images[idx], mode="L").save(buf, format="PNG", compress_level=1)
-            data = buf.getvalue()
             label = CLASSES[labels[idx]]
             rel = f"images/{split}/{label}/{split}_{idx:05d}.png"
-            (out_dir / rel).write_bytes(data)
-            records.append(Record(rel, (label,), split, sha256_bytes(data), f"fashion-mnist:{split}:{idx}"))
+            source_id = f"fashion-mnist:{split}:{idx}"
+            records.append(write_record(out_dir, rel, png_bytes(images[idx]), (label,), source_id, split=split))
     return records
