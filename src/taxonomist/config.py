@@ -228,7 +228,7 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     if not (conf_dir / f"{CONFIG_NAME}.yaml").is_file():
         raise ConfigError(f"{conf_dir}/{CONFIG_NAME}.yaml not found")
     try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(conf_dir)):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
     except HydraException as err:  # an unknown key or group option, a malformed override
         message = str(err).split("Config search path")[0] + (f" ({err.__cause__})" if err.__cause__ else "")

@@ -13,6 +13,9 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+# Config-controlled ``_target_`` values an ``augment.train`` entry may name.
+AUGMENT_TARGETS = ("albumentations.*",)
+
 
 def build_augment(entries: ListConfig | Sequence[Any] | None, seed: int | None = None) -> A.Compose | None:
     """Instantiate a list of ``{_target_: albumentations.X, ...}`` entries as one Compose.
@@ -26,7 +29,7 @@ def build_augment(entries: ListConfig | Sequence[Any] | None, seed: int | None =
     transforms = []
     for i, entry in enumerate(items):  # type: ignore[arg-type]
         try:
-            transforms.append(instantiate(entry))
+            transforms.append(instantiate(entry, _execution_whitelist_=list(AUGMENT_TARGETS)))
         except Exception as err:
             raise ValueError(f"augment.train[{i}] ({entry.get('_target_')}): {err}") from err
     return A.Compose(transforms, seed=seed)

@@ -18,6 +18,9 @@ from taxonomist.tasks.heads import TaskLoss, task_metrics, to_probabilities
 from taxonomist.tasks.labels import LabelSpace
 
 log = logging.getLogger(__name__)
+# Config-controlled ``_target_`` values the optimizer and scheduler blocks may name.
+OPTIMIZER_TARGETS = ("torch.optim.*", "timm.optim.*")
+SCHEDULER_TARGETS = ("torch.optim.lr_scheduler.*", "timm.scheduler.*")
 
 
 class ClassifierModule(L.LightningModule):
@@ -102,7 +105,7 @@ class ClassifierModule(L.LightningModule):
         opt_cfg = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
         weight_decay = float(opt_cfg.get("weight_decay", 0.0))  # type: ignore[union-attr]
         groups = param_groups_weight_decay(self.model, weight_decay=weight_decay)
-        optimizer = instantiate(opt_cfg)(params=groups)
+        optimizer = instantiate(opt_cfg, _execution_whitelist_=list(OPTIMIZER_TARGETS))(params=groups)
         sched_cfg = dict(OmegaConf.to_container(self.cfg.scheduler, resolve=True))  # type: ignore[arg-type]
         interval = sched_cfg.pop("interval", "step")
         if not sched_cfg.get("_target_"):
@@ -124,7 +127,7 @@ class ClassifierModule(L.LightningModule):
                 return optimizer
             pct = float(sched_cfg.get("pct_start", params["pct_start"].default))
             sched_cfg["pct_start"] = min(max(pct, 2 / total), 1 - 2 / total)
-        scheduler = instantiate(sched_cfg)(optimizer=optimizer)
+        scheduler = instantiate(sched_cfg, _execution_whitelist_=list(SCHEDULER_TARGETS))(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 

@@ -51,7 +51,9 @@ def setup(cfg: DictConfig) -> str:
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location(cfg))
+        # A tracking server decides where artifacts go (it proxies them); a local store uses ours.
+        remote = tracking_uri(cfg).startswith(("http://", "https://"))
+        return client.create_experiment(name, artifact_location=None if remote else artifact_location(cfg))
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
