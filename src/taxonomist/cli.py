@@ -8,6 +8,7 @@ Examples::
     taxonomist check                        # fail if params.yaml or pipelines/ drift from conf/
     taxonomist train                        # one stage (what dvc.yaml runs)
     taxonomist predict img1.png img2.jpg    # with models:/<name>@champion
+    taxonomist sweep optimizer.lr=1e-3,3e-3 # Hydra multirun: a grid, or hparams_search=optuna
 
 Heavy libraries are imported only by the command that needs them.
 """
@@ -43,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help=f"fail if {PARAMS_FILE} or pipelines/ differ from the composition of conf/")
     p.add_argument("--conf", default="conf")
     p.add_argument("--params", default=PARAMS_FILE)
+    sub.add_parser(
+        "sweep",
+        help="Hydra multirun of train + evaluate: a grid (a=1,2) or hparams_search=<name>; "
+        "each trial an MLflow child run (see `taxonomist sweep --help`)",
+        add_help=False,
+    )
     p = sub.add_parser("predict", help="classify image files with a registered model")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", default=None, help="model URI (default: models:/<package.model_name>@champion)")
@@ -52,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``taxonomist`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:  # Hydra parses the rest: overrides, -m, --cfg job, hydra/launcher=joblib ...
+        from taxonomist.sweeps.launch import main as sweep_main
+
+        try:
+            return sweep_main(argv[1:])
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -130,6 +130,15 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """``taxonomist sweep``: the sweep's name, the metric trials are ranked by, the Optuna storage."""
+
+    name: str | None = None
+    objective: str = "auto"  # "auto": the task's primary validation metric
+    storage: str | None = None
+
+
+@dataclass
 class PipelineConfig:
     """Schema of ``params.yaml``; optimizer and scheduler are free-form ``_target_`` blocks."""
 
@@ -146,6 +155,7 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 SUPPORTED_TASKS = ("binary", "multiclass", "multilabel", "hierarchical")

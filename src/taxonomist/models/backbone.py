@@ -27,13 +27,18 @@ class WeightsError(ValueError):
     """A weights file that cannot be loaded into the configured model."""
 
 
-def create_backbone(model_cfg: DictConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
-    """Build ``timm.create_model(model.name, ...)`` and load ``model.checkpoint`` if set."""
-    name = str(model_cfg.name)
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` (with similar names) unless ``name`` is a timm model or a zoo model."""
     if not timm.list_models(name) and name not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise ValueError(f"model.name: {name!r} is not a timm model.{hint}")
+
+
+def create_backbone(model_cfg: DictConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+    """Build ``timm.create_model(model.name, ...)`` and load ``model.checkpoint`` if set."""
+    name = str(model_cfg.name)
+    check_model_name(name)
     kwargs: dict[str, Any] = OmegaConf.to_container(model_cfg.kwargs, resolve=True) or {}  # type: ignore[assignment]
     try:
         model = timm.create_model(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -12,13 +13,15 @@ from taxonomist.files import atomic_write_text
 
 
 class EpochHistory(L.Callback):
-    """Write one CSV row per epoch with the epoch-level train/ and val/ metrics.
+    """Write one CSV row per epoch with the epoch-level train/ and val/ metrics and ``train/lr``.
 
     The file feeds ``dvc plots`` (training curves) and is rewritten atomically each epoch.
+    ``on_row`` (e.g. logging to MLflow with the epoch as the step) gets each new row.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, on_row: Callable[[dict[str, float]], None] | None = None):
         self.path = Path(path)
+        self.on_row = on_row
         self.rows: list[dict[str, float]] = []
 
     # Lightning computes a module's epoch-level train metrics after the callbacks'
@@ -40,9 +43,11 @@ class EpochHistory(L.Callback):
             if k.startswith(("train/", "val/")) and not k.endswith("_step")
         }
         row = {"epoch": epoch, **dict(sorted(metrics.items()))}
-        row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        row["train/lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         self.rows.append(row)
         self._write()
+        if self.on_row is not None:
+            self.on_row(row)
 
     def _write(self) -> None:
         fields: list[str] = []

@@ -75,7 +75,9 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         self._update(self.train_metrics, logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # The progress bar shows the batch loss; loggers and the history get the epoch mean.
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def on_train_epoch_end(self) -> None:

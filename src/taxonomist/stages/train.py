@@ -13,13 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import (
-    EarlyStopping,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    TQDMProgressBar,
-)
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from taxonomist.data.datamodule import ImageDataModule
@@ -47,8 +41,14 @@ def data_hash(processed_dir: Path) -> str:
     return sha256_file(processed_dir / "splits.csv")
 
 
-def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_dir: Path = MODELS_DIR) -> dict:
-    """Train and write the best checkpoint; return the best score and the run id."""
+def run(
+    cfg: DictConfig,
+    processed_dir: Path = Path("data/processed"),
+    models_dir: Path = MODELS_DIR,
+    spec: runs.RunSpec | None = None,
+) -> dict:
+    """Train and write the best checkpoint; return the run id, the monitored metric, its best
+    value and the epoch that reached it. ``spec`` names and places the MLflow run (sweeps)."""
     configure_torch(cfg)
     datamodule = ImageDataModule(cfg, processed_dir)
     report = read_json(processed_dir / "report.json")
@@ -62,13 +62,7 @@ def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_di
     module = ClassifierModule(OmegaConf.to_container(cfg, resolve=True), space.to_dict(), in_chans, weights)
 
     models_dir.mkdir(parents=True, exist_ok=True)
-    run_id = runs.start_pipeline_run(cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"})
-    mlf_logger = MLFlowLogger(
-        experiment_name=str(cfg.tracking.experiment),
-        tracking_uri=runs.tracking_uri(cfg),
-        run_id=run_id,
-        log_model=False,
-    )
+    run_id = runs.start_pipeline_run(cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"}, spec=spec)
     ckpt_dir = models_dir / ".checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     monitor = resolve_monitor(str(cfg.train.monitor), space.task)
@@ -76,12 +70,13 @@ def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_di
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1, save_last=False
     )
+    # Epoch-level train/ and val/ metrics (and train/lr) go to MLflow with the epoch as the step.
+    history = EpochHistory(HISTORY_FILE, on_row=runs.epoch_logger(run_id))
     callbacks = [
         checkpoint,
         EarlyStopping(monitor=monitor, mode=mode, patience=int(cfg.train.early_stopping_patience)),
-        LearningRateMonitor(logging_interval="epoch"),
         TQDMProgressBar(refresh_rate=20),
-        EpochHistory(HISTORY_FILE),
+        history,
     ]
     tcfg = cfg.trainer
     trainer = L.Trainer(
@@ -94,7 +89,7 @@ def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_di
         limit_train_batches=tcfg.limit_train_batches,
         limit_val_batches=tcfg.limit_val_batches,
         log_every_n_steps=int(tcfg.log_every_n_steps),
-        logger=mlf_logger,
+        logger=False,
         callbacks=callbacks,
         enable_model_summary=False,
         default_root_dir=str(models_dir),
@@ -106,6 +101,13 @@ def run(cfg: DictConfig, processed_dir: Path = Path("data/processed"), models_di
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     atomic_write_json(models_dir / "labels.json", space.to_dict())
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
-    summary = {"run_id": run_id, "best_" + monitor.replace("/", "_"): best, "epochs": trainer.current_epoch}
-    log.info("train: best %s = %.4f (run %s)", monitor, best, run_id)
+    best_epoch = next((int(r["epoch"]) for r in history.rows if r.get(monitor) == best), None)
+    summary = {
+        "run_id": run_id,
+        "monitor": monitor,
+        "best": best,
+        "best_epoch": best_epoch,
+        "epochs": trainer.current_epoch,
+    }
+    log.info("train: best %s = %.4f at epoch %s (run %s)", monitor, best, best_epoch, run_id)
     return summary

@@ -11,8 +11,9 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +26,49 @@ RUN_FILE = Path("models/run.json")
 MAX_PARAM_LENGTH = 6000
 
 
+def store_base_dir(cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The folder relative tracking paths (``sqlite:///mlflow.db``, ``mlartifacts``) resolve against.
+
+    It is the current directory (``cwd``), except in a DVC experiment's temporary workspace.
+    ``dvc exp run --queue`` (then ``dvc queue start``) and ``dvc exp run --temp`` run the stages
+    in a throw-away clone of the project, ``<project>/.dvc/tmp/exps/tmpXXXX/`` (``--temp``:
+    ``.../exps/standalone/tmpXXXX/``), with ``DVC_ROOT`` set to the real project root (measured
+    with DVC 3.67; a workspace ``dvc repro`` / ``dvc exp run`` sets ``DVC_ROOT`` to the project
+    root it runs in). A store resolved there would be deleted with the clone, so the cwd is
+    mapped to the same folder of the real project: the clone's root is the nearest folder above
+    the cwd that holds ``.dvc/``, and ``<clone>/pipelines/binary`` becomes
+    ``$DVC_ROOT/pipelines/binary``, where a ready pipeline's ``sqlite:///../../mlflow.db`` still
+    names the project's store. Only a clone inside ``$DVC_ROOT/.dvc/tmp/`` is mapped, so a stray
+    ``DVC_ROOT`` (another project's) changes nothing.
+    """
+    here = (cwd or Path.cwd()).resolve()
+    dvc_root = (os.environ if environ is None else environ).get("DVC_ROOT")
+    if not dvc_root:
+        return here
+    project = Path(dvc_root).resolve()
+    clone = next((folder for folder in (here, *here.parents) if (folder / ".dvc").is_dir()), None)
+    if clone is None or clone == project or (project / ".dvc" / "tmp") not in clone.parents:
+        return here
+    return project / here.relative_to(clone)
+
+
 def tracking_uri(cfg: DictConfig) -> str:
-    """The tracking URI in force: the environment's, else the config's (made absolute)."""
+    """The tracking URI in force: the environment's, else the config's; a relative SQLite path
+    is made absolute against :func:`store_base_dir` (the project, also from a DVC temp workspace)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.tracking.uri)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+        uri = prefix + str((store_base_dir() / uri[len(prefix) :]).resolve())
     return uri
 
 
 def artifact_location(cfg: DictConfig) -> str:
-    """Where new experiments keep artifacts: a URI, or a local path made absolute."""
+    """Where new experiments keep artifacts: a URI, or a local path made absolute against
+    :func:`store_base_dir` (the project, also from a DVC temp workspace)."""
     loc = str(cfg.tracking.artifact_location)
     if "://" in loc:
         return loc
-    return Path(loc).resolve().as_uri()
+    return (store_base_dir() / loc).resolve().as_uri()
 
 
 def setup(cfg: DictConfig) -> str:
@@ -68,32 +97,72 @@ def git_commit() -> str:
         return "unknown"
 
 
+def dataset_name(cfg: DictConfig) -> str:
+    """A short name of the data source: ``fashion-mnist``, or a folder's or file's name."""
+    return str(cfg.data.source).replace("builtin:", "").rstrip("/").split("/")[-1]
+
+
 def run_name(cfg: DictConfig) -> str:
-    """A readable run name: model, dataset and time."""
-    source = str(cfg.data.source).replace("builtin:", "").rstrip("/").split("/")[-1]
-    return f"{cfg.model.name}-{source}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A readable run name: ``<dvc experiment>: model on data`` or ``model-data-time``."""
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        return f"{exp_name}: {cfg.model.name} on {dataset_name(cfg)}"
+    return f"{cfg.model.name}-{dataset_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def start_pipeline_run(cfg: DictConfig, tags: dict[str, str]) -> str:
+def describe(cfg: DictConfig, launched_by: str) -> str:
+    """The run's description (Markdown, shown in the MLflow UI): what was trained, on what, how."""
+    opt = cfg.optimizer
+    lines = [
+        f"**{cfg.task.name}** classifier `{cfg.model.name}`"
+        + (" (pretrained)" if cfg.model.pretrained or cfg.model.checkpoint else "")
+        + f" on `{cfg.data.source}`",
+        f"- {cfg.preprocess.image_size} px, {cfg.preprocess.channels} channel(s); "
+        f"{cfg.trainer.max_epochs} epochs max, batch {cfg.train.batch_size}, "
+        f"{str(opt.get('_target_', '?')).split('.')[-1]} lr {opt.get('lr', '?')}, "
+        f"weight decay {opt.get('weight_decay', 0)}",
+        f"- launched by {launched_by}; git commit `{git_commit()[:12]}`",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class RunSpec:
+    """How a pipeline run is named and placed: a sweep trial gives its own name, parent and tags."""
+
+    name: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    launched_by: str = "dvc repro"
+
+
+def start_pipeline_run(cfg: DictConfig, tags: dict[str, str], spec: RunSpec | None = None) -> str:
     """Create the run for this pipeline execution, log the config, write ``models/run.json``."""
     import mlflow
+    from mlflow.entities import Param
 
+    spec = spec or RunSpec()
     experiment_id = setup(cfg)
     client = mlflow.MlflowClient()
+    launched_by = spec.launched_by
+    exp_name = os.environ.get("DVC_EXP_NAME")
     all_tags = {
         "git_commit": git_commit(),
         "task": str(cfg.task.name),
         "model_name": str(cfg.model.name),
-        "mlflow.source.name": "dvc repro",
+        "dataset": dataset_name(cfg),
         **tags,
+        **spec.tags,
     }
-    exp_name = os.environ.get("DVC_EXP_NAME")
     if exp_name:
         all_tags["dvc_experiment"] = exp_name
-    run = client.create_run(experiment_id, run_name=run_name(cfg), tags=all_tags)
+        launched_by = f"`dvc exp run` (experiment `{exp_name}`)"
+    if spec.parent_run_id:
+        all_tags["mlflow.parentRunId"] = spec.parent_run_id
+    all_tags["mlflow.source.name"] = launched_by.replace("`", "")
+    all_tags["mlflow.note.content"] = describe(cfg, launched_by)
+    run = client.create_run(experiment_id, run_name=spec.name or run_name(cfg), tags=all_tags)
     params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(cfg).items()}
-    from mlflow.entities import Param
-
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
@@ -106,6 +175,22 @@ def start_pipeline_run(cfg: DictConfig, tags: dict[str, str]) -> str:
         },
     )
     return run.info.run_id
+
+
+def epoch_logger(run_id: str):
+    """A callback that logs one history row to ``run_id`` with the epoch as the step."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+
+    def log_row(row: dict[str, float]) -> None:
+        epoch = int(row["epoch"])
+        now = int(time.time() * 1000)
+        metrics = [Metric(metric_name(k), float(v), now, epoch) for k, v in row.items() if k != "epoch"]
+        client.log_batch(run_id, metrics=metrics)
+
+    return log_row
 
 
 def read_run_id(path: Path = RUN_FILE) -> str:
