@@ -109,7 +109,7 @@ def main(args: list[str]) -> int:
     config_name = next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f in ("--config-name", "-cn")), CONFIG_NAME)
     root = Path.cwd()
     extra: list[str] = []
-    if not any(f in PRINT_FLAGS for f in flags):
+    if not any(f in PRINT_FLAGS for f in flags):  # a real sweep
         if not any(o.startswith("sweep.name=") for o in overrides):
             extra.append(f"sweep.name={default_name(overrides)}")
         base = check_sweep(overrides + extra, CONF_DIR, config_name)
@@ -117,6 +117,7 @@ def main(args: list[str]) -> int:
         if base.sweep.storage is None:
             extra.append(f"sweep.storage='{storage}'")
         extra += resume_optuna(base, storage)
-    sys.argv = ["taxonomist sweep", "-m", *flags, *overrides, *extra]
+    printing = any(f in PRINT_FLAGS for f in flags)  # Hydra refuses -m with these
+    sys.argv = ["taxonomist sweep", *([] if printing else ["-m"]), *flags, *overrides, *extra]
     hydra.main(config_path=str(root / CONF_DIR), config_name=config_name)(run_trial)()
     return 0
