@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything Taxonomist needs on a fresh clone: Debian's Fashion-MNIST package (when
+# Set up everything Taxonomist needs on a fresh clone: Debian's Fashion-MNIST and Chromium packages (when
 # root and missing), uv, and the locked Python environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,19 @@ if [ ! -f node_modules/emoji-datasource-google/emoji.json ] || [ ! -f node_modul
     else
         echo "==> npm is not installed and this is not root: the emoji pipelines (data=emoji_tags," \
              "data=emoji_categories) need it (install npm, e.g. sudo apt-get install npm, and run this again)"
+    fi
+fi
+
+# The browser test (tests/test_mlflow_server.py: the MLflow UI's run comparison) drives
+# Debian's Chromium through playwright.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "==> installing chromium with apt-get (for the browser test)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation
+    else
+        echo "==> chromium is not installed and this is not root: the browser test needs /usr/bin/chromium" \
+             "(sudo apt-get install chromium)"
     fi
 fi
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,12 +97,13 @@ def tiny_overrides(source: Path) -> list[str]:
     ]
 
 
-def write_tiny_conf(conf_dir: Path, source: Path, name: str = "tiny") -> Path:
-    """Write ``conf/<name>.yaml``: the default config with :func:`tiny_overrides` applied, as a
-    primary config DVC's Hydra composition can use (``dvc config hydra.config_name <name>``)."""
+def write_tiny_conf(conf_dir: Path, source: Path, name: str = "tiny", overrides: Sequence[str] = ()) -> Path:
+    """Write ``conf/<name>.yaml``: the default config with :func:`tiny_overrides` (then
+    ``overrides``) applied, as a primary config DVC's Hydra composition can use
+    (``dvc config hydra.config_name <name>``)."""
     defaults: list = ["config"]
     values: dict = {}
-    for override in tiny_overrides(source):
+    for override in [*tiny_overrides(source), *overrides]:
         key, value = override.split("=", 1)
         if "." not in key:  # a config group choice
             defaults.append({f"override {key}": value})
@@ -125,11 +133,177 @@ def staged(tmp_path):
     return {"source": source, "cfg": cfg, "raw": raw, "processed": processed, "summary": summary, "report": report}
 
 
-def run_cmd(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_cmd(args: list[str], cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command with the environment's ``bin`` on PATH (as DVC stages need); fail with
-    its output when it fails."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    its output when it fails. ``MLFLOW_TRACKING_URI`` is not inherited (a project logs to its
+    own store); ``env`` adds or replaces variables, e.g. ``{"MLFLOW_TRACKING_URI": server.url}``."""
+    full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    full.update(env or {})
+    proc = subprocess.run(args, cwd=cwd, env=full, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
+
+
+GIT_USER = ["-c", "user.email=t@t", "-c", "user.name=t"]
+
+
+def make_dvc_project(root: Path, source: Path, overrides: Sequence[str] = ()) -> Path:
+    """Turn ``root`` into a git + DVC project running this repo's pipeline on the tiny config.
+
+    Copies ``conf/``, ``src/``, ``dvc.yaml`` and ``.gitignore``; writes ``params.yaml`` composed
+    from :func:`tiny_overrides` of ``source`` plus ``overrides``; enables DVC's Hydra composition
+    of the same config (``conf/tiny.yaml``), so ``dvc exp run -S key=value`` varies it. Nothing
+    runs yet: call ``run_cmd([str(BIN / "dvc"), "repro"], root)``."""
+    from taxonomist.config import write_params
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("conf", "src"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):  # .gitignore keeps the MLflow store out of git, as in the repo
+        shutil.copy(REPO / name, root / name)
+    write_params(compose([*tiny_overrides(source), *overrides], conf_dir=root / "conf"), root / "params.yaml")
+    run_cmd(["git", "init", "-q"], root)
+    run_cmd(["git", *GIT_USER, "commit", "-q", "--allow-empty", "-m", "init"], root)
+    dvc = str(BIN / "dvc")
+    run_cmd([dvc, "init", "-q"], root)
+    run_cmd([dvc, "config", "core.analytics", "false"], root)
+    write_tiny_conf(root / "conf", source, overrides=overrides)
+    run_cmd([dvc, "config", "hydra.enabled", "true"], root)
+    run_cmd([dvc, "config", "hydra.config_name", "tiny"], root)
+    return root
+
+
+def git_commit_all(root: Path, message: str) -> None:
+    """Commit everything in the test project ``root`` (a throwaway repo)."""
+    run_cmd(["git", "add", "-A"], root)
+    run_cmd(["git", *GIT_USER, "commit", "-q", "-m", message], root)
+
+
+# --- a real MLflow tracking server -------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, from ``/proc``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def stop_process_group(pgid: int, grace: float = 15.0) -> list[int]:
+    """SIGTERM the whole group, SIGKILL it if anything is still alive after ``grace`` seconds;
+    return the processes left alive (none when all went)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return []
+        deadline = time.monotonic() + wait
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not group_members(pgid):
+            return []
+    return group_members(pgid)
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A running ``mlflow server``: its URL, and a small client of its REST API."""
+
+    url: str
+    pgid: int
+    log: Path
+
+    def api(self, endpoint: str, body: Mapping[str, Any] | None = None, **query: Any) -> dict:
+        """Call ``/api/2.0/mlflow/<endpoint>``: POST ``body`` as JSON when given, else GET with
+        ``query`` as parameters; return the JSON answer, fail with the server's on an error."""
+        import requests
+
+        address = f"{self.url}/api/2.0/mlflow/{endpoint}"
+        if body is not None:
+            response = requests.post(address, json=body, timeout=30)
+        else:
+            response = requests.get(address, params=query, timeout=30)
+        assert response.ok, f"{endpoint}: HTTP {response.status_code} {response.text[:2000]}"
+        return response.json()
+
+    def artifact(self, artifact_uri: str, path: str) -> bytes:
+        """Download ``path`` under ``artifact_uri`` (``mlflow-artifacts:/...``, as the server gives
+        a run or logged model) through the server's artifact proxy."""
+        import requests
+
+        scheme = "mlflow-artifacts:"
+        assert artifact_uri.startswith(scheme), f"not a proxied artifact location: {artifact_uri}"
+        location = artifact_uri[len(scheme) :].lstrip("/")
+        if artifact_uri.startswith(scheme + "//"):  # mlflow-artifacts://host:port/path
+            location = location.split("/", 1)[1]
+        response = requests.get(f"{self.url}/api/2.0/mlflow-artifacts/artifacts/{location}/{path}", timeout=60)
+        assert response.ok, f"{path}: HTTP {response.status_code} {response.text[:500]}"
+        return response.content
+
+
+@contextmanager
+def running_mlflow_server(workdir: Path, jobs: bool = False, timeout: float = 120.0) -> Iterator[MlflowServer]:
+    """Run ``mlflow server`` on a free loopback port: SQLite store and proxied artifacts under
+    ``workdir``, in its own process group. Yields once ``/health`` answers; on exit stops the
+    whole group (the server starts many processes) and fails if any process is left.
+
+    ``jobs=False`` leaves out the server's job runner (about eight huey processes that run
+    GenAI jobs such as trace scoring; nothing Taxonomist logs uses them) to spare the CPU."""
+    import requests
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = workdir / "server.log"
+    args = [
+        str(BIN / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination", str(workdir / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = str(jobs).lower()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            args, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = MlflowServer(url=f"http://127.0.0.1:{port}", pgid=proc.pid, log=log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+            try:
+                if requests.get(f"{server.url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, (
+                f"mlflow server not healthy after {timeout} s:\n{log.read_text()[-4000:]}"
+            )
+            time.sleep(0.2)
+        yield server
+    finally:
+        left = stop_process_group(server.pgid)
+        proc.wait(timeout=10)
+        assert not left, f"processes of the mlflow server still alive: {left}"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A fresh ``mlflow server`` for the test module (empty store); stopped, all processes, after it."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server

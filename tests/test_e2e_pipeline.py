@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO, make_image_folder, run_cmd, tiny_overrides, write_tiny_conf
-
-from taxonomist.config import compose, write_params
+from conftest import BIN, REPO, git_commit_all, make_dvc_project, make_image_folder, run_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -20,23 +17,10 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
-    for name in ("conf", "src"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):  # .gitignore keeps the MLflow store out of git, as in the repo
-        shutil.copy(REPO / name, root / name)
     source = make_image_folder(root.parent / f"{root.name}-images", per_class=30)
-    write_params(compose(tiny_overrides(source), conf_dir=root / "conf"), root / "params.yaml")
-    run_cmd(["git", "init", "-q"], root)
-    run_cmd(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root)
-    run_cmd([str(BIN / "dvc"), "init", "-q"], root)
-    run_cmd([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
-    # `dvc exp run -S` composes conf/ itself; here it composes the tiny config instead of config.yaml.
-    write_tiny_conf(root / "conf", source)
-    run_cmd([str(BIN / "dvc"), "config", "hydra.enabled", "true"], root)
-    run_cmd([str(BIN / "dvc"), "config", "hydra.config_name", "tiny"], root)
+    make_dvc_project(root, source)
     run_cmd([str(BIN / "dvc"), "repro"], root)
-    run_cmd(["git", "add", "-A"], root)
-    run_cmd(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "tiny pipeline"], root)
+    git_commit_all(root, "tiny pipeline")
     return root
 
 
