@@ -277,3 +277,96 @@ def test_compare_notebook_on_the_server_runs(pipeline: ServerPipeline, monkeypat
     assert f"evaluation/confusion_matrix.png of the best run {best}" in text
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(images) == 2  # the metric-by-parameter plot and the confusion matrix
+
+
+# --- a 2-trial Optuna sweep against the same server ------------------------------------------
+
+SWEEP = "server-search"
+
+
+@pytest.fixture(scope="module")
+def sweep(pipeline: ServerPipeline) -> dict:
+    """`taxonomist sweep` with a 2-trial Optuna search, logging to the server; returns the
+    parent run and the child runs as the REST API gives them."""
+    server = pipeline.server
+    run_cmd(
+        [
+            str(BIN / "taxonomist"),
+            "sweep",
+            "--config-name",
+            "tiny",
+            "trainer.max_epochs=2",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            f"sweep.name={SWEEP}",
+        ],
+        pipeline.project,
+        env={"MLFLOW_TRACKING_URI": server.url},
+    )
+    found = server.api(
+        "runs/search",
+        {"experiment_ids": [pipeline.experiment_id], "filter": f"tags.sweep = '{SWEEP}'", "max_results": 100},
+    )["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"]["tags"]} for run in found]
+    (parent,) = [run for run, t in zip(found, tags, strict=True) if t.get("taxonomist.role") == "sweep"]
+    children = [run for run, t in zip(found, tags, strict=True) if t.get("mlflow.parentRunId")]
+    return {"parent": parent, "children": children}
+
+
+def _flat(run: dict, part: str) -> dict:
+    return {item["key"]: item["value"] for item in run["data"].get(part, [])}
+
+
+def test_sweep_parent_and_trials_through_the_rest_api(pipeline: ServerPipeline, sweep: dict) -> None:
+    server, parent, children = pipeline.server, sweep["parent"], sweep["children"]
+    parent_id = parent["info"]["run_id"]
+    assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_name"] == SWEEP
+    assert len(children) == 2
+    objectives = {}
+    for child in children:
+        tags, params, metrics = _flat(child, "tags"), _flat(child, "params"), _flat(child, "metrics")
+        assert tags["mlflow.parentRunId"] == parent_id and child["info"]["status"] == "FINISHED"
+        assert child["info"]["run_name"].startswith(f"{SWEEP}-00") and "optimizer.lr=" in child["info"]["run_name"]
+        assert {"optimizer.lr", "optimizer.weight_decay", "train.label_smoothing", "model.drop_rate"} <= set(params)
+        for name in ("train/loss", "val/f1_macro"):
+            history = server.api("metrics/get-history", run_id=child["info"]["run_id"], metric_key=name)["metrics"]
+            assert sorted(m["step"] for m in history) == [1, 2], (name, history)
+        assert 0.0 <= metrics["test/f1_macro"] <= 1.0
+        objectives[child["info"]["run_id"]] = (metrics["sweep/objective"], float(params["optimizer.lr"]))
+    best_id = max(objectives, key=lambda run_id: objectives[run_id][0])
+    p_tags, p_params, p_metrics = _flat(parent, "tags"), _flat(parent, "params"), _flat(parent, "metrics")
+    assert p_tags["best_run_id"] == best_id
+    assert p_metrics["best/val/f1_macro"] == pytest.approx(objectives[best_id][0])
+    assert float(p_params["best.optimizer.lr"]) == pytest.approx(objectives[best_id][1])
+    assert "hparams_search=optuna" in p_params["sweep.overrides"]
+    listed = server.api("artifacts/list", run_id=parent_id, path="sweep")["files"]
+    assert {f["path"] for f in listed} == {
+        f"sweep/{n}" for n in ("definition.yaml", "summary.csv", "summary.md", "summary.png")
+    }
+    definition = server.artifact(parent["info"]["artifact_uri"], "sweep/definition.yaml").decode()
+    assert "optimizer.lr: tag(log, interval(3e-4, 1e-2))" in definition.replace("'", "")
+    # the Optuna study is beside the project, as the store is remote
+    assert (pipeline.project / "optuna.db").is_file()
+
+
+def test_compare_notebook_on_the_sweep(pipeline: ServerPipeline, sweep: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notebook over the sweep's trials: the metric against optimizer.lr, the best trial's confusion matrix."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    parent_id = sweep["parent"]["info"]["run_id"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline.server.url)
+    monkeypatch.setenv("TAXONOMIST_PARENT_RUN", parent_id)
+    monkeypatch.setenv("TAXONOMIST_PARAM", "optimizer.lr")
+    for name in ("TAXONOMIST_EXPERIMENT", "TAXONOMIST_METRIC"):
+        monkeypatch.delenv(name, raising=False)
+    nb = nbformat.read(REPO / "notebooks/compare_runs.ipynb", as_version=4)
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(pipeline.project)}}
+    ).execute()
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    text = "\n".join(out.get("text", "") + out.get("data", {}).get("text/plain", "") for out in outputs)
+    assert f"children of run {parent_id}" in text and "2 runs with test/f1_macro" in text
+    for child in sweep["children"]:
+        assert child["info"]["run_name"] in text
+    assert len([out for out in outputs if "image/png" in out.get("data", {})]) == 2
