@@ -52,13 +52,43 @@ def store_base_dir(cwd: Path | None = None, environ: Mapping[str, str] | None = 
     return project / here.relative_to(clone)
 
 
+def create_sqlite_store(db: Path, cfg: DictConfig) -> None:
+    """Create a new MLflow SQLite store at ``db``, holding the config's experiment, atomically.
+
+    Two stages opening a missing store at once (``dvc queue start -j 2`` on a fresh clone) both
+    run MLflow's schema migrations on it and fail (measured with MLflow 3.17: "Online migration
+    expected to match one row ..."). So the store is built aside and hard-linked into place: the
+    file only ever appears complete, the first process wins, the others use its store.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    aside = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{aside}", artifact_location(cfg))
+        store.create_experiment(str(cfg.tracking.experiment), artifact_location=artifact_location(cfg))
+        store.engine.dispose()
+        os.link(aside, db)
+    except FileExistsError:
+        pass  # another process created it meanwhile
+    except OSError:
+        pass  # no hard links on this file system: MLflow creates the store on first use, as before
+    finally:
+        aside.unlink(missing_ok=True)
+
+
 def tracking_uri(cfg: DictConfig) -> str:
-    """The tracking URI in force: the environment's, else the config's; a relative SQLite path
-    is made absolute against :func:`store_base_dir` (the project, also from a DVC temp workspace)."""
+    """The tracking URI in force: the environment's, else the config's. A relative SQLite path
+    is made absolute against :func:`store_base_dir` (the project, also from a DVC temp
+    workspace); a local SQLite store that does not exist yet is created
+    (:func:`create_sqlite_store`), so parallel experiments never race to create it."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.tracking.uri)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str((store_base_dir() / uri[len(prefix) :]).resolve())
+    if uri.startswith(prefix) and "?" not in uri:
+        db = Path(uri[len(prefix) :])
+        if not db.exists() and db.parent.is_dir():
+            create_sqlite_store(db, cfg)
     return uri
 
 

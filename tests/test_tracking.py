@@ -1,0 +1,134 @@
+"""Where relative MLflow stores resolve: the cwd, or the real project from a DVC temp workspace."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from taxonomist.tracking.runs import artifact_location, setup, store_base_dir, tracking_uri
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A project root (``.dvc/``) with a ready pipeline folder and two DVC experiment clones laid
+    out as DVC 3.67 makes them: ``.dvc/tmp/exps/tmpXXXX`` (queue), ``.../standalone/tmpXXXX`` (--temp)."""
+    root = tmp_path / "project"
+    for folder in (
+        root / ".dvc" / "tmp",
+        root / "pipelines" / "binary",
+        root / ".dvc/tmp/exps/tmpq1/.dvc",
+        root / ".dvc/tmp/exps/tmpq1/pipelines/binary",
+        root / ".dvc/tmp/exps/standalone/tmpt1/.dvc",
+    ):
+        folder.mkdir(parents=True)
+    return root.resolve()
+
+
+def cfg(uri: str = "sqlite:///mlflow.db", artifacts: str = "mlartifacts"):
+    return OmegaConf.create({"tracking": {"uri": uri, "artifact_location": artifacts, "experiment": "x"}})
+
+
+def test_base_is_the_cwd_outside_dvc_and_in_the_workspace(project: Path) -> None:
+    sub = project / "pipelines/binary"
+    assert store_base_dir(sub, environ={}) == sub
+    # `dvc repro` / a workspace `dvc exp run`: DVC_ROOT is the project the stage runs in.
+    assert store_base_dir(project, environ={"DVC_ROOT": str(project)}) == project
+    assert store_base_dir(sub, environ={"DVC_ROOT": str(project)}) == sub
+
+
+@pytest.mark.parametrize(
+    ("clone_cwd", "expected"),
+    [
+        (".dvc/tmp/exps/tmpq1", "."),
+        (".dvc/tmp/exps/tmpq1/pipelines/binary", "pipelines/binary"),
+        (".dvc/tmp/exps/standalone/tmpt1", "."),
+    ],
+)
+def test_a_dvc_temp_workspace_maps_to_the_project(project: Path, clone_cwd: str, expected: str) -> None:
+    base = store_base_dir(project / clone_cwd, environ={"DVC_ROOT": str(project)})
+    assert base == (project / expected).resolve()
+
+
+def test_a_stray_dvc_root_changes_nothing(project: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    (other / ".dvc").mkdir(parents=True)
+    clone = project / ".dvc/tmp/exps/tmpq1"
+    assert store_base_dir(clone, environ={"DVC_ROOT": str(other)}) == clone
+    assert store_base_dir(other, environ={"DVC_ROOT": str(project)}) == other.resolve()
+
+
+def test_uris_from_a_queued_experiment_name_the_projects_store(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    clone = project / ".dvc/tmp/exps/tmpq1"
+    monkeypatch.chdir(clone)
+    assert tracking_uri(cfg()) == f"sqlite:///{project / 'mlflow.db'}"
+    assert artifact_location(cfg()) == (project / "mlartifacts").as_uri()
+    # The store was created in the project, with the experiment, not in the clone.
+    assert (project / "mlflow.db").is_file() and not list(clone.rglob("*.db"))
+    assert experiments(project / "mlflow.db") == {"Default", "x"}
+    # A ready pipeline's paths are relative to its own folder.
+    monkeypatch.chdir(clone / "pipelines/binary")
+    pipeline = cfg("sqlite:///../../mlflow.db", "../../mlartifacts")
+    assert tracking_uri(pipeline) == f"sqlite:///{project / 'mlflow.db'}"
+    assert artifact_location(pipeline) == (project / "mlartifacts").as_uri()
+    # The environment's URI wins and is resolved the same way; absolute and remote ones are kept.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///../../team.db")
+    assert tracking_uri(pipeline) == f"sqlite:///{project / 'team.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(pipeline) == "http://127.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    absolute = project.parent / "elsewhere.db"
+    assert tracking_uri(cfg(f"sqlite:///{absolute}")) == f"sqlite:///{absolute}"
+    assert artifact_location(cfg(artifacts="s3://bucket/mlflow")) == "s3://bucket/mlflow"
+    assert artifact_location(cfg(artifacts="/srv/artifacts")) == Path("/srv/artifacts").as_uri()
+
+
+def test_uris_outside_dvc_resolve_against_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.resolve()
+    assert tracking_uri(cfg()) == f"sqlite:///{here / 'mlflow.db'}"
+    assert artifact_location(cfg()) == (here / "mlartifacts").as_uri()
+
+
+def experiments(db: Path) -> set[str]:
+    import mlflow
+
+    return {e.name for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()}
+
+
+def open_store_at(barrier: Any, cwd: Path, results: Any) -> None:
+    """In a forked process: wait for the others, then open the store as a stage does."""
+    os.chdir(cwd)
+    barrier.wait(timeout=60)
+    try:
+        results.put(("ok", setup(cfg())))
+    except Exception as err:  # reported to the test, which fails with it
+        results.put(("failed", f"{type(err).__name__}: {err}"[:500]))
+
+
+def test_parallel_stages_create_one_fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three processes opening a missing store at the same moment (two queued experiments on a
+    fresh clone): all succeed, on one store and one experiment."""
+    import mlflow  # noqa: F401 (imported before forking, so the processes start together)
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(3), context.Queue()
+    procs = [context.Process(target=open_store_at, args=(barrier, tmp_path, results)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert outcomes == [("ok", outcomes[0][1])] * 3, outcomes
+    assert experiments(tmp_path / "mlflow.db") == {"Default", "x"}
+    assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]  # no store left aside
