@@ -84,6 +84,9 @@ def test_trial_runs_have_epoch_curves_test_metrics_and_descriptions(project: Pat
         for name in ("train/loss", "train/acc", "train/lr", "val/loss", "val/f1_macro"):
             assert [m.step for m in c.get_metric_history(run.info.run_id, name)] == [1, 2], name
         assert {"test/acc", "test/f1_macro", "test/precision_macro"} <= set(run.data.metrics)
+        # the objective (val/f1_macro, also the checkpoint monitor) is the value of the kept epoch: the best
+        best_val = max(m.value for m in c.get_metric_history(run.info.run_id, "val/f1_macro"))
+        assert run.data.metrics["sweep/objective"] == pytest.approx(best_val)
         assert not any(k.startswith("lr-") or k == "epoch" for k in run.data.metrics)
         assert "taxonomist sweep" in run.data.tags["mlflow.note.content"]
         assert run.data.tags["sweep"] == "lr-grid"

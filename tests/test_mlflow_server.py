@@ -235,14 +235,30 @@ def test_ui_compares_the_runs(pipeline: ServerPipeline, tmp_path: Path) -> None:
         shutil.copyfile(shot, target / shot.name)
 
 
+def run_compare_notebook(pipeline: ServerPipeline, monkeypatch: pytest.MonkeyPatch, **settings: str):
+    """Execute notebooks/compare_runs.ipynb against the server with the given ``TAXONOMIST_*``
+    settings (the others unset); return the executed notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline.server.url)
+    for name in ("TAXONOMIST_EXPERIMENT", "TAXONOMIST_PARENT_RUN", "TAXONOMIST_PARAM", "TAXONOMIST_METRIC"):
+        if name in settings:
+            monkeypatch.setenv(name, settings[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    nb = nbformat.read(REPO / "notebooks/compare_runs.ipynb", as_version=4)
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(pipeline.project)}}
+    ).execute()
+    return nb
+
+
 def test_compare_notebook_on_the_server_runs(pipeline: ServerPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     """notebooks/compare_runs.ipynb picks the swept parameter, tables the runs and shows the
     best run's confusion matrix. The two runs are made children of a parent run first, as a
     sweep's trials are, so ``TAXONOMIST_PARENT_RUN`` is exercised (the parent itself must not
     appear)."""
-    import nbformat
-    from nbclient import NotebookClient
-
     server = pipeline.server
     now = int(time.time() * 1000)
     parent = server.api(
@@ -251,15 +267,7 @@ def test_compare_notebook_on_the_server_runs(pipeline: ServerPipeline, monkeypat
     server.api("runs/update", {"run_id": parent, "status": "FINISHED", "end_time": now})
     for run_id in pipeline.run_ids:
         server.api("runs/set-tag", {"run_id": run_id, "key": "mlflow.parentRunId", "value": parent})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    monkeypatch.setenv("TAXONOMIST_PARENT_RUN", parent)
-    for name in ("TAXONOMIST_EXPERIMENT", "TAXONOMIST_PARAM", "TAXONOMIST_METRIC"):
-        monkeypatch.delenv(name, raising=False)
-
-    nb = nbformat.read(REPO / "notebooks/compare_runs.ipynb", as_version=4)
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(pipeline.project)}}
-    ).execute()
+    nb = run_compare_notebook(pipeline, monkeypatch, TAXONOMIST_PARENT_RUN=parent)
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "\n".join(out.get("text", "") + out.get("data", {}).get("text/plain", "") for out in outputs)
 
@@ -351,19 +359,8 @@ def test_sweep_parent_and_trials_through_the_rest_api(pipeline: ServerPipeline, 
 
 def test_compare_notebook_on_the_sweep(pipeline: ServerPipeline, sweep: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The notebook over the sweep's trials: the metric against optimizer.lr, the best trial's confusion matrix."""
-    import nbformat
-    from nbclient import NotebookClient
-
     parent_id = sweep["parent"]["info"]["run_id"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline.server.url)
-    monkeypatch.setenv("TAXONOMIST_PARENT_RUN", parent_id)
-    monkeypatch.setenv("TAXONOMIST_PARAM", "optimizer.lr")
-    for name in ("TAXONOMIST_EXPERIMENT", "TAXONOMIST_METRIC"):
-        monkeypatch.delenv(name, raising=False)
-    nb = nbformat.read(REPO / "notebooks/compare_runs.ipynb", as_version=4)
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(pipeline.project)}}
-    ).execute()
+    nb = run_compare_notebook(pipeline, monkeypatch, TAXONOMIST_PARENT_RUN=parent_id, TAXONOMIST_PARAM="optimizer.lr")
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "\n".join(out.get("text", "") + out.get("data", {}).get("text/plain", "") for out in outputs)
     assert f"children of run {parent_id}" in text and "2 runs with test/f1_macro" in text

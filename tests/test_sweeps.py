@@ -52,15 +52,11 @@ def test_data_key_changes_only_with_what_ingest_and_preprocess_read() -> None:
     assert trial.data_key(base, keys) == trial.data_key(lr, keys) != trial.data_key(size, keys)
 
 
-def test_objective_is_read_at_the_kept_epoch() -> None:
-    history = [
-        {"epoch": 1, "val/f1_macro": 0.5, "val/acc": 0.6},
-        {"epoch": 2, "val/f1_macro": 0.8, "val/acc": 0.7},
-        {"epoch": 3, "val/f1_macro": 0.8, "val/acc": 0.9},
-    ]
-    assert trial.objective_value(history, "val/f1_macro", 0.8, "val/acc") == 0.7  # the first epoch at the best
+def test_objective_is_read_from_the_kept_epoch() -> None:
+    kept = {"val/f1_macro": 0.8, "val/acc": 0.7}
+    assert trial.objective_value(kept, "val/acc") == 0.7
     with pytest.raises(RuntimeError, match="val/auroc"):
-        trial.objective_value(history, "val/f1_macro", 0.8, "val/auroc")
+        trial.objective_value(kept, "val/auroc")
 
 
 def test_joblib_trials_share_the_cores() -> None:
@@ -105,6 +101,8 @@ def test_a_valid_grid_and_the_optuna_search_pass() -> None:
         (["optimizer.lr=1e-3,3e-3", "optimizer.betaz=[0.9,0.99]"], "optimizer.betaz"),
         (["sweep.objective=val/loss", "hparams_search=optuna"], "maximize"),
         (["optimizer.lr=1e-3,,"], "optimizer.lr=1e-3,,"),
+        (["scheduler._target_=torch.optim.lr_scheduler.NoSuchSchedule"], "NoSuchSchedule"),
+        (["scheduler._target_=os.system"], "execution whitelist"),
     ],
 )
 def test_bad_overrides_fail_naming_the_override(overrides: list[str], named: str) -> None:

@@ -69,6 +69,7 @@ def test_uris_from_a_queued_experiment_name_the_projects_store(project: Path, mo
     monkeypatch.chdir(clone)
     assert tracking_uri(cfg()) == f"sqlite:///{project / 'mlflow.db'}"
     assert artifact_location(cfg()) == (project / "mlartifacts").as_uri()
+    setup(cfg())
     # The store was created in the project, with the experiment, not in the clone.
     assert (project / "mlflow.db").is_file() and not list(clone.rglob("*.db"))
     assert experiments(project / "mlflow.db") == {"Default", "x"}

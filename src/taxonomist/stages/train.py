@@ -48,7 +48,8 @@ def run(
     spec: runs.RunSpec | None = None,
 ) -> dict:
     """Train and write the best checkpoint; return the run id, the monitored metric, its best
-    value and the epoch that reached it. ``spec`` names and places the MLflow run (sweeps)."""
+    value, the epoch that reached it and that epoch's train/ and val/ metrics. ``spec`` names
+    and places the MLflow run (sweeps)."""
     configure_torch(cfg)
     datamodule = ImageDataModule(cfg, processed_dir)
     report = read_json(processed_dir / "report.json")
@@ -101,12 +102,15 @@ def run(
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     atomic_write_json(models_dir / "labels.json", space.to_dict())
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
-    best_epoch = next((int(r["epoch"]) for r in history.rows if r.get(monitor) == best), None)
+    # The epoch the checkpoint comes from: the first that reached the best score.
+    best_row = next((r for r in history.rows if r.get(monitor) == best), {})
+    best_epoch = int(best_row["epoch"]) if best_row else None
     summary = {
         "run_id": run_id,
         "monitor": monitor,
         "best": best,
         "best_epoch": best_epoch,
+        "best_epoch_metrics": {k: v for k, v in best_row.items() if k != "epoch"},
         "epochs": trainer.current_epoch,
     }
     log.info("train: best %s = %.4f at epoch %s (run %s)", monitor, best, best_epoch, run_id)

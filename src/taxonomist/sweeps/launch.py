@@ -67,7 +67,9 @@ def resume_optuna(base, default_storage: str) -> list[str]:
     import optuna
     from omegaconf import OmegaConf
 
-    if "optuna" not in str(OmegaConf.select(base, "hydra.sweeper._target_", default="")).lower():
+    from taxonomist.sweeps.tracker import is_optuna
+
+    if not is_optuna(base):
         return []
     storage = OmegaConf.select(base, "hydra.sweeper.storage") or default_storage
     name = OmegaConf.select(base, "hydra.sweeper.study_name")

@@ -34,7 +34,7 @@ def swept_values(override: Any) -> Iterator[str]:
 def check_config(cfg: DictConfig, hydra_node: DictConfig | None = None) -> DictConfig:
     """Validate one composed config and build what training would build first; return it."""
     import torch
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import instantiate
 
     from taxonomist.data.transforms import build_augment
     from taxonomist.models.backbone import check_model_name
@@ -50,11 +50,13 @@ def check_config(cfg: DictConfig, hydra_node: DictConfig | None = None) -> DictC
         instantiate(opt, _execution_whitelist_=list(OPTIMIZER_TARGETS))(params=[torch.nn.Parameter(torch.zeros(1))])
     except Exception as err:
         raise ValueError(f"optimizer ({opt.get('_target_')}): {err}") from None  # type: ignore[union-attr]
-    target = pcfg.scheduler.get("_target_")
-    if target:
-        if not any(re.fullmatch(p.replace(".", r"\.").replace(r"\.*", r"\..+"), target) for p in SCHEDULER_TARGETS):
-            raise ValueError(f"scheduler: {target} is not one of {SCHEDULER_TARGETS}")
-        get_class(target)
+    sched = dict(OmegaConf.to_container(pcfg.scheduler, resolve=True))  # type: ignore[arg-type]
+    sched.pop("interval", None)
+    if sched.get("_target_"):  # resolves the class through the whitelist; its steps come from the trainer
+        try:
+            instantiate({**sched, "_partial_": True}, _execution_whitelist_=list(SCHEDULER_TARGETS))
+        except Exception as err:
+            raise ValueError(f"scheduler ({sched['_target_']}): {err}") from None
     build_augment(pcfg.augment.train)
     objective = resolve_monitor(str(pcfg.sweep.objective), str(pcfg.task.name))
     if not objective.startswith("val/"):

@@ -125,7 +125,7 @@ def summarise(config: DictConfig, root: Path, parent_run_id: str) -> pd.DataFram
     best = table.iloc[0]
     shown = table.drop(columns=["run_id"])
     atomic_write_text(sweep_dir / "summary.csv", shown.to_csv(index=False))
-    markdown = shown.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else shown.to_string(index=False)
+    markdown = shown.to_markdown(index=False, floatfmt=".4f")
     atomic_write_text(sweep_dir / "summary.md", markdown + "\n")
     title = f"sweep {state['name']}: {objective} ({state['direction']}), {len(table)} trials"
     plot(table.sort_values("trial"), swept, objective, maximize, title, sweep_dir / "summary.png")
@@ -150,14 +150,6 @@ def summarise(config: DictConfig, root: Path, parent_run_id: str) -> pd.DataFram
     client.set_terminated(parent_run_id, status="FINISHED")
     log.info("sweep %s: best %s = %.4f in %s\n%s", state["name"], objective, best[objective], best["run"], markdown)
     return table
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _nan(value: Any) -> bool:

@@ -121,12 +121,11 @@ def trial_key(overrides: list[str]) -> str:
     return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
 
 
-def objective_value(history: list[dict[str, float]], monitor: str, best: float, objective: str) -> float:
+def objective_value(best_epoch_metrics: dict[str, float], objective: str) -> float:
     """The objective at the epoch whose checkpoint was kept (the model evaluate measured)."""
-    for row in history:
-        if row.get(monitor) == best and objective in row:
-            return float(row[objective])
-    raise RuntimeError(f"sweep.objective {objective!r} was not logged (logged: {sorted(history[-1])})")
+    if objective not in best_epoch_metrics:
+        raise RuntimeError(f"sweep.objective {objective!r} was not logged (logged: {sorted(best_epoch_metrics)})")
+    return float(best_epoch_metrics[objective])
 
 
 def limit_threads(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
@@ -188,17 +187,8 @@ def run_trial(cfg: DictConfig) -> float:
     )
     summary = train.run(pcfg, processed_dir=processed, models_dir=Path("models"), spec=spec)
     evaluate.run(pcfg, processed_dir=processed, models_dir=Path("models"))
-    history = read_history(train.HISTORY_FILE)
-    value = objective_value(history, summary["monitor"], summary["best"], objective)
+    value = objective_value(summary["best_epoch_metrics"], objective)
     with runs.resume_run(pcfg, summary["run_id"]):
         runs.log_metrics({OBJECTIVE_METRIC: value})
     log.info("trial %d (%s): %s = %.4f", number, label, objective, value)
     return value
-
-
-def read_history(path: Path) -> list[dict[str, float]]:
-    """The rows of ``reports/train_history.csv`` as dicts of floats."""
-    import csv
-
-    with path.open() as fh:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]

@@ -78,17 +78,11 @@ def create_sqlite_store(db: Path, cfg: DictConfig) -> None:
 
 def tracking_uri(cfg: DictConfig) -> str:
     """The tracking URI in force: the environment's, else the config's. A relative SQLite path
-    is made absolute against :func:`store_base_dir` (the project, also from a DVC temp
-    workspace); a local SQLite store that does not exist yet is created
-    (:func:`create_sqlite_store`), so parallel experiments never race to create it."""
+    is made absolute against :func:`store_base_dir` (the project, also from a DVC temp workspace)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.tracking.uri)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str((store_base_dir() / uri[len(prefix) :]).resolve())
-    if uri.startswith(prefix) and "?" not in uri:
-        db = Path(uri[len(prefix) :])
-        if not db.exists() and db.parent.is_dir():
-            create_sqlite_store(db, cfg)
     return uri
 
 
@@ -102,16 +96,24 @@ def artifact_location(cfg: DictConfig) -> str:
 
 
 def setup(cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and experiment; return the experiment id."""
+    """Point MLflow at the configured store and experiment; return the experiment id. A local
+    SQLite store that does not exist yet is created first (:func:`create_sqlite_store`), so
+    parallel stages never race to create it."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and "?" not in uri:
+        db = Path(uri[len(prefix) :])
+        if not db.exists() and db.parent.is_dir():
+            create_sqlite_store(db, cfg)
+    mlflow.set_tracking_uri(uri)
     name = str(cfg.tracking.experiment)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         # A tracking server decides where artifacts go (it proxies them); a local store uses ours.
-        remote = tracking_uri(cfg).startswith(("http://", "https://"))
+        remote = uri.startswith(("http://", "https://"))
         return client.create_experiment(name, artifact_location=None if remote else artifact_location(cfg))
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
