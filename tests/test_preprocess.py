@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,8 @@ from conftest import make_image_folder, tiny_overrides
 
 from taxonomist.config import compose
 from taxonomist.data.cache import read_labels, read_split, write_labels, write_split
-from taxonomist.data.images import ImageSpec, load_file
+from taxonomist.data.images import ImageSpec, decode
+from taxonomist.data.manifest import RawImages, pack_images, read_manifest
 from taxonomist.data.sources import SourceError
 from taxonomist.data.split import SplitError, assign_splits
 from taxonomist.stages import ingest, preprocess
@@ -183,7 +187,9 @@ def test_ingest_summary(staged):
     assert summary["per_class"] == {"circle": 13, "square": 13, "triangle": 12}
     assert summary["per_split"] == {"unassigned": 38}
     assert json.loads((staged["raw"] / "ingest.json").read_text()) == summary
-    assert len(list((staged["raw"] / "images").rglob("*.*"))) == 38
+    assert sorted(p.name for p in staged["raw"].iterdir()) == ["images.zip", "ingest.json", "manifest.csv"]
+    with zipfile.ZipFile(staged["raw"] / "images.zip") as zf:
+        assert len(zf.namelist()) == 38
 
 
 def test_preprocess_quarantines_the_truncated_file(staged):
@@ -235,12 +241,13 @@ def test_preprocess_pixels_and_labels_line_up_with_splits_csv(staged):
     splits = pd.read_csv(processed / "splits.csv", keep_default_na=False)
     classes = read_labels(processed).classes
     spec = ImageSpec(32, 3, "squash")
-    for split in ("train", "test"):
-        part = splits[splits["split"] == split]
-        arrays = read_split(processed, split)
-        for i, row in enumerate(part.itertuples()):
-            assert classes[arrays.labels[i]] == row.labels
-            np.testing.assert_array_equal(arrays.images[i], load_file(str(raw / row.path), spec))
+    with RawImages(raw) as images:
+        for split in ("train", "test"):
+            part = splits[splits["split"] == split]
+            arrays = read_split(processed, split)
+            for i, row in enumerate(part.itertuples()):
+                assert classes[arrays.labels[i]] == row.labels
+                np.testing.assert_array_equal(arrays.images[i], decode(images.read(row.path), spec))
 
 
 def test_preprocess_is_deterministic(staged, tmp_path):
@@ -272,3 +279,87 @@ def test_preprocess_fails_on_a_class_that_is_too_small(tmp_path):
     with pytest.raises(SplitError, match=r"'b' \(1\)"):
         preprocess.run(cfg, raw_dir=raw, out_dir=processed)
     assert not processed.exists()
+
+
+# --------------------------------------------------------------------------- data/raw/images.zip
+
+
+def test_images_zip_is_stored_sorted_and_named_by_the_manifest(staged):
+    manifest = read_manifest(staged["raw"])
+    with zipfile.ZipFile(staged["raw"] / "images.zip") as zf:
+        infos = zf.infolist()
+        assert [i.filename for i in infos] == sorted(manifest["path"])
+        assert all(i.filename.startswith("images/") for i in infos)
+        assert {i.compress_type for i in infos} == {zipfile.ZIP_STORED}
+        assert {i.date_time for i in infos} == {(1980, 1, 1, 0, 0, 0)}
+        assert zf.testzip() is None
+        source = staged["source"]
+        row = manifest[manifest["source_id"] == "circle/circle_001.png"].iloc[0]
+        assert zf.read(row["path"]) == (source / "circle" / "circle_001.png").read_bytes()
+
+
+def test_ingesting_the_same_source_twice_gives_a_byte_identical_zip(staged, tmp_path):
+    again = tmp_path / "again"
+    ingest.run(staged["cfg"], out_dir=again)
+    assert (again / "images.zip").read_bytes() == (staged["raw"] / "images.zip").read_bytes()
+    assert (again / "manifest.csv").read_bytes() == (staged["raw"] / "manifest.csv").read_bytes()
+
+
+def test_pack_images_does_not_depend_on_order_or_file_times(tmp_path):
+    for name, order, mtime in (
+        ("a", ["images/x.png", "images/y/z.png"], 1e9),
+        ("b", ["images/y/z.png", "images/x.png"], 2e9),
+    ):
+        folder = tmp_path / name
+        for rel, data in (("images/x.png", b"x" * 10), ("images/y/z.png", b"z" * 20)):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+            os.utime(folder / rel, (mtime, mtime))
+        pack_images(folder, order)
+    assert (tmp_path / "a" / "images.zip").read_bytes() == (tmp_path / "b" / "images.zip").read_bytes()
+
+
+def test_preprocess_reads_an_old_raw_folder_of_loose_files(staged, tmp_path):
+    old = tmp_path / "old-raw"
+    shutil.copytree(staged["raw"], old)
+    with zipfile.ZipFile(old / "images.zip") as zf:
+        zf.extractall(old)
+    (old / "images.zip").unlink()
+    with RawImages(old) as loose, RawImages(staged["raw"]) as packed:
+        assert not loose.packed and packed.packed
+    out = tmp_path / "from-loose"
+    report = preprocess.run(staged["cfg"], raw_dir=old, out_dir=out)
+    assert report == staged["report"]
+    assert (out / "splits.csv").read_text() == (staged["processed"] / "splits.csv").read_text()
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(read_split(out, split).images, read_split(staged["processed"], split).images)
+
+
+def test_a_missing_zip_member_is_named(staged, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(staged["raw"], raw)
+    manifest = read_manifest(raw)
+    gone = manifest[manifest["source_id"] == "triangle/triangle_003.png"]["path"].item()
+    with zipfile.ZipFile(staged["raw"] / "images.zip") as src, zipfile.ZipFile(raw / "images.zip", "w") as dst:
+        for info in src.infolist():
+            if info.filename != gone:
+                dst.writestr(info, src.read(info))
+    with RawImages(raw) as images, pytest.raises(FileNotFoundError, match=rf"{re.escape(gone)}: not in .*images\.zip"):
+        images.read(gone)
+    report = preprocess.run(staged["cfg"], raw_dir=raw, out_dir=tmp_path / "processed")
+    quarantine = pd.read_csv(tmp_path / "processed" / "quarantine.csv")
+    assert report["quarantined"] == 2
+    reason = quarantine.set_index("path").loc[gone, "reason"]
+    assert reason.startswith(f"{gone}: not in ") and "run the ingest stage again" in reason
+
+
+def test_a_raw_folder_without_images_or_with_a_broken_zip_is_an_error(staged, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(staged["raw"], raw)
+    (raw / "images.zip").unlink()
+    with pytest.raises(FileNotFoundError, match=r"neither images\.zip nor images/ found"):
+        preprocess.run(staged["cfg"], raw_dir=raw, out_dir=tmp_path / "processed")
+    (raw / "images.zip").write_bytes(b"not a zip")
+    with pytest.raises(zipfile.BadZipFile, match=r"images\.zip: .*run the ingest stage again"):
+        preprocess.run(staged["cfg"], raw_dir=raw, out_dir=tmp_path / "processed")
+    assert not (tmp_path / "processed").exists()

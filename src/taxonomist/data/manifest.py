@@ -1,7 +1,21 @@
-"""The manifest: one row per image with path, labels, split, content hash and source id.
+"""The layout of ``data/raw``: the manifest (one row per image with path, labels, split,
+content hash and source id) and the image archive.
 
-Every source (built-in or the user's) is materialised as image files under ``data/raw/images``
-plus ``data/raw/manifest.csv``, so the rest of the pipeline has a single code path.
+Every source (built-in or the user's) is materialised the same way, so the rest of the
+pipeline has a single code path. ``data/raw`` holds:
+
+* ``manifest.csv``: the rows (:func:`write_manifest`, :func:`read_manifest`);
+* ``images.zip`` (:data:`IMAGES_ARCHIVE`): every image, stored (not compressed: image formats
+  are compressed already), under its manifest ``path`` (``images/<...>``);
+* ``ingest.json``: the ingest stage's summary.
+
+One archive instead of one file per image because DVC stats and hashes every file of a
+tracked folder on every ``dvc status``/``dvc repro`` (and pushes/pulls small files one by
+one): tens of thousands of loose images made a no-op ``dvc repro`` slow. The archive is
+byte-identical for the same images (:func:`pack_images`), so its DVC hash is stable. Read the
+images with :class:`RawImages`, which also reads folders ingested before the archive existed
+(loose files under ``images/``). Not to be confused with :mod:`taxonomist.data.sources.archive`,
+which reads the user's *input* archives.
 
 The ``labels`` column holds a record's labels joined with ``|`` (:data:`LABEL_SEP`): one label
 for binary and multi-class data, any number (or none) for multi-label data. A hierarchical
@@ -11,6 +25,8 @@ label is one path whose levels are joined with ``/`` (:data:`PATH_SEP`), e.g.
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +37,10 @@ from taxonomist.files import atomic_write_text
 COLUMNS = ["path", "labels", "split", "sha256", "source_id"]
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.csv"
+IMAGES_ARCHIVE = "images.zip"
+IMAGES_DIR = "images"
+# A fixed member timestamp (the earliest a zip can hold) so the same images give the same bytes.
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 LABEL_SEP = "|"
 PATH_SEP = "/"
 
@@ -70,3 +90,77 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; run the ingest stage again")
     return frame
+
+
+def pack_images(folder: Path, paths: Iterable[str]) -> Path:
+    """Pack the files at ``paths`` (relative to ``folder``) into ``folder/images.zip``; return it.
+
+    Members are stored uncompressed under their ``path``, sorted by path, with a fixed date,
+    permissions and host system, so the same images always give a byte-identical archive.
+    The loose files are left in place (the caller removes them). Meant for a folder being
+    built (ingest writes it inside :func:`~taxonomist.files.atomic_directory`), so the archive
+    is not written atomically itself.
+    """
+    folder = Path(folder)
+    target = folder / IMAGES_ARCHIVE
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
+        for path in sorted(set(paths)):
+            info = zipfile.ZipInfo(path, date_time=ZIP_DATE_TIME)
+            info.compress_type = zipfile.ZIP_STORED
+            info.create_system = 3  # unix, whatever the platform (it is in the bytes)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, (folder / path).read_bytes())
+    return target
+
+
+class RawImages:
+    """The encoded bytes of the images in a raw folder, by manifest ``path``.
+
+    Reads ``images.zip`` when the folder has one (opened once, for all reads), else the loose
+    files of folders ingested before the archive existed. Use as a context manager::
+
+        with RawImages(raw_dir) as images:
+            data = images.read(row.path)
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.archive = self.folder / IMAGES_ARCHIVE
+        self._zip: zipfile.ZipFile | None = None
+        if self.archive.is_file():
+            try:
+                self._zip = zipfile.ZipFile(self.archive)
+            except zipfile.BadZipFile as err:
+                raise zipfile.BadZipFile(f"{self.archive}: {err}; run the ingest stage again") from None
+        elif not (self.folder / IMAGES_DIR).is_dir():
+            raise FileNotFoundError(
+                f"{self.folder}: neither {IMAGES_ARCHIVE} nor {IMAGES_DIR}/ found: run the ingest stage first"
+            )
+
+    @property
+    def packed(self) -> bool:
+        """True when the images are read from ``images.zip``."""
+        return self._zip is not None
+
+    def read(self, path: str) -> bytes:
+        """The bytes of the image at manifest ``path``; :class:`FileNotFoundError` naming the
+        path (and the archive) when it is not there."""
+        if self._zip is None:
+            return (self.folder / path).read_bytes()
+        try:
+            return self._zip.read(path)
+        except KeyError:
+            raise FileNotFoundError(
+                f"{path}: not in {self.archive} (the manifest lists it); run the ingest stage again"
+            ) from None
+
+    def close(self) -> None:
+        """Close the archive (if one is open)."""
+        if self._zip is not None:
+            self._zip.close()  # later reads fail (ZipFile refuses a closed archive)
+
+    def __enter__(self) -> RawImages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,6 +1,9 @@
-"""Ingest: materialise ``data.source`` as image files + manifest under ``data/raw``.
+"""Ingest: materialise ``data.source`` as ``data/raw``: ``manifest.csv``, ``images.zip``, ``ingest.json``.
 
 Labels are checked against the task as they are read (see :mod:`taxonomist.data.labels`).
+The source is first materialised as loose image files; the images the label check keeps are
+then packed into one stored (uncompressed), deterministic ``images.zip`` and the loose files
+removed, so DVC tracks a few files instead of one per image (see :mod:`taxonomist.data.manifest`).
 
 The new folder is built beside the old one and swapped in only on success, so a failed
 ingest leaves what was already ingested untouched.
@@ -9,13 +12,15 @@ ingest leaves what was already ingested untouched.
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from taxonomist.data.labels import check_records
-from taxonomist.data.manifest import write_manifest
+from taxonomist.data.manifest import IMAGES_DIR, pack_images, write_manifest
 from taxonomist.data.sources import materialise
 from taxonomist.files import atomic_directory, atomic_write_json
 
@@ -28,11 +33,12 @@ def run(cfg: DictConfig, out_dir: Path = RAW_DIR) -> dict:
     with atomic_directory(out_dir) as tmp:
         read = materialise(cfg, tmp)
         records = check_records(read, cfg)
-        kept = {r.path for r in records}
-        for r in read:  # images the label check dropped do not stay in data/raw
-            if r.path not in kept:
-                (tmp / r.path).unlink(missing_ok=True)
         write_manifest(records, tmp)
+        started = time.perf_counter()
+        pack_images(tmp, [r.path for r in records])  # the images the label check dropped are left out
+        if (tmp / IMAGES_DIR).exists():  # every source writes its images under images/
+            shutil.rmtree(tmp / IMAGES_DIR)
+        log.info("packed %d images into images.zip in %.1f s", len(records), time.perf_counter() - started)
         per_class = Counter(label for r in records for label in r.labels)
         per_split = Counter(r.split or "unassigned" for r in records)
         summary = {

@@ -1,5 +1,7 @@
 """Preprocess: validate, de-duplicate, split, and cache the ingested images.
 
+The images are read from ``data/raw/images.zip`` (or, in a ``data/raw`` ingested before the
+archive existed, from its loose files; see :class:`taxonomist.data.manifest.RawImages`).
 Every image is decoded once: images that do not decode are quarantined (listed in
 ``quarantine.csv`` with the reason), exact duplicates (same content hash) are dropped and
 listed in ``duplicates.csv``, the training pool is split (seeded, stratified) into train/val
@@ -17,8 +19,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from taxonomist.data.cache import write_labels, write_split
-from taxonomist.data.images import ImageSpec, InvalidImage, load_file
-from taxonomist.data.manifest import SPLITS, read_manifest, split_labels
+from taxonomist.data.images import ImageSpec, InvalidImage, decode
+from taxonomist.data.manifest import SPLITS, RawImages, read_manifest, split_labels
 from taxonomist.data.split import SplitError, assign_splits, require_min_images
 from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
 from taxonomist.tasks.labels import LabelError, LabelSpace
@@ -75,13 +77,17 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
 
     pixels: list[np.ndarray | None] = []
     problems: list[dict[str, str]] = []
-    for row in tqdm(manifest.itertuples(), total=len(manifest), desc="validate+decode", unit="img", mininterval=1):
-        try:
-            pixels.append(load_file(str(raw_dir / row.path), spec))
-        except (InvalidImage, OSError) as err:
-            pixels.append(None)
-            problems.append({"path": row.path, "labels": row.labels, "source_id": row.source_id, "reason": str(err)})
-            log.warning("quarantined %s: %s", row.path, err)
+    with RawImages(raw_dir) as images:
+        rows = tqdm(manifest.itertuples(), total=len(manifest), desc="validate+decode", unit="img", mininterval=1)
+        for row in rows:
+            try:  # a missing image is quarantined too (the reason names it)
+                pixels.append(decode(images.read(row.path), spec))
+            except (InvalidImage, OSError) as err:
+                pixels.append(None)
+                problems.append(
+                    {"path": row.path, "labels": row.labels, "source_id": row.source_id, "reason": str(err)}
+                )
+                log.warning("quarantined %s: %s", row.path, err)
     ok = np.array([p is not None for p in pixels])
     valid = manifest[ok].copy()
     valid["_pixel_index"] = np.flatnonzero(ok)
