@@ -209,3 +209,18 @@ def test_flatten_real_config():
 def test_compose_names_a_bad_override(override, message):
     with pytest.raises(ConfigError, match=message):
         compose([override], conf_dir=CONF)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.ema.decay=1.0"], "train.ema.decay must be in (0, 1)"),
+        (["train.mixup.mixup_alpha=-1"], "alphas must be >= 0"),
+        (["train.mixup.prob=1.5"], "train.mixup.prob must be in [0, 1]"),
+        (["task=binary", "train.mixup.cutmix_alpha=1.0"], "train.mixup needs task.name=multiclass"),
+    ],
+)
+def test_training_technique_values_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides, conf_dir=REPO / "conf")
+    assert message in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import timm
 import torch
@@ -149,3 +150,36 @@ def test_load_classifier_round_trip(tmp_path):
     # The checkpoint holds the trained weights, not the initial file's.
     assert not torch.equal(restored[f"model.{key}"], initial[key])
     assert "val/f1_macro" in fit.callback_metrics and "train/loss" in fit.callback_metrics
+
+
+def test_mixup_trains_on_soft_targets_smoothed_once():
+    cfg = pipeline_cfg("train.label_smoothing=0.1", "train.mixup.mixup_alpha=0.4", "train.mixup.cutmix_alpha=1.0")
+    module = ClassifierModule(cfg, SPACE, in_chans=3)
+    assert module.mixup is not None and module.mixup.label_smoothing == 0.1
+    logged = {}
+    module.log = lambda name, value, **k: logged.setdefault(name, value)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    np_state = np.random.get_state()
+    loss = module.training_step((x.clone(), y), 0)
+    # Replaying the same draw by hand: timm mixes the images and returns smoothed soft targets,
+    # and the loss takes them as they are (no second smoothing).
+    np.random.set_state(np_state)
+    mixed, soft = module.mixup(x.clone(), y)
+    assert soft.shape == (4, 3) and torch.allclose(soft.sum(1), torch.ones(4))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(module(mixed), soft))
+    # An odd batch cannot be paired: it trains unmixed, with the configured smoothing.
+    loss = module.training_step((x[:3], y[:3]), 1)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(module(x[:3]), y[:3], label_smoothing=0.1))
+
+
+def test_no_mixup_by_default():
+    assert ClassifierModule(pipeline_cfg(), SPACE, in_chans=3).mixup is None
+
+
+def test_compile_keeps_the_state_dict_keys(tmp_path):
+    module = ClassifierModule(pipeline_cfg("model.compile=true"), SPACE, in_chans=3)
+    keys = set(module.state_dict())
+    fit = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    fit.fit(module, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(n=6))
+    assert module.model._compiled_call_impl is not None  # compiled in place, and it ran
+    assert set(module.state_dict()) == keys  # checkpoints load into an uncompiled model

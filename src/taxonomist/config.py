@@ -64,6 +64,7 @@ class ModelConfig:
     checkpoint: str | None = None
     drop_rate: float = 0.0
     channels_last: bool = True
+    compile: bool = False  # torch.compile the backbone (pays a compile delay once per stage)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,12 +86,32 @@ class PreprocessConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, used for validation and the checkpoint."""
+
+    enabled: bool = False
+    decay: float = 0.999  # per optimizer step
+
+
+@dataclass
+class MixupConfig:
+    """timm's mixup / cutmix of training batches (multiclass only; 0 alphas = off)."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0  # chance a batch is mixed at all
+    switch_prob: float = 0.5  # with both alphas set: chance of cutmix instead of mixup
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 128
     num_workers: int = 0
     label_smoothing: float = 0.0
     monitor: str = "auto"  # "auto": the task's primary validation metric
     early_stopping_patience: int = 5
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
 
 
 @dataclass
@@ -212,8 +233,25 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: preprocess.val_fraction must be in (0, 1), got {pre.val_fraction}")
     if pre.image_size < 8:
         raise ConfigError(f"{origin}: preprocess.image_size must be >= 8, got {pre.image_size}")
+    _check_training(cfg, origin)
     if "_target_" not in cfg.optimizer:
         raise ConfigError(f"{origin}: optimizer needs a _target_ (e.g. torch.optim.AdamW)")
+
+
+def _check_training(cfg: DictConfig, origin: str) -> None:
+    ema, mix = cfg.train.ema, cfg.train.mixup
+    if not 0.0 < float(ema.decay) < 1.0:
+        raise ConfigError(f"{origin}: train.ema.decay must be in (0, 1), got {ema.decay}")
+    if min(float(mix.mixup_alpha), float(mix.cutmix_alpha)) < 0:
+        raise ConfigError(f"{origin}: train.mixup alphas must be >= 0 (0 = off)")
+    for key in ("prob", "switch_prob"):
+        if not 0.0 <= float(mix[key]) <= 1.0:
+            raise ConfigError(f"{origin}: train.mixup.{key} must be in [0, 1], got {mix[key]}")
+    if (mix.mixup_alpha or mix.cutmix_alpha) and cfg.task.name != "multiclass":
+        raise ConfigError(
+            f"{origin}: train.mixup needs task.name=multiclass (mixed images get mixed class targets), "
+            f"not {cfg.task.name}; set train.mixup.mixup_alpha=0 and train.mixup.cutmix_alpha=0"
+        )
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
+from timm.data import Mixup
 from timm.optim import param_groups_weight_decay
 
 from taxonomist.models.backbone import create_backbone
@@ -48,6 +49,7 @@ class ClassifierModule(L.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = TaskLoss(self.space, float(self.cfg.train.label_smoothing), class_weights)
         self.eval_criterion = TaskLoss(self.space)
+        self.mixup = build_mixup(self.cfg, self.space.num_outputs)
         self.train_metrics = task_metrics(self.space).clone(prefix="train/")
         self.val_metrics = task_metrics(self.space).clone(prefix="val/")
 
@@ -70,10 +72,18 @@ class ClassifierModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    def on_fit_start(self) -> None:
+        if OmegaConf.select(self.cfg, "model.compile", default=False):
+            self.model.compile()  # in place: the state_dict keys stay those of the plain model
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        target = y
+        if self.mixup is not None and len(y) % 2 == 0:  # timm mixes pairs: an odd last batch goes unmixed
+            x, target = self.mixup(x, y)
         logits = self(x)
-        loss = self.criterion(logits, y)
+        loss = self.criterion(logits, target)
+        # Train metrics compare with the original labels (under mixup: of the mixed images' first source).
         self._update(self.train_metrics, logits, y)
         # The progress bar shows the batch loss; loggers and the history get the epoch mean.
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
@@ -131,6 +141,24 @@ class ClassifierModule(L.LightningModule):
             sched_cfg["pct_start"] = min(max(pct, 2 / total), 1 - 2 / total)
         scheduler = instantiate(sched_cfg, _execution_whitelist_=list(SCHEDULER_TARGETS))(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
+    """timm's batch mixup/cutmix from ``train.mixup``, or None when both alphas are 0.
+
+    It also applies ``train.label_smoothing`` to the mixed targets it returns.
+    """
+    mix = OmegaConf.select(cfg, "train.mixup")
+    if mix is None or not (float(mix.mixup_alpha) or float(mix.cutmix_alpha)):
+        return None
+    return Mixup(
+        mixup_alpha=float(mix.mixup_alpha),
+        cutmix_alpha=float(mix.cutmix_alpha),
+        prob=float(mix.prob),
+        switch_prob=float(mix.switch_prob),
+        label_smoothing=float(cfg.train.label_smoothing),
+        num_classes=num_classes,
+    )
 
 
 def load_classifier(path: str | Path, map_location: str = "cpu") -> ClassifierModule:

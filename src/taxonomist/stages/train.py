@@ -13,8 +13,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar, WeightAveraging
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.files import atomic_write_json, read_json, sha256_file
@@ -34,6 +35,52 @@ def configure_torch(cfg: DictConfig) -> None:
     threads = int(cfg.trainer.num_threads)
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def step_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks that act on every training step: the progress bar and, when
+    ``train.ema.enabled``, the EMA of the weights."""
+    callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=20)]
+    if cfg.train.ema.enabled:
+        callbacks.append(ema_callback(float(cfg.train.ema.decay)))
+    return callbacks
+
+
+def ema_callback(decay: float) -> WeightAveraging:
+    """An EMA of the weights (and BatchNorm statistics), updated every optimizer step.
+
+    Validation runs on the averaged weights, so the monitored metric and the saved checkpoint
+    (``state_dict`` = the average) are those of the EMA model.
+    """
+    return WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def build_module(cfg: DictConfig, datamodule: ImageDataModule, in_chans: int) -> ClassifierModule:
+    """The LightningModule for ``cfg`` over the datamodule's label space (and class weights)."""
+    space = datamodule.space
+    weights = class_weights(space, datamodule.train_targets()) if cfg.task.class_weights == "balanced" else None
+    return ClassifierModule(OmegaConf.to_container(cfg, resolve=True), space.to_dict(), in_chans, weights)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], default_root_dir: Path, **overrides) -> L.Trainer:
+    """The Trainer of the ``trainer`` config section; ``overrides`` replace any Trainer argument."""
+    tcfg = cfg.trainer
+    kwargs = {
+        "max_epochs": int(tcfg.max_epochs),
+        "accelerator": str(tcfg.accelerator),
+        "devices": tcfg.devices,
+        "precision": str(tcfg.precision),
+        "deterministic": tcfg.deterministic,
+        "gradient_clip_val": tcfg.gradient_clip_val,
+        "limit_train_batches": tcfg.limit_train_batches,
+        "limit_val_batches": tcfg.limit_val_batches,
+        "log_every_n_steps": int(tcfg.log_every_n_steps),
+        "logger": False,
+        "callbacks": callbacks,
+        "enable_model_summary": False,
+        "default_root_dir": str(default_root_dir),
+    }
+    return L.Trainer(**{**kwargs, **overrides})
 
 
 def data_hash(processed_dir: Path) -> str:
@@ -59,8 +106,7 @@ def run(
         raise RuntimeError(
             f"data/processed holds {space.task} labels but task.name={cfg.task.name}: run the preprocess stage again"
         )
-    weights = class_weights(space, datamodule.train_targets()) if cfg.task.class_weights == "balanced" else None
-    module = ClassifierModule(OmegaConf.to_container(cfg, resolve=True), space.to_dict(), in_chans, weights)
+    module = build_module(cfg, datamodule, in_chans)
 
     models_dir.mkdir(parents=True, exist_ok=True)
     run_id = runs.start_pipeline_run(cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"}, spec=spec)
@@ -76,25 +122,10 @@ def run(
     callbacks = [
         checkpoint,
         EarlyStopping(monitor=monitor, mode=mode, patience=int(cfg.train.early_stopping_patience)),
-        TQDMProgressBar(refresh_rate=20),
         history,
+        *step_callbacks(cfg),
     ]
-    tcfg = cfg.trainer
-    trainer = L.Trainer(
-        max_epochs=int(tcfg.max_epochs),
-        accelerator=str(tcfg.accelerator),
-        devices=tcfg.devices,
-        precision=str(tcfg.precision),
-        deterministic=tcfg.deterministic,
-        gradient_clip_val=tcfg.gradient_clip_val,
-        limit_train_batches=tcfg.limit_train_batches,
-        limit_val_batches=tcfg.limit_val_batches,
-        log_every_n_steps=int(tcfg.log_every_n_steps),
-        logger=False,
-        callbacks=callbacks,
-        enable_model_summary=False,
-        default_root_dir=str(models_dir),
-    )
+    trainer = build_trainer(cfg, callbacks, default_root_dir=models_dir)
     trainer.fit(module, datamodule=datamodule)
     if not checkpoint.best_model_path:
         raise RuntimeError(f"training produced no checkpoint (monitor {monitor!r} never logged?)")

@@ -176,7 +176,9 @@ class TaskLoss(torch.nn.Module):
                 leaf_w = (self.membership[target].float() * weights).sum(1) / self.membership[target].sum(1)
                 return -(node_logp * leaf_w).sum() / leaf_w.sum()
             return -node_logp.mean()
-        return F.cross_entropy(logits, target, weight=weights, label_smoothing=self.label_smoothing)
+        # Class-probability targets (mixup/cutmix) come already smoothed.
+        smoothing = 0.0 if target.is_floating_point() else self.label_smoothing
+        return F.cross_entropy(logits, target, weight=weights, label_smoothing=smoothing)
 
 
 def to_probabilities(logits: torch.Tensor, space: LabelSpace, membership: torch.Tensor | None = None) -> torch.Tensor:
