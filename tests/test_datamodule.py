@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from taxonomist.data.cache import SplitArrays
+from taxonomist.data.cache import SplitArrays, read_split
 from taxonomist.data.datamodule import CachedImageDataset, ImageDataModule, seed_worker_augment
 from taxonomist.data.transforms import build_augment
+from taxonomist.models.module import load_classifier
 from taxonomist.stages import train
 
 # --------------------------------------------------------------------------- seeded augmentation and training
@@ -89,3 +90,36 @@ def test_dataset_targets_are_float_rows_for_multilabel_data():
     assert target.dtype == torch.float32 and target.tolist() == [1.0, 0.0, 1.0]
     single = SplitArrays(np.zeros((2, 4, 4, 1), np.uint8), np.array([2, 0]))
     assert CachedImageDataset(single, [0.5], [0.5])[0][1].dtype == torch.long
+
+
+def test_ema_checkpoint_holds_the_averaged_weights(staged, tmp_path, monkeypatch):
+    """With train.ema.enabled the checkpoint's state_dict is the EMA (what evaluate and package
+    load), and the raw weights ride along under current_model_state."""
+    monkeypatch.chdir(tmp_path)
+    cfg = staged["cfg"].copy()
+    cfg.trainer.max_epochs = 2
+    cfg.train.ema.enabled = True
+    cfg.train.ema.decay = 0.5
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg.tracking.artifact_location = str(tmp_path / "mlartifacts")
+    train.run(cfg, processed_dir=staged["processed"], models_dir=tmp_path / "models")
+    ckpt = torch.load(tmp_path / "models/best.ckpt", map_location="cpu", weights_only=False)
+    averaged, current = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == current.keys()
+    weights = [k for k, v in averaged.items() if v.is_floating_point() and "running" not in k]
+    assert any(not torch.equal(averaged[k], current[k]) for k in weights)
+    loaded = load_classifier(tmp_path / "models/best.ckpt").state_dict()
+    assert all(torch.equal(loaded[k], averaged[k]) for k in averaged)
+
+
+def test_batched_fetch_matches_single_items(staged):
+    arrays = read_split(staged["processed"], "val")
+    dataset = CachedImageDataset(arrays, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    batch = dataset.__getitems__([2, 0, 1])
+    for (x, y), i in zip(batch, [2, 0, 1], strict=True):
+        single_x, single_y = dataset[i]
+        torch.testing.assert_close(x, single_x)
+        assert y == single_y
+    # The table lookup standardises exactly as (pixel / 255 - mean) / std.
+    expected = (torch.from_numpy(np.array(arrays.images[2])).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(batch[0][0], expected)

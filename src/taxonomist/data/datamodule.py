@@ -11,33 +11,47 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from taxonomist.data.cache import SplitArrays, read_labels, read_split
-from taxonomist.data.transforms import build_augment
+from taxonomist.data.transforms import build_augment, normalisation_table, normalise_hwc
 
 
 class CachedImageDataset(Dataset):
     """Items of one cached split: (float CHW tensor, target), augmented when ``augment`` is set.
 
-    Targets are class/node indices (long), or float multi-hot rows for multi-label data."""
+    Targets are class/node indices (long), or float multi-hot rows for multi-label data.
+    A :class:`~torch.utils.data.DataLoader` fetches whole batches through
+    :meth:`__getitems__`: the images are augmented one by one (albumentations), then
+    standardised together with one table lookup, as a channels-last batch.
+    """
 
     def __init__(self, arrays: SplitArrays, mean: list[float], std: list[float], augment=None):
         self.images = arrays.images
         labels = np.asarray(arrays.labels)
         self.labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
         self.augment = augment
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.table = normalisation_table(mean, std)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pixels(self, idx: int) -> np.ndarray:
+        """One image as uint8 (H, W, C), augmented when the dataset augments."""
         image = np.array(self.images[idx])  # a writable copy (the array may be a read-only mmap)
         if self.augment is not None:
             image = self.augment(image=image)["image"]
             if image.ndim == 2:
                 image = image[:, :, None]
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        return (x - self.mean) / self.std, self.labels[idx]
+        return image
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.augment is None:
+            pixels = np.asarray(self.images[np.asarray(indices)])
+        else:
+            pixels = np.stack([self.pixels(i) for i in indices])
+        x = torch.from_numpy(normalise_hwc(pixels, self.table)).permute(0, 3, 1, 2)
+        return list(zip(x, self.labels[indices], strict=True))
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([idx])[0]
 
 
 def seed_worker_augment(worker_id: int) -> None:
