@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import ROOT, machine, show_in_readme
+from common import ROOT, machine, show_in_readme
 
 REPORT = ROOT / "reports" / "pipelines.md"
 MARKERS = ("<!-- pipelines:start -->", "<!-- pipelines:end -->")

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Benchmark: set up, run the whole default pipeline from scratch (`dvc repro --force`) and a
-# no-op `dvc repro`, and print a table of time per stage and test metrics against the targets.
-# The table is also written to reports/benchmark.md and into README.md's benchmark block.
+# The benchmark (`make bench`): set up, then run benchmarks/run.py. It reruns the whole default
+# pipeline from scratch (`dvc repro --force`), times a no-op repro and an evaluate-only change,
+# compares the packaged ONNX model with PyTorch eager, the training loop with a raw PyTorch
+# loop, the loader with a training step, and epochs at 10k/30k/60k images. It prints a table
+# and writes it to reports/benchmark.md and into README.md's benchmark block.
+# Run it on an otherwise idle machine: other work on the CPU distorts every figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export NO_ALBUMENTATIONS_UPDATE=1
 export PATH="$PWD/.venv/bin:$PATH"  # dvc.yaml runs `taxonomist <stage>`
-.venv/bin/python benchmarks/pipeline.py "$@"
+.venv/bin/python benchmarks/run.py "$@"

@@ -1,0 +1,190 @@
+"""The benchmark: every performance figure of the default pipeline, side by side, in one run.
+
+1. ``dvc repro --force``: the whole default pipeline from scratch (time per stage, peak RSS,
+   test accuracy against Fashion-MNIST's published anchors);
+2. a no-op ``dvc repro`` and an evaluate-only param change;
+3. the packaged ONNX model against PyTorch eager (batch-1 latency, batch-256 throughput);
+4. the training loop against a minimal raw PyTorch loop, the data loader against what a step
+   consumes, and time per epoch at 10k / 30k / 60k images.
+
+Prints a table (each figure, its target or anchor, the ratio) and writes it, with the date and
+the machine, to ``reports/benchmark.md`` and into README.md's ``benchmark`` block.
+
+Usage: ``make bench`` (sets up the environment first), or inside the environment
+``python benchmarks/run.py [--skip-repro] [--steps N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+
+import inference
+import pipeline
+import training
+from common import ROOT, Row, machine, show_in_readme, table
+
+REPORT = ROOT / "reports" / "benchmark.md"
+MARKERS = ("<!-- benchmark:start -->", "<!-- benchmark:end -->")
+GIB = 2**30
+# Fashion-MNIST's own benchmark table (README of the dataset): test accuracy.
+AUTOML, RESNET18 = 0.939, 0.949
+
+
+def pipeline_rows(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    if not args.skip_repro:
+        run = pipeline.repro(ROOT, "--force")
+        largest = pipeline.largest_child_rss()
+        rows.append(
+            Row(
+                "whole `dvc repro` from scratch", run.seconds, "s", target=args.max_minutes * 60, higher_is_better=False
+            )
+        )
+        rows += [Row(f"  stage {name}", seconds, "s") for name, seconds in run.stages.items()]
+        metrics = json.loads((ROOT / "reports/metrics.json").read_text())["test"]
+        acc = float(metrics["acc"])
+        rows += [
+            Row("test accuracy (official 10k test set)", acc, target=args.min_accuracy, digits=4),
+            Row("  against Google AutoML Vision (24 compute h)", acc, anchor=AUTOML, label="93.9 %", digits=4),
+            Row("  against ResNet18", acc, anchor=RESNET18, label="94.9 %", digits=4),
+            Row("  stretch goal", acc, target=0.95, digits=4),
+            Row("test macro-F1", float(metrics["f1_macro"]), digits=4),
+        ]
+        if "train" in run.peak_rss:
+            rows.append(
+                Row(
+                    "peak RSS of the train stage (sampled)",
+                    run.peak_rss["train"] / GIB,
+                    "GiB",
+                    target=4.0,
+                    higher_is_better=False,
+                    digits=2,
+                )
+            )
+        rows.append(
+            Row(
+                "peak RSS of the largest stage process (exact)",
+                largest / GIB,
+                "GiB",
+                digits=2,
+                label=max(run.peak_rss, key=run.peak_rss.get) if run.peak_rss else "",
+            )
+        )
+    else:
+        pipeline.repro(ROOT)  # bring the pipeline up to date, so the no-op below is one
+    median, _ = pipeline.noop(ROOT)
+    rows.append(Row("no-op `dvc repro` (median of 3)", median, "s", target=3.0, higher_is_better=False, digits=2))
+    changed = pipeline.evaluate_only_change(ROOT)
+    ran = ", ".join(changed.stages) or "nothing"
+    rows.append(
+        Row(
+            "evaluate-only param change: `dvc repro`",
+            changed.seconds,
+            "s",
+            label=f"reran: {ran}",
+            passed="train" not in changed.stages and "evaluate" in changed.stages,
+        )
+    )
+    return rows
+
+
+def inference_rows() -> list[Row]:
+    res = inference.compare(ROOT)
+    eager, onnx = res["eager"], res["onnx"]
+    return [
+        Row(
+            "ONNX Runtime batch-1 latency p50",
+            onnx["p50_ms"],
+            "ms",
+            target=eager["p50_ms"],
+            label="PyTorch eager",
+            higher_is_better=False,
+            digits=2,
+        ),
+        Row(
+            "ONNX Runtime batch-1 latency p95",
+            onnx["p95_ms"],
+            "ms",
+            target=eager["p95_ms"],
+            label="PyTorch eager",
+            higher_is_better=False,
+            digits=2,
+        ),
+        Row(
+            "ONNX Runtime batch-256 throughput",
+            onnx["throughput"],
+            "img/s",
+            target=eager["throughput"],
+            label="PyTorch eager",
+            digits=0,
+        ),
+    ]
+
+
+def training_rows(args: argparse.Namespace) -> list[Row]:
+    cfg = training.default_config(ROOT)
+    processed = ROOT / training.PROCESSED
+    raw = training.raw_loop(cfg, processed, steps=args.steps, warmup=5)
+    fit = training.pipeline_fit(cfg, processed, warmup=5, steps=args.steps).throughput
+    load = training.loader(cfg, processed, batches=args.steps)
+    rows = [
+        Row("raw PyTorch loop (in-memory data)", raw, "img/s", digits=0),
+        Row(
+            "pipeline training loop (Lightning, augmentation, metrics)",
+            fit,
+            "img/s",
+            anchor=raw,
+            label="raw loop",
+            digits=0,
+        ),
+        Row("  pipeline ÷ raw loop", fit / raw, "×", target=0.90, digits=2),
+        Row("loader, default augmentation", load, "img/s", anchor=raw, label="a step's demand", digits=0),
+        Row("  loader ÷ a training step's demand", load / raw, "×", target=2.0, digits=2),
+    ]
+    sizes = (10_000, 30_000, 60_000)
+    seconds = training.scaling(cfg, processed, sizes)
+    base = seconds[sizes[0]] / sizes[0]
+    for n in sizes:
+        rows.append(Row(f"one training epoch at {n // 1000}k images", seconds[n], "s"))
+    for n in sizes[1:]:
+        rows.append(
+            Row(
+                f"  time per image at {n // 1000}k ÷ at {sizes[0] // 1000}k",
+                seconds[n] / n / base,
+                "×",
+                target=1.10,
+                higher_is_better=False,
+                digits=2,
+            )
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--skip-repro", action="store_true", help="use the current pipeline outputs (no --force run)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps timed per loop")
+    parser.add_argument("--max-minutes", type=float, default=15.0, help="target for the whole dvc repro")
+    parser.add_argument("--min-accuracy", type=float, default=0.94, help="target test accuracy")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+
+    started = time.perf_counter()
+    rows = pipeline_rows(args) + inference_rows() + training_rows(args)
+    minutes = (time.perf_counter() - started) / 60
+    stamp = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    body = f"Generated by `make bench` on {stamp} in {minutes:.0f} min.\nMachine: {machine()}.\n\n{table(rows)}\n"
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(f"# Benchmark: default pipeline\n\n{body}")
+    show_in_readme(body.strip(), MARKERS)
+    print("\n" + body)
+    return 0 if all(row.verdict() != "NOT met" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
