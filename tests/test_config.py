@@ -218,6 +218,7 @@ def test_compose_names_a_bad_override(override, message):
         (["train.mixup.mixup_alpha=-1"], "alphas must be >= 0"),
         (["train.mixup.prob=1.5"], "train.mixup.prob must be in [0, 1]"),
         (["task=binary", "train.mixup.cutmix_alpha=1.0"], "train.mixup needs task.name=multiclass"),
+        (["augment.tta=vflip"], "augment.tta='vflip'"),
     ],
 )
 def test_training_technique_values_are_checked(overrides, message):

@@ -123,3 +123,16 @@ def test_batched_fetch_matches_single_items(staged):
     # The table lookup standardises exactly as (pixel / 255 - mean) / std.
     expected = (torch.from_numpy(np.array(arrays.images[2])).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
     torch.testing.assert_close(batch[0][0], expected)
+
+
+def test_ema_decay_warms_up():
+    update = train.ema_update(0.998)
+    averaged, current = [torch.zeros(3)], [torch.ones(3)]
+    update(averaged, current, torch.tensor(0))  # 1 - min(0.998, 1/10): 90% of the new weights
+    torch.testing.assert_close(averaged[0], torch.full((3,), 0.9))
+    averaged = [torch.zeros(3)]
+    update(averaged, current, torch.tensor(100_000))  # warmed up: the configured decay
+    torch.testing.assert_close(averaged[0], torch.full((3,), 0.002))
+    counters = [torch.tensor(0)]
+    update(counters, [torch.tensor(7)], torch.tensor(5))
+    assert counters[0].item() == 7

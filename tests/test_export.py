@@ -22,6 +22,7 @@ from taxonomist.data.transforms import normalise
 from taxonomist.export import registry
 from taxonomist.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, verify_onnx
 from taxonomist.export.serving import ImageClassifierModel, prob_column
+from taxonomist.models.tta import with_tta
 from taxonomist.tasks.decide import softmax
 
 CLASSES = ["circle", "square", "triangle"]
@@ -264,3 +265,20 @@ def test_model_versions_point_at_the_logged_artifact(mlflow_client):
     files = [f.path for f in client.list_artifacts(run_id, "model")]
     assert files == ["model/model.onnx"]
     assert Path(client.download_artifacts(run_id, "model/model.onnx")).read_bytes() == b"stand-in"
+
+
+def test_hflip_tta_averages_the_mirror_image_and_exports(exported, tmp_path):
+    model, _ = exported
+    tta = with_tta(model, "hflip").eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(-1))) / 2
+        torch.testing.assert_close(tta(x), expected)
+        torch.testing.assert_close(tta(x.flip(-1)), tta(x), rtol=1e-4, atol=1e-5)  # mirror-invariant answers
+        assert not torch.allclose(expected, model(x), atol=1e-3)  # and not the plain model's
+    path = export_onnx(tta, x[:2], tmp_path / "tta.onnx")
+    result = verify_onnx(tta, path, x)
+    assert result["max_abs_diff"] < 1e-4
+    assert with_tta(model, "none") is model
+    with pytest.raises(ValueError, match="unknown test-time augmentation"):
+        with_tta(model, "vflip")

@@ -71,6 +71,7 @@ class ModelConfig:
 @dataclass
 class AugmentConfig:
     train: list[Any] = field(default_factory=list)
+    tta: str = "none"  # test-time augmentation in evaluate and the package: none | hflip
 
 
 @dataclass
@@ -182,6 +183,7 @@ class PipelineConfig:
 SUPPORTED_TASKS = ("binary", "multiclass", "multilabel", "hierarchical")
 THRESHOLD_MODES = ("max_f1", "min_precision", "min_recall", "fixed")
 RESIZE_MODES = ("squash", "center_crop", "pad")
+TTA_MODES = ("none", "hflip")  # taxonomist.models.tta (not imported here: it needs torch)
 
 
 def validate(raw: DictConfig | dict[str, Any], origin: str = PARAMS_FILE) -> DictConfig:
@@ -234,6 +236,8 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
     if pre.image_size < 8:
         raise ConfigError(f"{origin}: preprocess.image_size must be >= 8, got {pre.image_size}")
     _check_training(cfg, origin)
+    if cfg.augment.tta not in TTA_MODES:
+        raise ConfigError(f"{origin}: augment.tta={cfg.augment.tta!r}; use one of {TTA_MODES}")
     if "_target_" not in cfg.optimizer:
         raise ConfigError(f"{origin}: optimizer needs a _target_ (e.g. torch.optim.AdamW)")
 

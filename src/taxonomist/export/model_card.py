@@ -65,6 +65,11 @@ def render_model_card(
         f"- Input: encoded image bytes; resized ({pre['resize_mode']}) to {pre['image_size']}x{pre['image_size']}, "
         f"{'grayscale' if pre['channels'] == 1 else 'RGB'}, normalised with mean {pre['mean']} and std {pre['std']}",
         f"- Output: {OUTPUTS[task]}",
+        *(
+            ["- Test-time augmentation: logits averaged over the image and its mirror image (in the ONNX graph)"]
+            if cfg.get("augment", {}).get("tta") == "hflip"
+            else []
+        ),
         f"- Decision: {_decision_text(task, space, decision)}",
         f"- Formats: ONNX (dynamic batch; max |ONNX - PyTorch| = {verification['max_abs_diff']:.2e}), MLflow pyfunc",
         "",

@@ -15,6 +15,7 @@ from timm.data import Mixup
 from timm.optim import param_groups_weight_decay
 
 from taxonomist.models.backbone import create_backbone
+from taxonomist.models.tta import with_tta
 from taxonomist.tasks.heads import TaskLoss, task_metrics, to_probabilities
 from taxonomist.tasks.labels import LabelSpace
 
@@ -161,11 +162,12 @@ def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
     )
 
 
-def load_classifier(path: str | Path, map_location: str = "cpu") -> ClassifierModule:
+def load_classifier(path: str | Path, map_location: str = "cpu", tta: str = "none") -> ClassifierModule:
     """Rebuild a trained :class:`ClassifierModule` from a checkpoint for inference.
 
     Weight sources of the original config (timm pretrained, ``model.checkpoint``) are not
-    touched again: the checkpoint holds the trained weights.
+    touched again: the checkpoint holds the trained weights. ``tta`` wraps the backbone for
+    test-time augmentation (see :mod:`taxonomist.models.tta`).
     """
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     hparams = ckpt["hyper_parameters"]
@@ -176,4 +178,5 @@ def load_classifier(path: str | Path, map_location: str = "cpu") -> ClassifierMo
         OmegaConf.to_container(cfg), hparams["space"], hparams["in_chans"], hparams.get("class_weights")
     )
     module.load_state_dict(ckpt["state_dict"])
+    module.model = with_tta(module.model, tta)
     return module.eval()

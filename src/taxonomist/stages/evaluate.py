@@ -97,7 +97,7 @@ def run(
 ) -> dict[str, float]:
     """Tune the decision on val, evaluate ``models/best.ckpt`` on test; return the metrics."""
     L.seed_everything(int(cfg.seed), verbose=False)
-    module = load_classifier(models_dir / "best.ckpt")
+    module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
     space = read_labels(processed_dir)
     if module.space != space:
         raise RuntimeError("models/best.ckpt was trained on other labels than data/processed holds: retrain")

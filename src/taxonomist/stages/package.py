@@ -71,12 +71,17 @@ def run(
     out_dir: Path = DIST_DIR,
 ) -> dict:
     """Export, verify, document, log and register the trained model."""
-    module = load_classifier(models_dir / "best.ckpt")
+    module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
     space = read_labels(processed_dir)
     decision = read_json(reports_dir / DECISION_FILE)
     if decision.get("task") != space.task:
         raise RuntimeError(f"{reports_dir / DECISION_FILE} is not for task {space.task}: run the evaluate stage again")
-    settings = {**preprocess_settings(cfg), "labels": space.to_dict(), "decision": decision}
+    settings = {
+        **preprocess_settings(cfg),
+        "tta": str(cfg.augment.tta),  # inside the ONNX graph; recorded for people reading the package
+        "labels": space.to_dict(),
+        "decision": decision,
+    }
     pre = cfg.preprocess
     test = read_split(processed_dir, "test")
     sample = torch.from_numpy(normalise(test.images[:64], pre.mean, pre.std))

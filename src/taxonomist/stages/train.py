@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar, WeightAveraging
 from omegaconf import DictConfig, OmegaConf
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.files import atomic_write_json, read_json, sha256_file
@@ -49,10 +48,26 @@ def step_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def ema_callback(decay: float) -> WeightAveraging:
     """An EMA of the weights (and BatchNorm statistics), updated every optimizer step.
 
-    Validation runs on the averaged weights, so the monitored metric and the saved checkpoint
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs
+    and small datasets average recent weights rather than the random initial ones. Validation
+    runs on the averaged weights, so the monitored metric and the saved checkpoint
     (``state_dict`` = the average) are those of the EMA model.
     """
-    return WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightAveraging(multi_avg_fn=ema_update(decay), use_buffers=True)
+
+
+def ema_update(decay: float):
+    """``AveragedModel`` multi-tensor update: EMA with :func:`ema_callback`'s warm-up."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # counters (BatchNorm's num_batches_tracked)
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
 
 
 def build_module(cfg: DictConfig, datamodule: ImageDataModule, in_chans: int) -> ClassifierModule:
