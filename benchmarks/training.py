@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from taxonomist.config import load_params
 from taxonomist.data.cache import read_labels, read_split, write_labels, write_split
 from taxonomist.data.datamodule import ImageDataModule
-from taxonomist.data.transforms import normalisation_table, normalise_hwc
+from taxonomist.data.transforms import standardisation
 from taxonomist.models.backbone import create_backbone
 from taxonomist.models.module import OPTIMIZER_TARGETS
 from taxonomist.stages import train
@@ -54,7 +54,8 @@ def raw_loop(cfg: DictConfig, processed: Path, steps: int, warmup: int) -> float
     """Images/s of a minimal PyTorch training loop (see the module docstring)."""
     arrays = read_split(processed, "train", mmap=False)
     space = read_labels(processed)
-    x_all = torch.from_numpy(normalise_hwc(arrays.images, normalisation_table(cfg.preprocess.mean, cfg.preprocess.std)))
+    scale, shift = standardisation(cfg.preprocess.mean, cfg.preprocess.std)
+    x_all = torch.from_numpy(arrays.images.astype(np.float32) * scale + shift)
     x_all = x_all.permute(0, 3, 1, 2)  # channels-last memory, NCHW shape
     if not cfg.model.channels_last:
         x_all = x_all.contiguous()

@@ -120,7 +120,7 @@ def test_batched_fetch_matches_single_items(staged):
         single_x, single_y = dataset[i]
         torch.testing.assert_close(x, single_x)
         assert y == single_y
-    # The table lookup standardises exactly as (pixel / 255 - mean) / std.
+    # The multiply-add standardises as (pixel / 255 - mean) / std.
     expected = (torch.from_numpy(np.array(arrays.images[2])).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
     torch.testing.assert_close(batch[0][0], expected)
 
@@ -136,3 +136,17 @@ def test_ema_decay_warms_up():
     counters = [torch.tensor(0)]
     update(counters, [torch.tensor(7)], torch.tensor(5))
     assert counters[0].item() == 7
+
+
+def test_loaders_use_the_fetched_batch_as_it_is(staged):
+    module = ImageDataModule(staged["cfg"], staged["processed"])
+    module.setup("fit")
+    x, y = next(iter(module.val_dataloader()))
+    dataset = module.datasets["val"]
+    batch = dataset.__getitems__(list(range(len(y))))
+    assert torch.equal(x, batch.x) and torch.equal(y, batch.y)
+    assert x.is_contiguous(memory_format=torch.channels_last)  # what a channels-last model takes
+    # A loader with the default collate_fn still gets (image, target) samples from the batch.
+    plain_x, plain_y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(y))))
+    torch.testing.assert_close(plain_x, x)
+    assert torch.equal(plain_y, y)

@@ -8,10 +8,26 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
 
 from taxonomist.data.cache import SplitArrays, read_labels, read_split
-from taxonomist.data.transforms import build_augment, normalisation_table, normalise_hwc
+from taxonomist.data.transforms import build_augment, standardisation
+
+
+class Batch(list):
+    """A fetched batch: a list of ``(image, target)`` samples, as any ``collate_fn`` expects,
+    that also keeps the stacked ``x`` (N, C, H, W; channels-last memory) and ``y`` it came from."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        super().__init__(zip(x, y, strict=True))
+        self.x, self.y = x, y
+
+
+def collate_batch(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``collate_fn`` that takes a :class:`Batch` as it is (no second stacking of its images)."""
+    if isinstance(samples, Batch):
+        return samples.x, samples.y
+    return default_collate(samples)
 
 
 class CachedImageDataset(Dataset):
@@ -20,7 +36,8 @@ class CachedImageDataset(Dataset):
     Targets are class/node indices (long), or float multi-hot rows for multi-label data.
     A :class:`~torch.utils.data.DataLoader` fetches whole batches through
     :meth:`__getitems__`: the images are augmented one by one (albumentations), then
-    standardised together with one table lookup, as a channels-last batch.
+    standardised together (one multiply-add) as a channels-last batch; with
+    :func:`collate_batch` as the loader's ``collate_fn`` that batch is used as it is.
     """
 
     def __init__(self, arrays: SplitArrays, mean: list[float], std: list[float], augment=None):
@@ -28,7 +45,8 @@ class CachedImageDataset(Dataset):
         labels = np.asarray(arrays.labels)
         self.labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
         self.augment = augment
-        self.table = normalisation_table(mean, std)
+        scale, shift = standardisation(mean, std)
+        self.scale, self.shift = torch.from_numpy(scale), torch.from_numpy(shift)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -42,13 +60,13 @@ class CachedImageDataset(Dataset):
                 image = image[:, :, None]
         return image
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitems__(self, indices: list[int]) -> Batch:
         if self.augment is None:
             pixels = np.asarray(self.images[np.asarray(indices)])
         else:
             pixels = np.stack([self.pixels(i) for i in indices])
-        x = torch.from_numpy(normalise_hwc(pixels, self.table)).permute(0, 3, 1, 2)
-        return list(zip(x, self.labels[indices], strict=True))
+        x = torch.from_numpy(pixels).to(torch.float32).mul_(self.scale).add_(self.shift)
+        return Batch(x.permute(0, 3, 1, 2), self.labels[indices])
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.__getitems__([idx])[0]
@@ -119,6 +137,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
             worker_init_fn=seed_worker_augment if workers > 0 else None,
+            collate_fn=collate_batch,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -35,25 +35,17 @@ def build_augment(entries: ListConfig | Sequence[Any] | None, seed: int | None =
     return A.Compose(transforms, seed=seed)
 
 
-def normalisation_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(256, C) float32: the standardised value of each uint8 level in each channel."""
-    levels = np.arange(256, dtype=np.float64)[:, None] / 255.0
-    return ((levels - np.asarray(mean, np.float64)) / np.asarray(std, np.float64)).astype(np.float32)
-
-
-def normalise_hwc(images: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, C) -> float32 (N, H, W, C) through a :func:`normalisation_table`.
-
-    One table lookup per pixel instead of a convert, a scale, a shift and a divide.
-    """
-    if table.shape[1] == 1:
-        return table[:, 0][images]
-    return table[images, np.arange(table.shape[1])]
+def standardisation(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float32 ``(scale, shift)`` with ``pixel * scale + shift == (pixel / 255 - mean) / std``:
+    standardising uint8 pixels becomes one multiply and one add."""
+    mean64, std64 = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    return (1.0 / (255.0 * std64)).astype(np.float32), (-mean64 / std64).astype(np.float32)
 
 
 def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W), scaled to [0, 1] then standardised."""
-    x = normalise_hwc(np.asarray(images, dtype=np.uint8), normalisation_table(mean, std))
+    scale, shift = standardisation(mean, std)
+    x = np.asarray(images, dtype=np.uint8).astype(np.float32) * scale + shift
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 

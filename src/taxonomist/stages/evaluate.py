@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from taxonomist.data.cache import read_labels, read_split
-from taxonomist.data.datamodule import CachedImageDataset
+from taxonomist.data.datamodule import CachedImageDataset, collate_batch
 from taxonomist.evaluation import plots
 from taxonomist.evaluation.tasks import Evaluation, evaluate
 from taxonomist.files import atomic_write_json, atomic_write_text
@@ -46,7 +46,7 @@ def predict_split(
     if len(arrays) == 0:
         return np.zeros((0, module.space.num_outputs), np.float32), np.asarray(arrays.labels)
     dataset = CachedImageDataset(arrays, list(mean), list(std))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
