@@ -97,34 +97,16 @@ def pipeline_rows(args: argparse.Namespace) -> list[Row]:
 def inference_rows() -> list[Row]:
     res = inference.compare(ROOT)
     eager, onnx = res["eager"], res["onnx"]
+    latency = [
+        Row(f"ONNX Runtime batch-1 latency {q}", onnx[f"{q}_ms"], "ms", target=eager[f"{q}_ms"],
+            label="PyTorch eager", higher_is_better=False, digits=2)
+        for q in ("p50", "p95")
+    ]  # fmt: skip
     return [
-        Row(
-            "ONNX Runtime batch-1 latency p50",
-            onnx["p50_ms"],
-            "ms",
-            target=eager["p50_ms"],
-            label="PyTorch eager",
-            higher_is_better=False,
-            digits=2,
-        ),
-        Row(
-            "ONNX Runtime batch-1 latency p95",
-            onnx["p95_ms"],
-            "ms",
-            target=eager["p95_ms"],
-            label="PyTorch eager",
-            higher_is_better=False,
-            digits=2,
-        ),
-        Row(
-            "ONNX Runtime batch-256 throughput",
-            onnx["throughput"],
-            "img/s",
-            target=eager["throughput"],
-            label="PyTorch eager",
-            digits=0,
-        ),
-    ]
+        *latency,
+        Row("ONNX Runtime batch-256 throughput", onnx["throughput"], "img/s", target=eager["throughput"],
+            label="PyTorch eager", digits=0),
+    ]  # fmt: skip
 
 
 def training_rows(args: argparse.Namespace) -> list[Row]:
