@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from taxonomist.config import RESIZE_MODES
-from taxonomist.data.images import ImageSpec, InvalidImage, decode, load_file
+from taxonomist.data.images import ImageSpec, InvalidImage, decode
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -178,10 +178,3 @@ def png_claiming_size(width: int, height: int) -> bytes:
 def test_decompression_bomb_is_invalid():
     with pytest.raises(InvalidImage, match="too large"):
         decode(png_claiming_size(30_000, 30_000), ImageSpec(16, 1))
-
-
-def test_load_file(tmp_path):
-    path = tmp_path / "x.png"
-    sample_image("RGB").save(path)
-    out = load_file(str(path), ImageSpec(8, 3))
-    np.testing.assert_array_equal(out, decode(path.read_bytes(), ImageSpec(8, 3)))

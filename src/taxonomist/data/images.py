@@ -74,9 +74,3 @@ def decode(data: bytes, spec: ImageSpec) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
-
-
-def load_file(path: str, spec: ImageSpec) -> np.ndarray:
-    """Read and decode an image file (see :func:`decode`)."""
-    with open(path, "rb") as fh:
-        return decode(fh.read(), spec)
