@@ -16,22 +16,32 @@ Rows are numbered from 1 for the first data row (the CSV header is not counted, 
 on line N+1 of a CSV file without multi-line cells); errors and source ids name rows as
 ``labels.csv row 12``. A manifest with both a filled ``label`` and a filled ``labels`` column,
 or a ``label`` cell holding several labels, mixes single and multi labels and is refused.
+
+Multi-attribute data (a task whose ``label_form`` is ``attributes``, e.g. ``task=multiattribute``)
+has one column per attribute instead of ``label``/``labels``: the keys of ``task.attributes``
+when that mapping is non-empty (matched case-insensitively; a missing one is an error listing
+the columns), else every column other than ``path``/``image``, ``split``, ``label`` and
+``labels`` (the attribute is then named by the lower-cased header). A cell holds one value,
+or several as a list (a Parquet list, a JSON list or ``a|b``, as in ``labels``); an empty cell
+is no value for that attribute. A row's labels are ``attribute=value`` strings, sorted:
+``weather=sunny`` and ``tags=["dog","grass"]`` give ``("tags=dog", "tags=grass", "weather=sunny")``.
+The helpers for that encoding (:func:`check_attribute`, :func:`attribute_labels`,
+:func:`label_form`, :func:`task_attributes`) are shared with the other sources.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from taxonomist.data.manifest import LABEL_SEP, Record
-from taxonomist.data.sources import SourceError
+from taxonomist.data.manifest import LABEL_SEP, PATH_SEP, Record
 from taxonomist.data.sources.common import (
     SourceImage,
     check_label,
@@ -41,6 +51,7 @@ from taxonomist.data.sources.common import (
     report_problems,
     resolve_image,
 )
+from taxonomist.errors import ConfigError, DataError
 
 PATH_COLUMNS = ("path", "image")
 SPLIT_ALIASES = {
@@ -53,6 +64,59 @@ SPLIT_ALIASES = {
     "test": "test",
 }
 PARQUET_SUFFIXES = (".parquet", ".pq")
+ATTRIBUTE_SEP = "="  # a multi-attribute label is "<attribute>=<value>", split at the first "="
+NON_ATTRIBUTE_COLUMNS = frozenset({*PATH_COLUMNS, "split", "label", "labels"})
+# The label form of each task by name, used only while taxonomist.tasks.task_of cannot be imported.
+_FALLBACK_LABEL_FORMS = {"multilabel": "set", "hierarchical": "path", "multiattribute": "attributes"}
+
+
+def label_form(cfg: DictConfig) -> str:
+    """How the config's task labels an image: ``one``, ``set``, ``path`` or ``attributes``.
+
+    Asks the task (``taxonomist.tasks.task_of(cfg).label_form``); if the task registry cannot
+    be imported, judges by ``task.name`` (multilabel: set, hierarchical: path, multiattribute:
+    attributes, anything else: one).
+    """
+    try:
+        from taxonomist.tasks import task_of
+    except ImportError:
+        name = str(OmegaConf.select(cfg, "task.name", default="multiclass"))
+        return _FALLBACK_LABEL_FORMS.get(name, "one")
+    return str(task_of(cfg).label_form)
+
+
+def task_attributes(cfg: DictConfig) -> dict[str, str]:
+    """``task.attributes`` (attribute -> kind) as a dict; empty when unset or empty."""
+    value = OmegaConf.select(cfg, "task.attributes", default=None)
+    if value is None:
+        return {}
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"task.attributes must map attribute names to kinds, got {value!r}")
+    attributes = {str(key).strip(): str(kind) for key, kind in value.items()}
+    for attribute in attributes:
+        check_attribute(attribute, "task.attributes", error=ConfigError)
+    return attributes
+
+
+def check_attribute(name: str, where: str, error: type[Exception] = DataError) -> str:
+    """Return the attribute name ``name`` if labels can carry it: non-empty, without ``=``, ``|`` or ``/``."""
+    if not name:
+        raise error(f"{where}: empty attribute name")
+    bad = [sep for sep in (ATTRIBUTE_SEP, LABEL_SEP, PATH_SEP) if sep in name]
+    if bad:
+        raise error(f"{where}: attribute name {name!r} contains {bad[0]!r}; attribute names may not hold = | or /")
+    return name
+
+
+def attribute_labels(values: Mapping[str, Iterable[str]], where: str) -> tuple[str, ...]:
+    """The sorted ``attribute=value`` labels of ``values`` (attribute -> its values; none is fine)."""
+    labels = set()
+    for attribute, items in values.items():
+        check_attribute(attribute, where)
+        labels.update(f"{attribute}{ATTRIBUTE_SEP}{value}" for value in clean_labels(items, where))
+    return tuple(sorted(labels))
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -63,10 +127,10 @@ def read_table(path: Path) -> pd.DataFrame:
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (OSError, ValueError) as err:  # pandas' and pyarrow's read errors subclass these
-        raise SourceError(f"{path}: cannot read the manifest ({err})") from None
+        raise DataError(f"{path}: cannot read the manifest ({err})") from None
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     if frame.empty:
-        raise SourceError(f"{path}: the manifest has no rows")
+        raise DataError(f"{path}: the manifest has no rows")
     return frame
 
 
@@ -98,15 +162,18 @@ def _filled(column: pd.Series) -> bool:
 def parse_label(value: Any, where: str) -> tuple[str, ...]:
     """The one label of a ``label`` cell; refuse an empty cell or one holding a list."""
     if _is_list(value) or LABEL_SEP in _text(value):
-        raise SourceError(
+        raise DataError(
             f"{where}: label cell {_text(value)!r} holds several labels, but 'label' is one label per image "
             "(the manifest mixes single and multi labels); put label lists in a 'labels' column"
         )
     return (check_label(_text(value), where),)
 
 
-def parse_labels(value: Any, where: str) -> tuple[str, ...]:
-    """The labels of a ``labels`` cell: a list, a JSON list or ``|``-joined text (empty: none)."""
+def parse_labels(value: Any, where: str, cell: str = "labels cell") -> tuple[str, ...]:
+    """The labels of a ``labels`` cell: a list, a JSON list or ``|``-joined text (empty: none).
+
+    ``cell`` names the cell in errors (``labels cell``, ``attribute cell``).
+    """
     if isinstance(value, list | tuple | np.ndarray):
         items = list(value)
     else:
@@ -115,14 +182,14 @@ def parse_labels(value: Any, where: str) -> tuple[str, ...]:
             try:
                 items = json.loads(text)
             except json.JSONDecodeError as err:
-                raise SourceError(f"{where}: labels cell {text!r} is not a valid JSON list ({err.msg})") from None
+                raise DataError(f"{where}: {cell} {text!r} is not a valid JSON list ({err.msg})") from None
             if not isinstance(items, list):
-                raise SourceError(f"{where}: labels cell {text!r} is not a JSON list")
+                raise DataError(f"{where}: {cell} {text!r} is not a JSON list")
         else:
             items = text.split(LABEL_SEP) if text else []
     for item in items:
         if not isinstance(item, str | Integral) or isinstance(item, bool):
-            raise SourceError(f"{where}: labels must be names, got {item!r}")
+            raise DataError(f"{where}: labels must be names, got {item!r}")
     return clean_labels((str(item) for item in items), where)
 
 
@@ -130,27 +197,69 @@ def parse_split(value: Any, where: str) -> str:
     """The split of a ``split`` cell: train, val, test or "" (assigned later)."""
     text = _text(value).lower()
     if text not in SPLIT_ALIASES:
-        raise SourceError(f"{where}: split {_text(value)!r} is not train, val, test or empty")
+        raise DataError(f"{where}: split {_text(value)!r} is not train, val, test or empty")
     return SPLIT_ALIASES[text]
 
 
 def _label_column(frame: pd.DataFrame, name: str) -> tuple[str, Callable[[Any, str], tuple[str, ...]]]:
     present = [c for c in ("label", "labels") if c in frame.columns]
     if not present:
-        raise SourceError(
+        raise DataError(
             f"{name}: no 'label' or 'labels' column (found: {', '.join(frame.columns)}); "
             "use 'label' for one label per image or 'labels' for a list"
         )
     if len(present) == 2:
         filled = [c for c in present if _filled(frame[c])]
         if len(filled) == 2:
-            raise SourceError(
+            raise DataError(
                 f"{name}: both a 'label' and a 'labels' column hold values, so the manifest mixes single and "
                 "multi labels; keep one of them"
             )
         present = filled or ["label"]
     column = present[0]
     return column, parse_label if column == "label" else parse_labels
+
+
+def attribute_columns(frame: pd.DataFrame, name: str, attributes: Sequence[str] = ()) -> dict[str, str]:
+    """Column -> attribute of a multi-attribute manifest (see the module notes).
+
+    ``attributes`` are the keys of ``task.attributes``: each needs a column (matched
+    case-insensitively; the attribute keeps its configured spelling). Without them every
+    column but ``path``/``image``, ``split``, ``label`` and ``labels`` is an attribute.
+    """
+    if attributes:
+        reserved = [a for a in attributes if a.strip().lower() in (*PATH_COLUMNS, "split")]
+        if reserved:
+            raise ConfigError(f"task.attributes: {reserved[0]!r} is a manifest column, not an attribute; rename it")
+        missing = [a for a in attributes if a.strip().lower() not in frame.columns]
+        if missing:
+            raise DataError(
+                f"{name}: no column for attribute(s) {', '.join(map(repr, missing))} of task.attributes "
+                f"(found: {', '.join(frame.columns)})"
+            )
+        return {a.strip().lower(): a for a in attributes}
+    columns = [c for c in frame.columns if c not in NON_ATTRIBUTE_COLUMNS]
+    if not columns:
+        raise DataError(
+            f"{name}: no attribute columns (found: {', '.join(frame.columns)}); a multi-attribute manifest has one "
+            "column per attribute besides path/image and split"
+        )
+    return {c: check_attribute(c, f"{name}: column {c!r}") for c in columns}
+
+
+def parse_attributes(record: Mapping[str, Any], columns: Mapping[str, str], where: str) -> tuple[str, ...]:
+    """The sorted ``attribute=value`` labels of one manifest row (``columns``: column -> attribute).
+
+    A cell holds one value, or several as a list / JSON list / ``a|b``; an empty cell is no value.
+    Errors name the row and the column.
+    """
+    values = {}
+    for column, attribute in columns.items():
+        value = record[column]
+        if isinstance(value, float) and value.is_integer():  # an integer Parquet column with nulls reads as float
+            value = int(value)
+        values[attribute] = parse_labels(value, f"{where}, column {column!r}", cell="attribute cell")
+    return attribute_labels(values, where)
 
 
 def materialise_table(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Path | None = None) -> list[Record]:
@@ -163,8 +272,18 @@ def materialise_table(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Pat
     name = path.name
     path_column = next((c for c in PATH_COLUMNS if c in frame.columns), None)
     if path_column is None:
-        raise SourceError(f"{name}: no 'path' or 'image' column (found: {', '.join(frame.columns)})")
-    label_column, parse = _label_column(frame, name)
+        raise DataError(f"{name}: no 'path' or 'image' column (found: {', '.join(frame.columns)})")
+    if label_form(cfg) == "attributes":
+        columns = attribute_columns(frame, name, list(task_attributes(cfg)))
+
+        def labels_of(record: dict[str, Any], where: str) -> tuple[str, ...]:
+            return parse_attributes(record, columns, where)
+    else:
+        label_column, parse = _label_column(frame, name)
+
+        def labels_of(record: dict[str, Any], where: str) -> tuple[str, ...]:
+            return parse(record[label_column], where)
+
     root = path.parent if inside is not None else image_root(cfg) or path.parent
     has_split = "split" in frame.columns
     images: list[SourceImage] = []
@@ -173,8 +292,8 @@ def materialise_table(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Pat
         where = f"{name} row {row}"
         ref = _text(record[path_column])
         if not ref:
-            raise SourceError(f"{where}: empty {path_column!r} cell")
-        labels = parse(record[label_column], where)
+            raise DataError(f"{where}: empty {path_column!r} cell")
+        labels = labels_of(record, where)
         split = parse_split(record["split"], where) if has_split else ""
         src, problem = resolve_image(ref, root, inside)
         if problem:
