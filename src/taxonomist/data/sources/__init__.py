@@ -24,6 +24,8 @@ BUILTINS = {
     "faces": "taxonomist.data.sources.builtin:materialise_faces",
     "emoji-tags": "taxonomist.data.sources.emoji:materialise_emoji_tags",
     "emoji-categories": "taxonomist.data.sources.emoji:materialise_emoji_categories",
+    "emoji-skin-tones": "taxonomist.data.sources.emoji:materialise_emoji_skin_tones",
+    "emoji-attributes": "taxonomist.data.sources.emoji:materialise_emoji_attributes",
 }
 # data.format -> "module:function"; each takes (cfg, source path, out_dir) and returns records.
 READERS = {
