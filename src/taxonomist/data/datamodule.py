@@ -89,13 +89,13 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.processed_dir = Path(processed_dir)
-        self.space = read_labels(self.processed_dir)
+        self.task = read_labels(self.processed_dir)
         self.datasets: dict[str, CachedImageDataset] = {}
 
     @property
     def classes(self) -> list[str]:
-        """The model's output units (see :class:`taxonomist.tasks.labels.LabelSpace`)."""
-        return self.space.classes
+        """The model's output units (see :class:`taxonomist.tasks.Task`)."""
+        return self.task.classes
 
     def train_targets(self) -> np.ndarray:
         """The training split's targets (for class weights and balanced sampling)."""
@@ -104,10 +104,7 @@ class ImageDataModule(L.LightningDataModule):
     def balanced_sampler(self) -> WeightedRandomSampler:
         """Draw training images with probability inversely proportional to their class size."""
         targets = self.train_targets()
-        if targets.ndim != 1:
-            raise ValueError("task.balanced_sampling needs a single-label task (not multilabel)")
-        counts = np.bincount(targets)
-        weights = 1.0 / counts[targets]
+        weights = self.task.sample_weights(targets)
         generator = torch.Generator().manual_seed(int(self.cfg.seed))
         return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(targets), generator=generator)
 

@@ -2,13 +2,13 @@
 
 Preprocessing (decode, mode conversion, resize, normalisation) runs inside the model, with
 the same code the pipeline's preprocess stage uses; the network runs on ONNX Runtime, and
-the decision (tuned thresholds, the label tree) uses :mod:`taxonomist.tasks.decide`, as
-evaluation does. This module imports no torch, so the served model needs only onnxruntime,
-Pillow, NumPy and pandas.
+the task turns logits into probabilities and answers (:meth:`Task.answer`) with the same
+NumPy code evaluation uses. This module and the tasks import no torch, so the served model
+needs only onnxruntime, Pillow, NumPy and pandas.
 
-The answer depends on the task: ``label`` + ``score`` (binary, multiclass), ``labels`` (a
-list: multilabel), or ``label`` + ``path`` + ``score`` (hierarchical, the deepest predicted
-node and its whole path); plus one ``prob_<class>`` column per class, label or node.
+The answer's columns are the task's: e.g. ``label`` + ``score`` (binary, multiclass),
+``labels`` (a list: multilabel), ``label`` + ``path`` + ``score`` (hierarchical); plus one
+``prob_<name>`` column per output.
 """
 
 from __future__ import annotations
@@ -22,15 +22,9 @@ import numpy as np
 import pandas as pd
 
 from taxonomist.data.images import ImageSpec, decode
-from taxonomist.tasks.decide import Decision, decide, path_text, probabilities
-from taxonomist.tasks.labels import LabelSpace
+from taxonomist.tasks import Decision, Task, load_task
 
 IMAGE_COLUMN = "image"
-
-
-def prob_column(label: str) -> str:
-    """Output column holding the probability of ``label``."""
-    return f"prob_{label}"
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
@@ -41,7 +35,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         import onnxruntime as ort
 
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
-        self.space = LabelSpace.from_dict(settings["labels"])
+        self.task = load_task(settings["labels"])
         self.decision = Decision.from_dict(settings["decision"])
         self.spec = ImageSpec(
             size=int(settings["image_size"]),
@@ -76,39 +70,13 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         batch = np.stack([decode(b, self.spec) for b in images]).astype(np.float32) / 255.0
         batch = (batch.transpose(0, 3, 1, 2) - self.mean) / self.std
         logits = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return answer_frame(logits, self.space, self.decision)
+        return answer_frame(logits, self.task, self.decision)
 
     def columns(self) -> list[str]:
         """The output columns of this model's task."""
-        return list(answer_frame(np.zeros((0, self.space.num_outputs)), self.space, self.decision).columns)
+        return list(answer_frame(np.zeros((0, self.task.num_outputs)), self.task, self.decision).columns)
 
 
-def answer_frame(logits: np.ndarray, space: LabelSpace, decision: Decision) -> pd.DataFrame:
+def answer_frame(logits: np.ndarray, task: Task, decision: Decision) -> pd.DataFrame:
     """The served answer of each row of logits (see the module docstring)."""
-    probs = probabilities(logits, space)
-    picked = decide(probs, space, decision)
-    rows = np.arange(len(probs))
-    if space.task == "binary":
-        two = np.stack([1.0 - probs, probs], axis=1)
-        frame = pd.DataFrame({"label": [space.classes[i] for i in picked], "score": two[rows, picked]})
-        names, columns = space.classes, two
-    elif space.task == "multilabel":
-        labels = np.asarray(space.classes, dtype=object)
-        frame = pd.DataFrame({"labels": [list(labels[row]) for row in picked]})
-        names, columns = space.classes, probs
-    elif space.task == "hierarchical":
-        sep = decision.path_separator
-        frame = pd.DataFrame(
-            {
-                "label": [space.nodes[i].rpartition("/")[2] if i >= 0 else "" for i in picked],
-                "path": [path_text(space, i, sep) for i in picked],
-                "score": np.where(picked >= 0, probs[rows, np.maximum(picked, 0)], 0.0) if len(rows) else [],
-            }
-        )
-        names, columns = space.nodes, probs
-    else:
-        frame = pd.DataFrame({"label": [space.classes[i] for i in picked], "score": probs[rows, picked]})
-        names, columns = space.classes, probs
-    for j, name in enumerate(names):
-        frame[prob_column(name)] = columns[:, j] if len(rows) else []
-    return frame
+    return task.answer(task.probabilities(logits), decision)

@@ -16,8 +16,7 @@ from timm.optim import param_groups_weight_decay
 
 from taxonomist.models.backbone import create_backbone
 from taxonomist.models.tta import with_tta
-from taxonomist.tasks.heads import TaskLoss, task_metrics, to_probabilities
-from taxonomist.tasks.labels import LabelSpace
+from taxonomist.tasks import load_task
 
 log = logging.getLogger(__name__)
 # Config-controlled ``_target_`` values the optimizer and scheduler blocks may name.
@@ -26,12 +25,14 @@ SCHEDULER_TARGETS = ("torch.optim.lr_scheduler.*", "timm.scheduler.*")
 
 
 class ClassifierModule(L.LightningModule):
-    """Image classifier around ``timm.create_model`` for any of the four tasks.
+    """Image classifier around ``timm.create_model`` for any registered task.
 
     ``cfg`` is the whole pipeline config (model, optimizer, scheduler, train sections) and
-    ``space`` the label space (:meth:`LabelSpace.to_dict`); both are saved in the checkpoint so
-    :func:`load_classifier` rebuilds the same model. ``class_weights`` are the loss weights of
-    ``task.class_weights: balanced`` (see :func:`taxonomist.tasks.heads.class_weights`).
+    ``space`` the task's label space (:meth:`Task.to_dict`); both are saved in the checkpoint so
+    :func:`load_classifier` rebuilds the same model. The task supplies the loss, the metrics and
+    the probabilities. ``class_weights`` are the loss weights of ``task.class_weights: balanced``
+    (see :meth:`Task.class_weights`). ``initial_weights=False`` skips the config's weight sources
+    (timm pretrained, ``model.checkpoint``): :func:`load_classifier` loads trained weights.
     """
 
     def __init__(
@@ -40,33 +41,32 @@ class ClassifierModule(L.LightningModule):
         space: dict[str, Any],
         in_chans: int,
         class_weights: list[float] | None = None,
+        initial_weights: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)  # the config is logged flattened, by us
+        self.save_hyperparameters(logger=False, ignore=["initial_weights"])  # the config is logged flattened, by us
         self.cfg = OmegaConf.create(cfg)
-        self.space = LabelSpace.from_dict(space)
-        self.model = create_backbone(self.cfg.model, num_classes=self.space.num_outputs, in_chans=in_chans)
+        if not initial_weights:  # a checkpoint's weights follow: do not load the config's weight sources
+            self.cfg.model.pretrained = False
+            self.cfg.model.checkpoint = None
+        self.task = load_task(space)
+        backbone = create_backbone(self.cfg.model, num_classes=self.task.num_backbone_outputs, in_chans=in_chans)
+        self.model = self.task.wrap_model(backbone)
         if self.cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.criterion = TaskLoss(self.space, float(self.cfg.train.label_smoothing), class_weights)
-        self.eval_criterion = TaskLoss(self.space)
-        self.mixup = build_mixup(self.cfg, self.space.num_outputs)
-        self.train_metrics = task_metrics(self.space).clone(prefix="train/")
-        self.val_metrics = task_metrics(self.space).clone(prefix="val/")
+        self.criterion = self.task.loss(float(self.cfg.train.label_smoothing), class_weights)
+        self.eval_criterion = self.task.loss()
+        self.mixup = build_mixup(self.cfg, self.task.num_outputs)
+        self.train_metrics = self.task.metrics().clone(prefix="train/")
+        self.val_metrics = self.task.metrics().clone(prefix="val/")
 
     @property
     def classes(self) -> list[str]:
         """The model's output units."""
-        return self.space.classes
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities the metrics take: positive class (binary), per label, per node, or per class."""
-        membership = getattr(self.criterion, "membership", None)
-        return to_probabilities(logits, self.space, membership)
+        return self.task.classes
 
     def _update(self, metrics, logits: torch.Tensor, y: torch.Tensor) -> None:
-        target = y.long() if self.space.task in ("binary", "multilabel") else y
-        metrics.update(self.probabilities(logits.detach()), target)
+        metrics.update(*self.task.metric_inputs(logits.detach(), y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.model.channels_last:
@@ -104,13 +104,12 @@ class ClassifierModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
-        headline = next(k for k in ("val/acc", "val/subset_acc") if k in values)
-        self.log(headline, values.pop(headline), prog_bar=True)
+        self.log(self.task.headline, values.pop(self.task.headline), prog_bar=True)
         self.log_dict(values, prog_bar=False)
         self.val_metrics.reset()
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Raw logits (float32); :mod:`taxonomist.tasks.decide` turns them into answers."""
+        """Raw logits (float32); the task turns them into probabilities and answers."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return self(x).float()
 
@@ -169,14 +168,8 @@ def load_classifier(path: str | Path, map_location: str = "cpu", tta: str = "non
     touched again: the checkpoint holds the trained weights. ``tta`` wraps the backbone for
     test-time augmentation (see :mod:`taxonomist.models.tta`).
     """
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    hparams = ckpt["hyper_parameters"]
-    cfg = OmegaConf.create(hparams["cfg"])
-    cfg.model.pretrained = False
-    cfg.model.checkpoint = None
-    module = ClassifierModule(
-        OmegaConf.to_container(cfg), hparams["space"], hparams["in_chans"], hparams.get("class_weights")
+    module = ClassifierModule.load_from_checkpoint(
+        path, map_location=map_location, weights_only=False, initial_weights=False
     )
-    module.load_state_dict(ckpt["state_dict"])
     module.model = with_tta(module.model, tta)
     return module.eval()

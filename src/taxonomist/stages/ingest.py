@@ -1,6 +1,6 @@
 """Ingest: materialise ``data.source`` as ``data/raw``: ``manifest.csv``, ``images.zip``, ``ingest.json``.
 
-Labels are checked against the task as they are read (see :mod:`taxonomist.data.labels`).
+Labels are checked against the task as they are read (its ``check_records``).
 The source is first materialised as loose image files; the images the label check keeps are
 then packed into one stored (uncompressed), deterministic ``images.zip`` and the loose files
 removed, so DVC tracks a few files instead of one per image (see :mod:`taxonomist.data.manifest`).
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from taxonomist.data.labels import check_records
 from taxonomist.data.manifest import IMAGES_DIR, pack_images, write_manifest
 from taxonomist.data.sources import materialise
 from taxonomist.files import atomic_directory, atomic_write_json
+from taxonomist.tasks import task_of
 
 log = logging.getLogger(__name__)
 RAW_DIR = Path("data/raw")
@@ -32,7 +32,7 @@ def run(cfg: DictConfig, out_dir: Path = RAW_DIR) -> dict:
     """Ingest the configured source; return a summary (also written to ``ingest.json``)."""
     with atomic_directory(out_dir) as tmp:
         read = materialise(cfg, tmp)
-        records = check_records(read, cfg)
+        records = task_of(cfg).check_records(read, cfg)
         write_manifest(records, tmp)
         started = time.perf_counter()
         pack_images(tmp, [r.path for r in records])  # the images the label check dropped are left out

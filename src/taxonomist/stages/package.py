@@ -25,6 +25,7 @@ from PIL import Image
 import taxonomist
 from taxonomist.data.cache import read_labels, read_split
 from taxonomist.data.transforms import normalise, preprocess_settings
+from taxonomist.errors import ConfigError, ModelError, StageOrderError
 from taxonomist.export import registry
 from taxonomist.export.model_card import render_model_card
 from taxonomist.export.onnx import export_onnx, verify_onnx
@@ -32,7 +33,6 @@ from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel
 from taxonomist.files import atomic_write_json, atomic_write_text, read_json
 from taxonomist.models.module import load_classifier
 from taxonomist.stages.evaluate import DECISION_FILE
-from taxonomist.tasks.heads import resolve_champion_metric
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,16 @@ def run(
 ) -> dict:
     """Export, verify, document, log and register the trained model."""
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
-    space = read_labels(processed_dir)
+    task = read_labels(processed_dir)
     decision = read_json(reports_dir / DECISION_FILE)
-    if decision.get("task") != space.task:
-        raise RuntimeError(f"{reports_dir / DECISION_FILE} is not for task {space.task}: run the evaluate stage again")
+    if decision.get("task") != task.name:
+        raise StageOrderError(
+            f"{reports_dir / DECISION_FILE} is not for task {task.name}: run the evaluate stage again"
+        )
     settings = {
         **preprocess_settings(cfg),
         "tta": str(cfg.augment.tta),  # inside the ONNX graph; recorded for people reading the package
-        "labels": space.to_dict(),
+        "labels": task.to_dict(),
         "decision": decision,
     }
     pre = cfg.preprocess
@@ -91,7 +93,7 @@ def run(
     verification = verify_onnx(module.model, onnx_path, sample)
     limit = float(cfg.package.verify_atol) + float(cfg.package.verify_rtol) * verification["max_abs_logit"]
     if verification["max_abs_diff"] > limit:
-        raise RuntimeError(
+        raise ModelError(
             f"ONNX and PyTorch outputs differ by {verification['max_abs_diff']:.3g} > {limit:.3g} "
             f"(package.verify_atol={cfg.package.verify_atol} + package.verify_rtol={cfg.package.verify_rtol} "
             f"x largest logit {verification['max_abs_logit']:.3g})"
@@ -104,10 +106,10 @@ def run(
     metrics = read_json(metrics_file)["test"]
     per_class = pd.read_csv(reports_dir / "per_class.csv")
     name = str(cfg.package.model_name)
-    metric_key = resolve_champion_metric(str(cfg.package.champion_metric), space.task)
+    metric_key = task.test_metric(str(cfg.package.champion_metric))
     short = metric_key.split("/", 1)[1] if metric_key.startswith("test/") else metric_key
     if short not in metrics:
-        raise RuntimeError(f"package.champion_metric={metric_key!r} is not a test metric; known: {sorted(metrics)}")
+        raise ConfigError(f"package.champion_metric={metric_key!r} is not a test metric; known: {sorted(metrics)}")
     score = float(metrics[short])
 
     with runs.resume_run(cfg) as active:
@@ -149,7 +151,7 @@ def run(
             data_report=read_json(processed_dir / "report.json"),
             metrics=metrics,
             per_class=per_class,
-            space=space.to_dict(),
+            task=task,
             decision=decision,
             verification=verification,
             run_id=run_id,

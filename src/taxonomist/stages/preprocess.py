@@ -21,9 +21,9 @@ from tqdm import tqdm
 from taxonomist.data.cache import write_labels, write_split
 from taxonomist.data.images import ImageSpec, InvalidImage, decode
 from taxonomist.data.manifest import SPLITS, RawImages, read_manifest, split_labels
-from taxonomist.data.split import SplitError, assign_splits, require_min_images
+from taxonomist.data.split import assign_splits
 from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
-from taxonomist.tasks.labels import LabelError, LabelSpace
+from taxonomist.tasks import task_of
 
 log = logging.getLogger(__name__)
 RAW_DIR = Path("data/raw")
@@ -52,26 +52,11 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return kept, dropped.drop(columns="_rank")
 
 
-def strata(frame: pd.DataFrame, task: str, min_images_per_class: int) -> pd.Series:
-    """The stratum of each row for the split: its label, or for multi-label rows the rarest of
-    their labels (rows without labels form their own stratum; strata too small to split join
-    the largest one). For multi-label data every label needs ``min_images_per_class`` images."""
-    if task != "multilabel":
-        return frame["label"]
-    lists = frame["label"].map(split_labels)
-    freq = lists.explode().value_counts()
-    require_min_images(freq, min_images_per_class, "label(s)", "lower data.max_labels or remove the label")
-    rarest = lists.map(lambda labels: min(labels, key=lambda lbl: (freq[lbl], lbl)) if labels else "(no label)")
-    sizes = rarest.value_counts()
-    tiny = set(sizes[sizes < 3].index)
-    return rarest.where(~rarest.isin(tiny), sizes.index[0])
-
-
 def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR) -> dict:
     """Run the preprocess stage; return the report (also written to ``report.json``)."""
     pre = cfg.preprocess
     spec = ImageSpec(size=int(pre.image_size), channels=int(pre.channels), resize_mode=str(pre.resize_mode))
-    task = str(cfg.task.name)
+    task = task_of(cfg)
     manifest = read_manifest(raw_dir)
     manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
 
@@ -93,7 +78,7 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
     valid["_pixel_index"] = np.flatnonzero(ok)
 
     kept, dropped = deduplicate(valid)
-    kept["stratum"] = strata(kept, task, int(pre.min_images_per_class))
+    kept["stratum"] = task.strata(kept["label"], int(pre.min_images_per_class))
     split_frame = assign_splits(
         kept,
         val_fraction=float(pre.val_fraction),
@@ -102,10 +87,7 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
         min_images_per_class=int(pre.min_images_per_class),
         by="stratum",
     )
-    try:
-        space = LabelSpace.from_labels(task, split_frame["labels"], cfg.task.positive_label)
-    except LabelError as err:
-        raise SplitError(str(err)) from None
+    space = task.from_labels(split_frame["labels"], cfg.task)
 
     with atomic_directory(out_dir) as tmp:
         counts: dict[str, dict[str, int]] = {}
@@ -135,7 +117,7 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
             "duplicates_dropped": int((dropped["reason"] == "duplicate").sum()),
             "conflicting_dropped": int((dropped["reason"] != "duplicate").sum()),
             "images_out": len(split_frame),
-            "task": task,
+            "task": task.name,
             "classes": space.classes,
             "image_shape": [spec.size, spec.size, spec.channels],
             "per_split": sizes,  # images; per_split_per_class counts labels (several per multi-label image)

@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from omegaconf import DictConfig, OmegaConf
 
 from taxonomist.data.datamodule import ImageDataModule
+from taxonomist.errors import ConfigError, StageOrderError
 from taxonomist.files import atomic_write_json, read_json, sha256_file
 from taxonomist.models.callbacks import EpochHistory
 from taxonomist.models.module import ClassifierModule
-from taxonomist.tasks.heads import class_weights, resolve_monitor
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,9 @@ def ema_update(decay: float):
 
 def build_module(cfg: DictConfig, datamodule: ImageDataModule, in_chans: int) -> ClassifierModule:
     """The LightningModule for ``cfg`` over the datamodule's label space (and class weights)."""
-    space = datamodule.space
-    weights = class_weights(space, datamodule.train_targets()) if cfg.task.class_weights == "balanced" else None
-    return ClassifierModule(OmegaConf.to_container(cfg, resolve=True), space.to_dict(), in_chans, weights)
+    task = datamodule.task
+    weights = task.class_weights(datamodule.train_targets()) if cfg.task.class_weights == "balanced" else None
+    return ClassifierModule(OmegaConf.to_container(cfg, resolve=True), task.to_dict(), in_chans, weights)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], default_root_dir: Path, **overrides) -> L.Trainer:
@@ -116,10 +116,10 @@ def run(
     datamodule = ImageDataModule(cfg, processed_dir)
     report = read_json(processed_dir / "report.json")
     in_chans = int(report["image_shape"][2])
-    space = datamodule.space
-    if space.task != str(cfg.task.name):
-        raise RuntimeError(
-            f"data/processed holds {space.task} labels but task.name={cfg.task.name}: run the preprocess stage again"
+    task = datamodule.task
+    if task.name != str(cfg.task.name):
+        raise StageOrderError(
+            f"data/processed holds {task.name} labels but task.name={cfg.task.name}: run the preprocess stage again"
         )
     module = build_module(cfg, datamodule, in_chans)
 
@@ -127,7 +127,7 @@ def run(
     run_id = runs.start_pipeline_run(cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"}, spec=spec)
     ckpt_dir = models_dir / ".checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    monitor = resolve_monitor(str(cfg.train.monitor), space.task)
+    monitor = task.val_metric(str(cfg.train.monitor))
     mode = "min" if monitor.endswith("loss") else "max"
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1, save_last=False
@@ -143,10 +143,10 @@ def run(
     trainer = build_trainer(cfg, callbacks, default_root_dir=models_dir)
     trainer.fit(module, datamodule=datamodule)
     if not checkpoint.best_model_path:
-        raise RuntimeError(f"training produced no checkpoint (monitor {monitor!r} never logged?)")
+        raise ConfigError(f"training produced no checkpoint: train.monitor={monitor!r} was never logged")
     shutil.move(checkpoint.best_model_path, models_dir / "best.ckpt")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    atomic_write_json(models_dir / "labels.json", space.to_dict())
+    atomic_write_json(models_dir / "labels.json", task.to_dict())
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
     # The epoch the checkpoint comes from: the first that reached the best score.
     best_row = next((r for r in history.rows if r.get(monitor) == best), {})
