@@ -66,22 +66,12 @@ SPLIT_ALIASES = {
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ATTRIBUTE_SEP = "="  # a multi-attribute label is "<attribute>=<value>", split at the first "="
 NON_ATTRIBUTE_COLUMNS = frozenset({*PATH_COLUMNS, "split", "label", "labels"})
-# The label form of each task by name, used only while taxonomist.tasks.task_of cannot be imported.
-_FALLBACK_LABEL_FORMS = {"multilabel": "set", "hierarchical": "path", "multiattribute": "attributes"}
 
 
 def label_form(cfg: DictConfig) -> str:
-    """How the config's task labels an image: ``one``, ``set``, ``path`` or ``attributes``.
+    """How the config's task labels an image: ``one``, ``set``, ``path`` or ``attributes`` (its ``label_form``)."""
+    from taxonomist.tasks import task_of  # here, not at the top: the tasks import the data modules
 
-    Asks the task (``taxonomist.tasks.task_of(cfg).label_form``); if the task registry cannot
-    be imported, judges by ``task.name`` (multilabel: set, hierarchical: path, multiattribute:
-    attributes, anything else: one).
-    """
-    try:
-        from taxonomist.tasks import task_of
-    except ImportError:
-        name = str(OmegaConf.select(cfg, "task.name", default="multiclass"))
-        return _FALLBACK_LABEL_FORMS.get(name, "one")
     return str(task_of(cfg).label_form)
 
 
