@@ -160,3 +160,77 @@ class CountMetric(Metric):
         # float32 sums, so the arithmetic of ``finish`` is float32 as the states are
         sums = {name: np.float32(getattr(self, name).item()) for name in self.names}
         return {k: torch.tensor(v, dtype=torch.float32) for k, v in self.finish(sums).items()}
+
+
+# ---------------------------------------------------------------------- ordinal (CORAL)
+
+
+class CoralHead(torch.nn.Module):
+    """CORAL (Cao, Mirjalili & Raschka 2020, "Rank consistent ordinal regression"): a backbone
+    with one output, the shared score ``s``, plus ``K - 1`` learnable biases; the logits are
+    ``s + b_k`` (shape (N, K-1)), logit ``k`` being that of ``P(y > k)``.
+
+    The biases start at the logits of a uniform class distribution, ``P(y > k) = (K-1-k) / K``
+    (descending, so ``P(y > k)`` falls with ``k`` from the first step). The forward pass is a
+    slice and an add, so torch.onnx exports it as it is.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"CORAL needs at least 2 classes, got {num_classes}")
+        self.backbone = backbone
+        above = torch.arange(num_classes - 1, 0, -1, dtype=torch.float32) / num_classes
+        self.bias = torch.nn.Parameter(torch.log(above / (1.0 - above)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = self.backbone(x)[:, :1]  # (N, 1)
+        return score + self.bias
+
+
+def coral_levels(target: torch.Tensor, thresholds: int) -> torch.Tensor:
+    """The binary CORAL targets ``[y > k]`` for ``k = 0 .. thresholds-1``: (N, thresholds) float."""
+    ks = torch.arange(thresholds, device=target.device)
+    return (target.long().unsqueeze(1) > ks).float()
+
+
+class CoralLoss(WeightedLoss):
+    """The CORAL loss: the sum over the ``K - 1`` thresholds of the BCE between logit ``k`` and
+    ``[y > k]``, averaged over the batch (as in the paper and ``coral_pytorch``). ``weights``
+    are per class (:meth:`Task.class_weights`): an image counts with the weight of its class and
+    the batch mean is weighted, as cross-entropy's ``weight`` does."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        levels = coral_levels(target, logits.shape[1])
+        per_image = F.binary_cross_entropy_with_logits(logits, levels, reduction="none").sum(dim=1)
+        weights = self.weight
+        if weights is None:
+            return per_image.mean()
+        w = weights[target.long()]
+        return (per_image * w).sum() / w.sum()
+
+
+def coral_rank(logits: torch.Tensor) -> torch.Tensor:
+    """Decided class indices from CORAL logits: the number of thresholds ``k`` with
+    ``P(y > k) > 0.5``, the cumulative probabilities made non-increasing first (a running
+    minimum, as :meth:`OrdinalTask.probabilities` does), i.e. the median of the distribution."""
+    above = torch.sigmoid(logits.float())
+    above = torch.cummin(above, dim=1).values
+    return (above > 0.5).sum(dim=1)
+
+
+def ordinal_metrics(n: int) -> MetricCollection:
+    """Accuracy, mean absolute error in classes, quadratic weighted kappa and macro F1 over ``n``
+    ordered classes, updated with decided class indices."""
+    from torchmetrics.classification import MulticlassCohenKappa
+    from torchmetrics.regression import MeanAbsoluteError
+
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes=n, average="micro"),
+            "mae": MeanAbsoluteError(),
+            "qwk": MulticlassCohenKappa(num_classes=n, weights="quadratic"),
+            "f1_macro": MulticlassF1Score(num_classes=n, average="macro"),
+        }
+    )
