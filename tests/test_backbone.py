@@ -14,8 +14,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from taxonomist.errors import ModelError
 from taxonomist.models.backbone import (
-    WeightsError,
     create_backbone,
     load_weights,
     read_state_dict,
@@ -134,7 +134,7 @@ def test_wrong_architecture_with_same_names_raises(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(timm.create_model("resnet50", num_classes=1000).state_dict(), path)
     model = timm.create_model("resnet18", num_classes=10)
-    with pytest.raises(WeightsError, match=r"resnet50\.pth.*layer1\.0\.conv1\.weight"):
+    with pytest.raises(ModelError, match=r"resnet50\.pth.*layer1\.0\.conv1\.weight"):
         load_weights(model, str(path))
 
 
@@ -142,7 +142,7 @@ def test_wrong_architecture_with_other_names_raises(tmp_path):
     path = tmp_path / "effnet.pth"
     torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), path)
     model = timm.create_model("resnet18", num_classes=10)
-    with pytest.raises(WeightsError, match="cannot be matched in order"):
+    with pytest.raises(ModelError, match="cannot be matched in order"):
         load_weights(model, str(path))
 
 
@@ -151,7 +151,7 @@ def test_checkpoint_matching_too_few_tensors_raises(tmp_path, resnet18_imagenet_
     path = tmp_path / "partial.pth"
     torch.save({k: v for k, v in saved.items() if k.startswith("layer4")}, path)
     model = timm.create_model("resnet18", num_classes=1000)
-    with pytest.raises(WeightsError, match=r"tensor counts differ \(25 vs 102\)"):
+    with pytest.raises(ModelError, match=r"tensor counts differ \(25 vs 102\)"):
         load_weights(model, str(path))
 
 
@@ -160,29 +160,29 @@ def test_checkpoint_missing_some_backbone_tensors_raises(tmp_path, resnet18_imag
     path = tmp_path / "no_layer4.pth"
     torch.save({k: v for k, v in saved.items() if not k.startswith("layer4")}, path)
     model = timm.create_model("resnet18", num_classes=1000)
-    with pytest.raises(WeightsError, match=r"no weights for 25 of the model's 122 tensors \(layer4\.0\.conv1\.weight"):
+    with pytest.raises(ModelError, match=r"no weights for 25 of the model's 122 tensors \(layer4\.0\.conv1\.weight"):
         load_weights(model, str(path))
 
 
 def test_non_state_dict_file_raises(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)
-    with pytest.raises(WeightsError, match="holds no state dict"):
+    with pytest.raises(ModelError, match="holds no state dict"):
         read_state_dict(path)
 
 
 def test_missing_checkpoint_file(tmp_path):
-    with pytest.raises(WeightsError, match=r"nope\.pth does not exist"):
+    with pytest.raises(ModelError, match=r"nope\.pth does not exist"):
         resolve_checkpoint(str(tmp_path / "nope.pth"))
 
 
 def test_checkpoint_package_not_installed():
-    with pytest.raises(WeightsError, match=r"package 'no_such_weights_pkg' is not installed.*no-such-weights-pkg"):
+    with pytest.raises(ModelError, match=r"package 'no_such_weights_pkg' is not installed.*no-such-weights-pkg"):
         resolve_checkpoint("package:no_such_weights_pkg")
 
 
 def test_checkpoint_package_without_weights():
-    with pytest.raises(WeightsError, match="ships no weights file"):
+    with pytest.raises(ModelError, match="ships no weights file"):
         resolve_checkpoint("package:taxonomist.export")
 
 
@@ -267,12 +267,13 @@ def test_package_weights_into_grayscale_ten_class_model():
 OFFLINE_PRETRAINED = """
 import sys, torch
 from omegaconf import OmegaConf
-from taxonomist.models.backbone import WeightsError, create_backbone
+from taxonomist.errors import ModelError
+from taxonomist.models.backbone import create_backbone
 cfg = OmegaConf.create({"name": "test_resnet.r160_in1k", "pretrained": True, "checkpoint": None,
                         "drop_rate": 0.0, "kwargs": {}})
 try:
     torch.save(create_backbone(cfg, num_classes=3, in_chans=1).state_dict(), sys.argv[1])
-except WeightsError as err:
+except ModelError as err:
     print(err)
 """
 
@@ -280,7 +281,7 @@ except WeightsError as err:
 def build_pretrained_offline(home: Path) -> dict[str, torch.Tensor] | str:
     """In a child process with ``HF_HUB_OFFLINE=1`` and the hub cache under ``home/hub`` (as on
     a user's offline machine), build ``test_resnet.r160_in1k`` with ``model.pretrained=true``:
-    its state dict, or the WeightsError's message."""
+    its state dict, or the ModelError's message."""
     out = home / "built.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(home / "hub"), "HF_HOME": str(home)}
     proc = subprocess.run([sys.executable, "-c", OFFLINE_PRETRAINED, str(out)], env=env, capture_output=True, text=True)

@@ -18,11 +18,11 @@ from taxonomist.config import compose
 from taxonomist.data.cache import read_labels, read_split, write_labels, write_split
 from taxonomist.data.images import ImageSpec, decode
 from taxonomist.data.manifest import RawImages, pack_images, read_manifest
-from taxonomist.data.sources import SourceError
-from taxonomist.data.split import SplitError, assign_splits
+from taxonomist.data.split import assign_splits
+from taxonomist.errors import DataError, StageOrderError
 from taxonomist.stages import ingest, preprocess
 from taxonomist.stages.preprocess import deduplicate, strata
-from taxonomist.tasks.labels import LabelSpace
+from taxonomist.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,13 +117,13 @@ def test_assign_splits_keeps_existing_test_rows():
 
 def test_assign_splits_names_too_small_class():
     data = pool({"big": 20, "tiny": 1})
-    with pytest.raises(SplitError, match=r"'tiny' \(1\)"):
+    with pytest.raises(DataError, match=r"'tiny' \(1\)"):
         assign_splits(data, 0.2, 0.2, seed=0, min_images_per_class=2)
 
 
 def test_assign_splits_names_class_too_small_to_stratify():
     data = pool({"big": 30, "lonely": 1})
-    with pytest.raises(SplitError, match="class 'lonely' has 1 image"):
+    with pytest.raises(DataError, match="class 'lonely' has 1 image"):
         assign_splits(data, 0.2, 0.2, seed=0, min_images_per_class=1)
 
 
@@ -132,7 +132,7 @@ def test_assign_splits_every_class_in_every_split_or_error(small):
     data = pool({"big": 30, "small": small})
     try:
         out = assign_splits(data, 0.2, 0.2, seed=0, min_images_per_class=2)
-    except SplitError as err:
+    except DataError as err:
         assert "'small'" in str(err)
         return
     per_split = out.groupby("split")["label"].agg(set)
@@ -152,7 +152,7 @@ def test_multilabel_strata_use_the_rarest_label_and_name_too_rare_labels():
     out = strata(rows, "multilabel", min_images_per_class=2)
     # label frequencies: a 12, b 9, c 9 -> each row's rarest label (ties by name)
     assert out.tolist()[:7] == ["b", "a", "c", "b", "b", "c", "(no label)"]
-    with pytest.raises(SplitError, match=r"min_images_per_class=10 images: 'b' \(9\), 'c' \(9\)"):
+    with pytest.raises(DataError, match=r"min_images_per_class=10 images: 'b' \(9\), 'c' \(9\)"):
         strata(rows, "multilabel", min_images_per_class=10)
     # a stratum too small to split (here: the one image whose rarest label is "a") joins the largest
     lone = strata(frame([*[(f"x{i}", "b|c", "", f"x{i}") for i in range(4)], ("y", "a|b", "", "y")]), "multilabel", 1)
@@ -166,15 +166,15 @@ def test_multilabel_strata_use_the_rarest_label_and_name_too_rare_labels():
 def test_cache_round_trip(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     write_split(tmp_path, "val", images, np.array([2, 0, 1, 2]))
-    write_labels(tmp_path, LabelSpace("multiclass", ["x", "y", "z"]))
+    write_labels(tmp_path, get_task("multiclass")(["x", "y", "z"]))
     arrays = read_split(tmp_path, "val")
     assert isinstance(arrays.images, np.memmap)
     np.testing.assert_array_equal(arrays.images, images)
     assert arrays.labels.dtype == np.int64 and arrays.labels.tolist() == [2, 0, 1, 2]
     assert len(arrays) == 4
     assert not isinstance(read_split(tmp_path, "val", mmap=False).images, np.memmap)
-    assert read_labels(tmp_path) == LabelSpace("multiclass", ["x", "y", "z"])
-    with pytest.raises(FileNotFoundError, match="run the preprocess stage"):
+    assert read_labels(tmp_path) == get_task("multiclass")(["x", "y", "z"])
+    with pytest.raises(StageOrderError, match=r"train_images\.npy not found: run the preprocess stage first"):
         read_split(tmp_path, "train")
 
 
@@ -262,7 +262,7 @@ def test_failed_ingest_keeps_previous_raw_data(staged):
     raw = staged["raw"]
     before = {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()}
     shutil.rmtree(staged["source"])
-    with pytest.raises(SourceError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         ingest.run(staged["cfg"], out_dir=raw)
     after = {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()}
     assert after == before
@@ -276,7 +276,7 @@ def test_preprocess_fails_on_a_class_that_is_too_small(tmp_path):
     cfg = compose(tiny_overrides(source), conf_dir=REPO / "conf")
     raw, processed = tmp_path / "raw", tmp_path / "processed"
     ingest.run(cfg, out_dir=raw)
-    with pytest.raises(SplitError, match=r"'b' \(1\)"):
+    with pytest.raises(DataError, match=r"'b' \(1\)"):
         preprocess.run(cfg, raw_dir=raw, out_dir=processed)
     assert not processed.exists()
 
@@ -357,9 +357,9 @@ def test_a_raw_folder_without_images_or_with_a_broken_zip_is_an_error(staged, tm
     raw = tmp_path / "raw"
     shutil.copytree(staged["raw"], raw)
     (raw / "images.zip").unlink()
-    with pytest.raises(FileNotFoundError, match=r"neither images\.zip nor images/ found"):
+    with pytest.raises(StageOrderError, match=r"neither images\.zip nor images/ found"):
         preprocess.run(staged["cfg"], raw_dir=raw, out_dir=tmp_path / "processed")
     (raw / "images.zip").write_bytes(b"not a zip")
-    with pytest.raises(zipfile.BadZipFile, match=r"images\.zip: .*run the ingest stage again"):
+    with pytest.raises(StageOrderError, match=r"images\.zip: .*run the ingest stage again"):
         preprocess.run(staged["cfg"], raw_dir=raw, out_dir=tmp_path / "processed")
     assert not (tmp_path / "processed").exists()

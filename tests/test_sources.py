@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from taxonomist.data.manifest import COLUMNS, join_labels, read_manifest, write_manifest
-from taxonomist.data.sources import SourceError, materialise
 from taxonomist.data.sources import fashion_mnist as fm
+from taxonomist.data.sources import materialise
 from taxonomist.data.sources.folder import materialise_folder, scan_folder
+from taxonomist.errors import DataError, StageOrderError
 from taxonomist.files import sha256_file
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -40,14 +41,14 @@ def source_cfg(source: Path | str, task: str = "multiclass", image_root: Path | 
 
 def test_folder_missing_path(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(SourceError, match=rf"{missing} does not exist"):
+    with pytest.raises(DataError, match=rf"{missing} does not exist"):
         scan_folder(missing)
 
 
 def test_folder_is_a_file(tmp_path):
     path = tmp_path / "images.zip"
     path.write_bytes(b"PK")
-    with pytest.raises(SourceError, match=rf"{path} is not a folder"):
+    with pytest.raises(DataError, match=rf"{path} is not a folder"):
         scan_folder(path)
 
 
@@ -55,21 +56,37 @@ def test_folder_with_empty_class_folder_names_it(tmp_path):
     root = make_image_folder(tmp_path / "src", per_class=2, classes=("a", "b"))
     (root / "empty").mkdir()
     (root / "empty" / "notes.txt").write_text("not an image")
-    with pytest.raises(SourceError, match=rf"class folder {root / 'empty'} holds no images"):
+    expected = rf"class folder\(s\) of data\.source {root} hold no images.*\n  class folder {root / 'empty'}$"
+    with pytest.raises(DataError, match=expected):
         scan_folder(root)
+
+
+def test_folder_reports_every_kind_of_problem_at_once(tmp_path):
+    root = make_image_folder(tmp_path / "src", per_class=2, classes=("a", "b", "x|y", "p|q"))
+    for empty in ("empty1", "empty2"):
+        (root / empty).mkdir()
+    with pytest.raises(DataError) as info:
+        scan_folder(root)
+    message = str(info.value)
+    assert message.startswith("4 problems found:\n")
+    assert f"2 class folder(s) of data.source {root} hold no images" in message
+    assert f"\n  class folder {root / 'empty1'}\n  class folder {root / 'empty2'}\n" in message
+    assert "2 folder name(s) of data.source cannot be labels:\n" in message
+    assert f"\n  folder {root / 'p|q'}: label 'p|q' contains '|'" in message
+    assert f"\n  folder {root / 'x|y'}: label 'x|y' contains '|'" in message
 
 
 def test_folder_without_class_folders(tmp_path):
     root = tmp_path / "flat"
     root.mkdir()
     Image.new("RGB", (8, 8)).save(root / "loose.png")
-    with pytest.raises(SourceError, match=rf"{root} has no class folders"):
+    with pytest.raises(DataError, match=rf"{root} has no class folders"):
         scan_folder(root)
 
 
 def test_folder_with_a_single_class(tmp_path):
     root = make_image_folder(tmp_path / "src", per_class=3, classes=("only",))
-    with pytest.raises(SourceError, match=rf"{root} has one class \('only'\)"):
+    with pytest.raises(DataError, match=rf"{root} has one class \('only'\)"):
         scan_folder(root)
 
 
@@ -116,12 +133,12 @@ def test_manifest_round_trip(tmp_path):
 
 
 def test_read_manifest_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run the ingest stage"):
+    with pytest.raises(StageOrderError, match=r"manifest\.csv not found: run the ingest stage first"):
         read_manifest(tmp_path)
 
 
 def test_unknown_builtin_source(tmp_path):
-    with pytest.raises(SourceError, match="unknown built-in dataset 'mnist'"):
+    with pytest.raises(DataError, match="unknown built-in dataset 'mnist'"):
         materialise(source_cfg("builtin:mnist"), tmp_path)
 
 
@@ -175,13 +192,13 @@ def test_read_idx(fake_fmnist):
 def test_read_idx_rejects_swapped_files(fake_fmnist):
     folder, _ = fake_fmnist
     labels_gz = folder / "train-labels-idx1-ubyte.gz"
-    with pytest.raises(SourceError, match="not an IDX image file"):
+    with pytest.raises(DataError, match="not an IDX image file"):
         fm.read_idx(labels_gz, labels_gz)
 
 
 def test_read_idx_rejects_label_count_mismatch(fake_fmnist):
     folder, _ = fake_fmnist
-    with pytest.raises(SourceError, match="not an IDX label file matching"):
+    with pytest.raises(DataError, match="not an IDX label file matching"):
         fm.read_idx(folder / "train-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")
 
 
@@ -192,7 +209,7 @@ def test_read_idx_rejects_truncated_images(fake_fmnist, tmp_path):
     header = np.array([2051, TRAIN_N, 28, 28], dtype=">u4").tobytes()
     with gzip.open(short, "wb") as fh:
         fh.write(header + images.tobytes()[:-100])
-    with pytest.raises(SourceError, match=rf"{short}: truncated or corrupt"):
+    with pytest.raises(DataError, match=rf"{short}: truncated or corrupt"):
         fm.read_idx(short, folder / "train-labels-idx1-ubyte.gz")
 
 
@@ -201,9 +218,9 @@ def test_read_idx_rejects_tiny_file(fake_fmnist, tmp_path):
     tiny = tmp_path / "tiny.gz"
     with gzip.open(tiny, "wb") as fh:
         fh.write(b"\x00\x00")
-    with pytest.raises(SourceError, match=rf"{tiny}: not an IDX image file"):
+    with pytest.raises(DataError, match=rf"{tiny}: not an IDX image file"):
         fm.read_idx(tiny, folder / "train-labels-idx1-ubyte.gz")
-    with pytest.raises(SourceError, match=rf"{tiny}: not an IDX label file"):
+    with pytest.raises(DataError, match=rf"{tiny}: not an IDX label file"):
         fm.read_idx(folder / "train-images-idx3-ubyte.gz", tiny)
 
 
@@ -236,7 +253,7 @@ def test_missing_data_without_download_tells_how_to_get_it(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SourceError) as info:
+    with pytest.raises(DataError) as info:
         fm.locate(fmnist_cfg(empty, download=False).data, download_dir=tmp_path / "dl")
     message = str(info.value)
     assert str(empty) in message
@@ -310,7 +327,7 @@ def test_download_checksum_mismatch(fake_fmnist, tmp_path, monkeypatch, file_ser
     monkeypatch.setattr(fm, "FILES", expected)
     url = file_server(folder)
     dl = tmp_path / "dl"
-    with pytest.raises(SourceError, match=r"Checksum mismatch for .*t10k-images-idx3-ubyte\.gz.*expected 0{32}"):
+    with pytest.raises(DataError, match=r"Checksum mismatch for .*t10k-images-idx3-ubyte\.gz.*expected 0{32}"):
         fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url).data, download_dir=dl)
     assert not (dl / "t10k-images-idx3-ubyte.gz").exists()
     assert not list(dl.glob("*.part"))
@@ -320,7 +337,7 @@ def test_real_checksums_reject_fake_files(fake_fmnist, tmp_path, file_server):
     # With the published MD5s, files that are not the real dataset are refused.
     folder, _ = fake_fmnist
     url = file_server(folder)
-    with pytest.raises(SourceError, match="Checksum mismatch"):
+    with pytest.raises(DataError, match="Checksum mismatch"):
         fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url).data, download_dir=tmp_path / "dl")
 
 
@@ -331,7 +348,7 @@ def test_download_http_error_is_a_source_error(fake_fmnist, tmp_path, monkeypatc
     shutil.copytree(folder, served)
     (served / "train-labels-idx1-ubyte.gz").unlink()  # -> HTTP 404
     url = file_server(served)
-    with pytest.raises(SourceError, match=r"Could not download .*train-labels-idx1-ubyte\.gz.*apt-get"):
+    with pytest.raises(DataError, match=r"Could not download .*train-labels-idx1-ubyte\.gz.*apt-get"):
         fm.locate(fmnist_cfg(tmp_path / "none", download=True, url=url).data, download_dir=tmp_path / "dl")
     assert not list((tmp_path / "dl").glob("*.part"))
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from taxonomist.config import compose
 from taxonomist.data.manifest import LABEL_SEP, PATH_SEP, Record
-from taxonomist.data.sources import SourceError, builtin, emoji, materialise
+from taxonomist.data.sources import builtin, emoji, materialise
+from taxonomist.errors import DataError
 from taxonomist.files import sha256_file
 
 NODE_MODULES = REPO / "node_modules"
@@ -223,7 +224,7 @@ def test_emoji_categories(fake_modules, tmp_path):
 def test_emoji_missing_node_modules(tmp_path):
     missing = tmp_path / "node_modules"
     for source in ("builtin:emoji-tags", "builtin:emoji-categories"):
-        with pytest.raises(SourceError, match=rf"{missing} .*is not a folder.*bash scripts/setup\.sh"):
+        with pytest.raises(DataError, match=rf"{missing} .*is not a folder.*bash scripts/setup\.sh"):
             materialise(emoji_cfg(missing, source), tmp_path / "raw")
 
 
@@ -237,7 +238,7 @@ def test_emoji_missing_node_modules(tmp_path):
 )
 def test_emoji_missing_package_file(fake_modules, tmp_path, removed, source):
     (fake_modules / removed).unlink()
-    with pytest.raises(SourceError, match=rf"{fake_modules / removed} not found.*bash scripts/setup\.sh"):
+    with pytest.raises(DataError, match=rf"{fake_modules / removed} not found.*bash scripts/setup\.sh"):
         materialise(emoji_cfg(fake_modules, source), tmp_path / "raw")
 
 
@@ -248,11 +249,11 @@ def test_emoji_categories_do_not_need_openmoji(fake_modules, tmp_path):
 
 def test_emoji_bad_files_are_named(fake_modules, tmp_path):
     (fake_modules / emoji.EMOJI_JSON).write_text('{"not": "a list"', encoding="utf-8")
-    with pytest.raises(SourceError, match=rf"{fake_modules / emoji.EMOJI_JSON}: not an emoji-datasource"):
+    with pytest.raises(DataError, match=rf"{fake_modules / emoji.EMOJI_JSON}: not an emoji-datasource"):
         materialise(emoji_cfg(fake_modules, "builtin:emoji-categories"), tmp_path / "raw")
     make_node_modules(tmp_path / "other")
     (tmp_path / "other" / emoji.OPENMOJI_CSV).write_text("emoji,code,labels\n", encoding="utf-8")
-    with pytest.raises(SourceError, match=r"openmoji\.csv: missing column\(s\) \['hexcode', 'tags'\]"):
+    with pytest.raises(DataError, match=r"openmoji\.csv: missing column\(s\) \['hexcode', 'tags'\]"):
         materialise(emoji_cfg(tmp_path / "other"), tmp_path / "raw")
 
 

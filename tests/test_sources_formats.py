@@ -21,7 +21,8 @@ from PIL import Image
 from test_sources import source_cfg
 
 from taxonomist.data.manifest import Record
-from taxonomist.data.sources import SourceError, archive, materialise
+from taxonomist.data.sources import archive, materialise
+from taxonomist.errors import DataError
 from taxonomist.files import sha256_file
 
 
@@ -91,7 +92,7 @@ def test_nested_folders_for_flat_tasks_use_the_first_level(nested_tree, tmp_path
 
 def test_folder_name_with_label_separator_is_refused(tmp_path):
     root = make_image_folder(tmp_path / "src", per_class=1, classes=("cat|dog", "bird"))
-    with pytest.raises(SourceError, match=r"folder .*cat\|dog: label 'cat\|dog' contains '\|'"):
+    with pytest.raises(DataError, match=r"folder .*cat\|dog: label 'cat\|dog' contains '\|'"):
         materialise(source_cfg(root), tmp_path / "raw")
 
 
@@ -128,7 +129,7 @@ def test_csv_manifest_image_root_and_image_column(tmp_path):
     records = materialise(source_cfg(manifest, task="hierarchical", image_root=images), tmp_path / "raw")
     assert [r.labels for r in records] == [("Apparel/Tops",), ("Bags",)]
     # Without image_root the paths are looked up beside the manifest, and the error names the row.
-    with pytest.raises(SourceError, match=rf"m\.csv row 1: image file 'a/1\.png' not found \(looked in {tmp_path}"):
+    with pytest.raises(DataError, match=rf"m\.csv row 1: image file 'a/1\.png' not found \(looked in {tmp_path}"):
         materialise(source_cfg(manifest), tmp_path / "raw2")
 
 
@@ -144,7 +145,7 @@ def test_bad_split_value_names_the_row(tmp_path):
         {"path": write_png(tmp_path / f"{i}.png", i).name, "label": "x", "split": s}
         for i, s in enumerate(["train", "holdout"])
     ]
-    with pytest.raises(SourceError, match=r"m\.csv row 2: split 'holdout' is not train, val, test or empty"):
+    with pytest.raises(DataError, match=r"m\.csv row 2: split 'holdout' is not train, val, test or empty"):
         materialise(source_cfg(write_csv(tmp_path / "m.csv", rows)), tmp_path / "raw")
 
 
@@ -178,7 +179,7 @@ def test_parquet_manifest_with_list_labels(tmp_path):
 def test_label_and_labels_columns_both_filled_mix(tmp_path):
     rows = [{"path": write_png(tmp_path / "0.png").name, "label": "cat", "labels": ""}]
     rows.append({"path": "0.png", "label": "", "labels": "cat|dog"})
-    with pytest.raises(SourceError, match=r"m\.csv: both a 'label' and a 'labels' column .* mixes single and multi"):
+    with pytest.raises(DataError, match=r"m\.csv: both a 'label' and a 'labels' column .* mixes single and multi"):
         materialise(source_cfg(write_csv(tmp_path / "m.csv", rows)), tmp_path / "raw")
 
 
@@ -192,43 +193,66 @@ def test_an_empty_labels_column_beside_label_is_ignored(tmp_path):
 def test_label_cell_holding_a_list_mixes(tmp_path, cell):
     write_png(tmp_path / "0.png")
     rows = [{"path": "0.png", "label": "cat"}, {"path": "0.png", "label": cell}]
-    with pytest.raises(SourceError, match=r"m\.csv row 2: label cell .* mixes single and multi labels"):
+    with pytest.raises(DataError, match=r"m\.csv row 2: label cell .* mixes single and multi labels"):
         materialise(source_cfg(write_csv(tmp_path / "m.csv", rows)), tmp_path / "raw")
 
 
 def test_empty_label_cell_names_the_row(tmp_path):
     write_png(tmp_path / "0.png")
     rows = [{"path": "0.png", "label": "cat"}, {"path": "0.png", "label": "dog"}, {"path": "0.png", "label": ""}]
-    with pytest.raises(SourceError, match=r"m\.csv row 3: empty label"):
+    with pytest.raises(DataError, match=r"m\.csv row 3: empty label"):
         materialise(source_cfg(write_csv(tmp_path / "m.csv", rows)), tmp_path / "raw")
 
 
 def test_label_with_separator_in_a_labels_list_is_refused(tmp_path):
     rows = [{"path": write_png(tmp_path / "0.png").name, "labels": '["a|b", "c"]'}]
-    with pytest.raises(SourceError, match=r"m\.csv row 1: label 'a\|b' contains '\|'"):
+    with pytest.raises(DataError, match=r"m\.csv row 1: label 'a\|b' contains '\|'"):
         materialise(source_cfg(write_csv(tmp_path / "m.csv", rows), task="multilabel"), tmp_path / "raw")
 
 
 def test_missing_files_are_reported_together(tmp_path):
     write_png(tmp_path / "ok.png")
-    rows = [{"path": "ok.png", "label": "a"}] + [{"path": f"imgs/gone_{i}.png", "label": "b"} for i in range(7)]
+    rows = [{"path": "ok.png", "label": "a"}] + [{"path": f"imgs/gone_{i}.png", "label": "b"} for i in range(25)]
     out = tmp_path / "raw"
-    with pytest.raises(SourceError) as info:
+    with pytest.raises(DataError) as info:
         materialise(source_cfg(write_csv(tmp_path / "labels.csv", rows)), out)
     message = str(info.value)
-    assert message.startswith("7 row(s) of labels.csv name images that cannot be used")
+    assert message.startswith("25 row(s) of labels.csv name images that cannot be used")
     expected = (
         f"labels.csv row 2: image file 'imgs/gone_0.png' not found (looked in {tmp_path / 'imgs' / 'gone_0.png'})"
     )
     assert expected in message
-    assert "labels.csv row 6:" in message and "labels.csv row 7:" not in message  # the first five
-    assert "... and 2 more" in message
+    assert "labels.csv row 21:" in message and "labels.csv row 22:" not in message  # the first twenty
+    assert "... and 5 more" in message
     assert not out.exists()  # nothing copied
+
+
+@pytest.mark.xfail(
+    reason="table.materialise_table still raises at the first bad cell: it needs to collect its rows' problems "
+    "in a taxonomist.errors.Problems (see common.report_problems(into=...))",
+    strict=True,
+)
+def test_a_manifest_with_several_kinds_of_problems_reports_them_all_at_once(tmp_path):
+    write_png(tmp_path / "ok.png")
+    rows = [
+        {"path": "ok.png", "label": "a", "split": "train"},
+        {"path": "gone.png", "label": "b", "split": ""},
+        {"path": "ok.png", "label": "c", "split": "holdout"},
+        {"path": "ok.png", "label": "", "split": "test"},
+    ]
+    with pytest.raises(DataError) as info:
+        materialise(source_cfg(write_csv(tmp_path / "m.csv", rows)), tmp_path / "raw")
+    message = str(info.value)
+    assert message.startswith("3 problems found:\n")
+    assert "m.csv row 2: image file 'gone.png' not found" in message
+    assert "m.csv row 3: split 'holdout' is not train, val, test or empty" in message
+    assert "m.csv row 4: empty label" in message
+    assert not (tmp_path / "raw").exists()
 
 
 def test_manifest_without_a_path_column_lists_the_columns(tmp_path):
     manifest = write_csv(tmp_path / "m.csv", [{"file": "x.png", "label": "a"}])
-    with pytest.raises(SourceError, match=r"m\.csv: no 'path' or 'image' column \(found: file, label\)"):
+    with pytest.raises(DataError, match=r"m\.csv: no 'path' or 'image' column \(found: file, label\)"):
         materialise(source_cfg(manifest), tmp_path / "raw")
 
 
@@ -287,7 +311,7 @@ def test_archive_manifest_cannot_reach_outside_the_archive(tmp_path):
     write_csv(content / "m.csv", [{"path": "a.png", "label": "a"}, {"path": str(secret), "label": "b"}])
     target = zip_folder(content, tmp_path / "data.zip")
     with pytest.raises(
-        SourceError, match=rf"m\.csv row 2: image file '{re.escape(str(secret))}' lies outside the archive"
+        DataError, match=rf"m\.csv row 2: image file '{re.escape(str(secret))}' lies outside the archive"
     ):
         materialise(source_cfg(target), tmp_path / "raw")
 
@@ -298,7 +322,7 @@ def test_archive_with_two_manifests_is_ambiguous(tmp_path):
     write_csv(content / "a.csv", [{"path": "a.png", "label": "a"}])
     write_csv(content / "b.csv", [{"path": "a.png", "label": "a"}])
     with pytest.raises(
-        SourceError, match=r"data\.zip: cannot tell which file is the manifest or export \(a\.csv, b\.csv\)"
+        DataError, match=r"data\.zip: cannot tell which file is the manifest or export \(a\.csv, b\.csv\)"
     ):
         materialise(source_cfg(zip_folder(content, tmp_path / "data.zip")), tmp_path / "raw")
 
@@ -348,17 +372,36 @@ def test_unsafe_archive_members_are_refused_before_writing(tmp_path, archive_nam
     build(target)
     before = snapshot(tmp_path)
     out = work / "data" / "raw"
-    with pytest.raises(SourceError, match=rf"member '{member}': {why}.*nothing was extracted"):
+    with pytest.raises(DataError, match=rf"refusing the archive; nothing was extracted.*\n  member '{member}': {why}"):
         materialise(source_cfg(target), out)
     assert snapshot(tmp_path) == before  # nothing extracted, not even the output folder
     assert not Path("/tmp/evil.png").exists() or Path("/tmp/evil.png").read_bytes() != b"evil"
+
+
+def test_every_unsafe_archive_member_is_named_in_one_error(tmp_path):
+    target = tmp_path / "evil.zip"
+    with zipfile.ZipFile(target, "w") as zf:
+        zf.writestr("shapes/circle/ok.png", b"fine")
+        for name in ("../up.png", "/abs.png", "C:/drive.png"):
+            zf.writestr(name, b"evil")
+    with pytest.raises(DataError) as info:
+        materialise(source_cfg(target), tmp_path / "raw")
+    message = str(info.value)
+    assert message.startswith(f"{target}: refusing the archive; nothing was extracted. 3 unsafe member(s):\n")
+    for line in (
+        "member '../up.png': a '..' path component",
+        "member '/abs.png': an absolute path",
+        "member 'C:/drive.png': a drive letter",
+    ):
+        assert f"\n  {line}" in message
+    assert not (tmp_path / "raw").exists()
 
 
 def test_archive_size_cap(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "shapes", per_class=2, classes=("circle", "square"))
     target = zip_folder(root, tmp_path / "shapes.zip")
     monkeypatch.setattr(archive, "MAX_EXTRACTED_BYTES", 100)
-    with pytest.raises(SourceError, match=r"shapes\.zip: the archive expands to \d+ bytes, more than the 100 allowed"):
+    with pytest.raises(DataError, match=r"shapes\.zip: the archive expands to \d+ bytes, more than the 100 allowed"):
         materialise(source_cfg(target), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
@@ -366,7 +409,7 @@ def test_archive_size_cap(tmp_path, monkeypatch):
 def test_not_an_archive(tmp_path):
     target = tmp_path / "fake.zip"
     target.write_bytes(b"this is not a zip file")
-    with pytest.raises(SourceError, match=r"fake\.zip: not a zip or tar archive"):
+    with pytest.raises(DataError, match=r"fake\.zip: not a zip or tar archive"):
         materialise(source_cfg(target), tmp_path / "raw")
 
 
@@ -462,7 +505,7 @@ def test_label_studio_missing_image_names_the_task(tmp_path):
         ],
     )
     with pytest.raises(
-        SourceError,
+        DataError,
         match=r"export\.json task 7: image '/data/upload/1/deadbeef-gone\.png': no file named 'deadbeef-gone",
     ):
         materialise(source_cfg(export), tmp_path / "raw")
@@ -472,7 +515,7 @@ def test_label_studio_remote_urls_need_a_download_and_image_root(tmp_path):
     export = write_export(
         tmp_path / "export.json", [ls_task(3, "https://example.com/pics/cat.png?sig=1", choices("Cat"))]
     )
-    with pytest.raises(SourceError, match=r"export\.json task 3: 'https://example\.com/pics/cat\.png\?sig=1'") as info:
+    with pytest.raises(DataError, match=r"export\.json task 3: 'https://example\.com/pics/cat\.png\?sig=1'") as info:
         materialise(source_cfg(export), tmp_path / "raw")
     assert "download the images into a folder and set data.image_root" in str(info.value)
     # Once downloaded into data.image_root, the file is found by its name.
@@ -503,7 +546,7 @@ def test_label_studio_json_min(tmp_path):
 
 def test_label_studio_without_annotations(tmp_path):
     export = write_export(tmp_path / "export.json", [ls_task(1, "/data/upload/1/deadbeef-a.png")])
-    with pytest.raises(SourceError, match=r"export\.json: no task has a non-cancelled annotation"):
+    with pytest.raises(DataError, match=r"export\.json: no task has a non-cancelled annotation"):
         materialise(source_cfg(export), tmp_path / "raw")
 
 

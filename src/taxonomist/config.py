@@ -17,13 +17,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from taxonomist.errors import ConfigError
+
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
 CONFIG_NAME = "config"
-
-
-class ConfigError(ValueError):
-    """A config key or value that the pipeline cannot use; the message names the key."""
 
 
 @dataclass

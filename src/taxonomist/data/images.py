@@ -8,13 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from taxonomist.errors import DataError
+
 # Decompression-bomb guard: refuse images over this many pixels instead of exhausting memory.
 MAX_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
-class InvalidImage(ValueError):
-    """An image that cannot be used; the message says why."""
+class InvalidImage(DataError):
+    """An image that cannot be used; the message says why (preprocess quarantines it)."""
 
 
 @dataclass(frozen=True)

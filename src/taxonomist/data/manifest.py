@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from taxonomist.errors import StageOrderError, missing_input, stale_input
 from taxonomist.files import atomic_write_text
 
 COLUMNS = ["path", "labels", "split", "sha256", "source_id"]
@@ -84,11 +85,11 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     """Read a manifest written by :func:`write_manifest`."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the ingest stage first")
+        raise missing_input(path, "ingest")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; run the ingest stage again")
+        raise stale_input(f"{path}: missing column(s) {missing}", "ingest")
     return frame
 
 
@@ -131,9 +132,9 @@ class RawImages:
             try:
                 self._zip = zipfile.ZipFile(self.archive)
             except zipfile.BadZipFile as err:
-                raise zipfile.BadZipFile(f"{self.archive}: {err}; run the ingest stage again") from None
+                raise stale_input(f"{self.archive}: {err}", "ingest") from None
         elif not (self.folder / IMAGES_DIR).is_dir():
-            raise FileNotFoundError(
+            raise StageOrderError(
                 f"{self.folder}: neither {IMAGES_ARCHIVE} nor {IMAGES_DIR}/ found: run the ingest stage first"
             )
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-
-class SplitError(ValueError):
-    """The data cannot be split as configured; the message names the class."""
+from taxonomist.errors import DataError
 
 
 def require_min_images(counts: pd.Series, minimum: int, what: str, remedy: str) -> None:
-    """Raise :class:`SplitError` naming every entry of ``counts`` (images per class or label)
+    """Raise :class:`~taxonomist.errors.DataError` naming every entry of ``counts`` (images per class or label)
     below ``minimum``."""
     small = counts[counts < minimum]
     if len(small):
         listing = ", ".join(f"{name!r} ({n})" for name, n in small.items())
-        raise SplitError(
+        raise DataError(
             f"{what} with fewer than preprocess.min_images_per_class={minimum} images: {listing}; "
             f"add images or {remedy}"
         )
@@ -61,7 +59,7 @@ def _stratified(part: pd.DataFrame, fraction: float, seed: int, name: str, by: s
     counts = part.groupby(by).size()
     if counts.min() < 2:
         low = counts.idxmin()
-        raise SplitError(
+        raise DataError(
             f"cannot make a stratified {name} split of {fraction:.0%}: class {low!r} has "
             f"{counts.min()} image(s) in the pool of {len(part)}, and every class needs at least "
             f"one image on each side; add images or change preprocess.{name}_fraction"

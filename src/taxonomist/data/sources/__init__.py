@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from taxonomist.data.manifest import Record
+from taxonomist.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
 # builtin name -> "module:function"; each function takes (cfg, out_dir) and returns records.
@@ -37,10 +38,6 @@ READERS = {
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
-class SourceError(ValueError):
-    """A data source that cannot be ingested; the message names the path, row or key."""
-
-
 def _load(target: str) -> Callable:
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
@@ -57,7 +54,7 @@ def detect_format(path: Path) -> str:
         return "manifest"
     if name.endswith(".json"):
         return "label_studio"
-    raise SourceError(
+    raise DataError(
         f"data.source: cannot tell what {path} is; use a folder, a .csv/.parquet manifest, a .zip/.tar(.gz) "
         "archive or a Label Studio .json export (or set data.format)"
     )
@@ -69,14 +66,14 @@ def materialise(cfg: DictConfig, out_dir: Path) -> list[Record]:
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTINS:
-            raise SourceError(f"data.source: unknown built-in dataset {name!r} (known: {', '.join(BUILTINS)})")
+            raise DataError(f"data.source: unknown built-in dataset {name!r} (known: {', '.join(BUILTINS)})")
         return _load(BUILTINS[name])(cfg, out_dir)
     path = Path(source).expanduser()
     if not path.exists():
-        raise SourceError(f"data.source: {path} does not exist")
+        raise DataError(f"data.source: {path} does not exist")
     fmt = str(cfg.data.format)
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt not in READERS:
-        raise SourceError(f"data.format={fmt!r} is not known; use auto or one of {', '.join(READERS)}")
+        raise DataError(f"data.format={fmt!r} is not known; use auto or one of {', '.join(READERS)}")
     return _load(READERS[fmt])(cfg, path, out_dir)

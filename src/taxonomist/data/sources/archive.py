@@ -1,7 +1,7 @@
 """A zip or tar archive (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz) of a folder tree, a manifest or an export.
 
 Safety first: every member is inspected before anything is written, and one unsafe member
-refuses the whole archive (the error names it): an absolute path, a drive letter, a ``..``
+refuses the whole archive (one error names every unsafe member): an absolute path, a drive letter, a ``..``
 component, a symbolic or hard link, or anything that is neither a regular file nor a folder
 (devices, fifos). Archives that would expand beyond :data:`MAX_EXTRACTED_BYTES` are refused
 too (declared sizes are checked first, and the bytes actually written are counted). Members
@@ -39,11 +39,11 @@ from typing import IO, Any
 from omegaconf import DictConfig
 
 from taxonomist.data.manifest import Record
-from taxonomist.data.sources import SourceError
 from taxonomist.data.sources.common import is_hidden
 from taxonomist.data.sources.folder import materialise_folder
 from taxonomist.data.sources.label_studio import materialise_label_studio
 from taxonomist.data.sources.table import materialise_table
+from taxonomist.errors import DataError, Problems
 
 MAX_EXTRACTED_BYTES = 20 * 1024**3  # 20 GiB: a guard against zip bombs
 CHUNK = 1 << 20
@@ -68,8 +68,17 @@ class Member:
     info: Any  # the ZipInfo or TarInfo, to read the member
 
 
-def _refuse(archive: Path, name: str, why: str) -> SourceError:
-    return SourceError(f"{archive}: refusing the archive because of member {name!r}: {why}; nothing was extracted")
+UNSAFE_MEMBERS = "unsafe member(s)"
+
+
+def _unsafe(name: str, why: str) -> DataError:
+    return DataError(f"member {name!r}: {why}")
+
+
+def _refuse_unsafe(archive: Path, problems: Problems) -> None:
+    """Refuse the whole archive, naming every unsafe member, when ``problems`` holds any."""
+    if problems:
+        raise DataError(f"{archive}: refusing the archive; nothing was extracted. {problems.message()}")
 
 
 def member_parts(archive: Path, name: str) -> tuple[str, ...]:
@@ -79,43 +88,54 @@ def member_parts(archive: Path, name: str) -> tuple[str, ...]:
     """
     unified = name.replace("\\", "/")
     if "\x00" in unified:
-        raise _refuse(archive, name, "a NUL character in its name")
+        raise _unsafe(name, "a NUL character in its name")
     if unified.startswith("/"):
-        raise _refuse(archive, name, "an absolute path")
+        raise _unsafe(name, "an absolute path")
     if _DRIVE.match(unified):
-        raise _refuse(archive, name, "a drive letter")
+        raise _unsafe(name, "a drive letter")
     parts = tuple(part for part in unified.split("/") if part not in ("", "."))
     if ".." in parts:
-        raise _refuse(archive, name, "a '..' path component")
+        raise _unsafe(name, "a '..' path component")
     return parts
 
 
+def _member(archive: Path, name: str, is_dir: bool, size: int, info: Any) -> Member:
+    parts = member_parts(archive, name)
+    if not parts and not is_dir:
+        raise _unsafe(name, "an empty file name")
+    return Member(name, parts, is_dir, size, info)
+
+
 def _zip_members(archive: Path, zf: zipfile.ZipFile) -> list[Member]:
-    members = []
+    members, problems = [], Problems()
     for info in zf.infolist():
-        kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type, 0 when the zip does not record one
-        if kind == stat.S_IFLNK:
-            raise _refuse(archive, info.filename, "a symbolic link")
-        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise _refuse(archive, info.filename, "not a regular file or folder")
-        if info.flag_bits & 0x1:
-            raise _refuse(archive, info.filename, "encrypted")
-        is_dir = info.is_dir() or kind == stat.S_IFDIR
-        members.append(Member(info.filename, member_parts(archive, info.filename), is_dir, info.file_size, info))
+        with problems.collect(UNSAFE_MEMBERS):
+            kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type, 0 when the zip does not record one
+            if kind == stat.S_IFLNK:
+                raise _unsafe(info.filename, "a symbolic link")
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise _unsafe(info.filename, "not a regular file or folder")
+            if info.flag_bits & 0x1:
+                raise _unsafe(info.filename, "encrypted")
+            is_dir = info.is_dir() or kind == stat.S_IFDIR
+            members.append(_member(archive, info.filename, is_dir, info.file_size, info))
+    _refuse_unsafe(archive, problems)
     return members
 
 
 def _tar_members(archive: Path, tf: tarfile.TarFile) -> list[Member]:
-    members = []
+    members, problems = [], Problems()
     for info in tf.getmembers():
-        if info.issym():
-            raise _refuse(archive, info.name, "a symbolic link")
-        if info.islnk():
-            raise _refuse(archive, info.name, "a hard link")
-        if not (info.isfile() or info.isdir()):
-            raise _refuse(archive, info.name, "not a regular file or folder (a device or fifo)")
-        size = info.size if info.isfile() else 0
-        members.append(Member(info.name, member_parts(archive, info.name), info.isdir(), size, info))
+        with problems.collect(UNSAFE_MEMBERS):
+            if info.issym():
+                raise _unsafe(info.name, "a symbolic link")
+            if info.islnk():
+                raise _unsafe(info.name, "a hard link")
+            if not (info.isfile() or info.isdir()):
+                raise _unsafe(info.name, "not a regular file or folder (a device or fifo)")
+            size = info.size if info.isfile() else 0
+            members.append(_member(archive, info.name, info.isdir(), size, info))
+    _refuse_unsafe(archive, problems)
     return members
 
 
@@ -131,7 +151,7 @@ def _write_members(members: list[Member], open_member: Callable[[Member], IO[byt
             while block := src.read(CHUNK):
                 written += len(block)
                 if written > MAX_EXTRACTED_BYTES:
-                    raise SourceError(f"archive expands beyond {MAX_EXTRACTED_BYTES} bytes; refusing it")
+                    raise DataError(f"archive expands beyond {MAX_EXTRACTED_BYTES} bytes; refusing it")
                 out.write(block)
 
 
@@ -151,27 +171,24 @@ def extract_archive(archive: Path, make_dest: Callable[[], Path]) -> Path:
                 members = _tar_members(archive, tf)
                 return _extract(archive, members, tf.extractfile, make_dest)  # type: ignore[arg-type]
     except ARCHIVE_ERRORS as err:
-        raise SourceError(f"{archive}: cannot read the archive ({err})") from None
-    raise SourceError(f"{archive}: not a zip or tar archive")
+        raise DataError(f"{archive}: cannot read the archive ({err})") from None
+    raise DataError(f"{archive}: not a zip or tar archive")
 
 
 def _extract(
     archive: Path, members: list[Member], open_info: Callable[[Any], IO[bytes]], make_dest: Callable[[], Path]
 ) -> Path:
-    for member in members:
-        if not member.parts and not member.is_dir:
-            raise _refuse(archive, member.name, "an empty file name")
     declared = sum(m.size for m in members)
     if declared > MAX_EXTRACTED_BYTES:
-        raise SourceError(
+        raise DataError(
             f"{archive}: the archive expands to {declared} bytes, more than the {MAX_EXTRACTED_BYTES} allowed; "
             "nothing was extracted"
         )
     dest = make_dest()
     try:
         _write_members(members, lambda m: open_info(m.info), dest)
-    except SourceError as err:
-        raise SourceError(f"{archive}: {err}") from None
+    except DataError as err:
+        raise DataError(f"{archive}: {err}") from None
     return dest
 
 
@@ -187,11 +204,11 @@ def content_root(folder: Path) -> Path:
 def _read_content(cfg: DictConfig, root: Path, inside: Path, out_dir: Path, archive_name: str) -> list[Record]:
     entries = [p for p in root.iterdir() if not is_hidden(p.name)]
     if not entries:
-        raise SourceError(f"{archive_name}: the archive holds no files")
+        raise DataError(f"{archive_name}: the archive holds no files")
     candidates = sorted(p for p in entries if p.is_file() and p.suffix.lower() in READERS_BY_SUFFIX)
     if len(candidates) > 1:
         names = ", ".join(p.name for p in candidates)
-        raise SourceError(
+        raise DataError(
             f"{archive_name}: cannot tell which file is the manifest or export ({names}); keep only one of them "
             "at the top of the archive"
         )
@@ -213,11 +230,11 @@ def materialise_archive(cfg: DictConfig, path: Path, out_dir: Path) -> list[Reco
         tmp = extract_archive(path, make_dest)
         try:
             records = _read_content(cfg, content_root(tmp), tmp, out_dir, path.name)
-        except SourceError as err:
+        except DataError as err:
             message = str(err)
             for prefix in {str(tmp.resolve()), str(tmp)}:
                 message = message.replace(prefix, path.name)
-            raise SourceError(message) from None
+            raise DataError(message) from None
     finally:
         for folder in extracted:
             shutil.rmtree(folder, ignore_errors=True)

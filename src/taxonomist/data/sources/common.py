@@ -5,7 +5,8 @@
 * :func:`check_label` refuses label names the manifest cannot hold, :func:`clean_labels`
   tidies a label list;
 * :func:`image_root` and :func:`resolve_image` resolve image references, and
-  :func:`report_problems` reports every bad row in a single error.
+  :func:`report_problems` reports every bad row in a single error (or adds them to a
+  :class:`~taxonomist.errors.Problems` that collects every kind of problem of one reader).
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from taxonomist.data.manifest import LABEL_SEP, Record
-from taxonomist.data.sources import SourceError
+from taxonomist.errors import DataError, Problems
 from taxonomist.files import sha256_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IGNORED_NAMES = frozenset({"__MACOSX"})  # macOS zip resource forks
-MAX_LISTED_PROBLEMS = 5  # how many bad rows/tasks one error message lists
 _SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
 
 
@@ -47,9 +47,9 @@ def is_hidden(name: str) -> bool:
 def check_label(label: str, where: str) -> str:
     """Return ``label`` if the manifest can hold it; refuse an empty one or one holding ``|``."""
     if not label:
-        raise SourceError(f"{where}: empty label")
+        raise DataError(f"{where}: empty label")
     if LABEL_SEP in label:
-        raise SourceError(
+        raise DataError(
             f"{where}: label {label!r} contains {LABEL_SEP!r}, which separates labels in the manifest; rename it"
         )
     return label
@@ -102,11 +102,14 @@ def resolve_image(ref: str, root: Path, inside: Path | None = None) -> tuple[Pat
     return path, None
 
 
-def report_problems(header: str, problems: Sequence[str]) -> None:
-    """Raise one :class:`SourceError` listing the first few ``problems`` and how many there are."""
-    if not problems:
-        return
-    shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = len(problems) - MAX_LISTED_PROBLEMS
-    tail = f"\n  ... and {more} more" if more > 0 else ""
-    raise SourceError(f"{len(problems)} {header}:\n  {shown}{tail}")
+def report_problems(header: str, problems: Sequence[str], into: Problems | None = None) -> None:
+    """Report ``problems`` (one kind, described by ``header``) in a single error.
+
+    Without ``into``, raise one :class:`~taxonomist.errors.DataError` listing the first ones
+    and how many there are; with ``into``, add them to it, so a reader that collects several
+    kinds of problems raises them all at once (``into.raise_if_any()``).
+    """
+    collected = Problems() if into is None else into
+    collected.add(header, problems)
+    if into is None:
+        collected.raise_if_any()

@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from taxonomist.data.manifest import Record
-from taxonomist.data.sources import SourceError
 from taxonomist.data.sources.builtin import png_bytes, write_record
+from taxonomist.errors import DataError
 
 CLASSES = [
     "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
@@ -64,7 +64,7 @@ def locate(data_cfg: DictConfig, download_dir: Path) -> Path:
     if _has_all(download_dir) and all(md5_file(download_dir / n) == m for n, m in FILES.items()):
         return download_dir
     if not data_cfg.download:
-        raise SourceError(f"Fashion-MNIST not found in {builtin} and data.download=false. {HOW_TO_GET}")
+        raise DataError(f"Fashion-MNIST not found in {builtin} and data.download=false. {HOW_TO_GET}")
     download_dir.mkdir(parents=True, exist_ok=True)
     base = str(data_cfg.download_url).rstrip("/")
     for name, md5 in FILES.items():
@@ -78,11 +78,11 @@ def locate(data_cfg: DictConfig, download_dir: Path) -> Path:
                 shutil.copyfileobj(resp, fh)
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            raise SourceError(f"Could not download {url}: {err}. {HOW_TO_GET}") from None
+            raise DataError(f"Could not download {url}: {err}. {HOW_TO_GET}") from None
         got = md5_file(tmp)
         if got != md5:
             tmp.unlink(missing_ok=True)
-            raise SourceError(f"Checksum mismatch for {url}: md5 {got}, expected {md5}. {HOW_TO_GET}")
+            raise DataError(f"Checksum mismatch for {url}: md5 {got}, expected {md5}. {HOW_TO_GET}")
         tmp.replace(target)
     return download_dir
 
@@ -92,18 +92,18 @@ def read_idx(images_gz: Path, labels_gz: Path) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(images_gz, "rb") as fh:
         raw = fh.read()
     if len(raw) < 16:
-        raise SourceError(f"{images_gz}: not an IDX image file ({len(raw)} bytes)")
+        raise DataError(f"{images_gz}: not an IDX image file ({len(raw)} bytes)")
     magic, count, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
     if magic != 2051:
-        raise SourceError(f"{images_gz}: not an IDX image file (magic {magic})")
+        raise DataError(f"{images_gz}: not an IDX image file (magic {magic})")
     if len(raw) != 16 + int(count) * int(rows) * int(cols):
-        raise SourceError(f"{images_gz}: truncated or corrupt ({len(raw)} bytes for {count}x{rows}x{cols})")
+        raise DataError(f"{images_gz}: truncated or corrupt ({len(raw)} bytes for {count}x{rows}x{cols})")
     images = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(int(count), int(rows), int(cols))
     with gzip.open(labels_gz, "rb") as fh:
         raw = fh.read()
     magic, n_labels = np.frombuffer(raw[:8], dtype=">u4") if len(raw) >= 8 else (0, 0)
     if magic != 2049 or n_labels != count or len(raw) != 8 + int(count):
-        raise SourceError(f"{labels_gz}: not an IDX label file matching {images_gz.name}")
+        raise DataError(f"{labels_gz}: not an IDX label file matching {images_gz.name}")
     labels = np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)
     return images, labels
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from taxonomist.data.manifest import PATH_SEP, Record
-from taxonomist.data.sources import SourceError
 from taxonomist.data.sources.common import IMAGE_SUFFIXES, SourceImage, check_label, copy_images, is_hidden
+from taxonomist.errors import DataError, Problems
 
 
 def _task_name(cfg: DictConfig) -> str:
@@ -28,11 +28,15 @@ def scan_folder(root: Path, hierarchical: bool = False) -> dict[str, list[Path]]
 
     By default the label is the first-level folder (images found recursively below it); with
     ``hierarchical`` it is the image's folder path relative to ``root``, joined with ``/``.
+    Every empty class folder and every folder name that cannot be a label is reported in one
+    :class:`~taxonomist.errors.DataError`.
     """
     if not root.exists():
-        raise SourceError(f"data.source: {root} does not exist")
+        raise DataError(f"data.source: {root} does not exist")
     if not root.is_dir():
-        raise SourceError(f"data.source: {root} is not a folder (expected <root>/<label>/<image>)")
+        raise DataError(f"data.source: {root} is not a folder (expected <root>/<label>/<image>)")
+    problems = Problems()
+    checked: set[Path] = set()
     classes: dict[str, list[Path]] = {}
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)):
         files = sorted(
@@ -43,20 +47,26 @@ def scan_folder(root: Path, hierarchical: bool = False) -> dict[str, list[Path]]
             and not any(is_hidden(part) for part in p.relative_to(class_dir).parts)
         )
         if not files:
-            raise SourceError(
-                f"data.source: class folder {class_dir} holds no images "
-                f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}); remove it or add images"
+            problems.add(
+                f"class folder(s) of data.source {root} hold no images (looked for "
+                f"{', '.join(sorted(IMAGE_SUFFIXES))}); remove them or add images",
+                f"class folder {class_dir}",
             )
         for path in files:
             folders = path.parent.relative_to(root).parts if hierarchical else (class_dir.name,)
-            for name in folders:
-                check_label(name, f"data.source: folder {path.parent}")
+            for depth, name in enumerate(folders, start=1):
+                folder = root.joinpath(*folders[:depth])
+                if folder not in checked:  # each folder once, however many images it holds
+                    checked.add(folder)
+                    with problems.collect("folder name(s) of data.source cannot be labels"):
+                        check_label(name, f"folder {folder}")
             classes.setdefault(PATH_SEP.join(folders), []).append(path)
+    problems.raise_if_any()
     if not classes:
-        raise SourceError(f"data.source: {root} has no class folders (expected <root>/<label>/<image>)")
+        raise DataError(f"data.source: {root} has no class folders (expected <root>/<label>/<image>)")
     if len(classes) < 2:
         only = next(iter(classes))
-        raise SourceError(f"data.source: {root} has one class ({only!r}); classification needs at least two")
+        raise DataError(f"data.source: {root} has one class ({only!r}); classification needs at least two")
     return dict(sorted(classes.items()))
 
 
