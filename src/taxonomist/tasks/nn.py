@@ -234,3 +234,107 @@ def ordinal_metrics(n: int) -> MetricCollection:
             "f1_macro": MulticlassF1Score(num_classes=n, average="macro"),
         }
     )
+
+
+# ---------------------------------------------------------------------- multiattribute
+# One attribute's place in the outputs and targets: (name, (first, end) output column,
+# (first, end) target column, single-answer). A single-answer attribute has one target column
+# holding its value's index, -1 when unanswered (task.allow_empty); a multi-label one a 0/1
+# column per label. The datamodule hands 2-D targets over as float32: slices are cast back here.
+AttributeLayout = tuple[str, tuple[int, int], tuple[int, int], bool]
+MetricInputs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def attribute_slice(
+    logits: torch.Tensor, target: torch.Tensor, layout: AttributeLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attribute's logits and its targets in its sub-task's form (single-answer: 1-D long
+    class indices; multi-label: long 0/1 matrix), without its unanswered rows."""
+    _, (o0, o1), (t0, t1), single = layout
+    part_logits, part_target = logits[:, o0:o1], target[:, t0:t1].long()
+    if not single:
+        return part_logits, part_target
+    part_target = part_target[:, 0]
+    keep = part_target >= 0
+    if bool(keep.all()):
+        return part_logits, part_target
+    return part_logits[keep], part_target[keep]
+
+
+def _module_keys(names: list[str]) -> list[str]:
+    """ModuleDict keys for attribute names (which may hold ``.``; kept unique)."""
+    keys: list[str] = []
+    for name in names:
+        key = name.replace(".", "_") or "_"
+        while key in keys:
+            key += "_"
+        keys.append(key)
+    return keys
+
+
+class PerAttributeLoss(torch.nn.Module):
+    """Multi-attribute loss: the MEAN over the attributes of each attribute's own loss (its
+    sub-task's: cross-entropy, BCE, ...) on its output and target columns. An attribute with no
+    answered row in the batch adds 0 (and keeps the graph)."""
+
+    def __init__(self, losses: dict[str, torch.nn.Module], layout: list[AttributeLayout]):
+        super().__init__()
+        self.layout = list(layout)
+        self.keys = _module_keys([name for name, *_ in self.layout])
+        self.losses = torch.nn.ModuleDict(
+            {key: losses[name] for key, (name, *_) in zip(self.keys, self.layout, strict=True)}
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = logits.new_zeros((), dtype=torch.float32)
+        for key, layout in zip(self.keys, self.layout, strict=True):
+            part_logits, part_target = attribute_slice(logits, target, layout)
+            if len(part_target) == 0:
+                total = total + part_logits.float().sum() * 0.0
+            else:
+                total = total + self.losses[key](part_logits, part_target)
+        return total / max(len(self.layout), 1)
+
+
+class PerAttributeMetrics(Metric):
+    """Multi-attribute metrics: each attribute's sub-task metrics on its slice, as
+    ``<attribute>/<metric>``, plus summaries (each the mean over the attributes of one metric
+    per attribute: ``summaries`` maps a summary name to those per-attribute metric names).
+
+    ``update(logits, target)`` takes the whole logits and targets; each attribute's slice goes
+    through its sub-task's ``metric_inputs`` (``inputs``) into its collection.
+    """
+
+    full_state_update = False
+
+    def __init__(
+        self,
+        layout: list[AttributeLayout],
+        inputs: list[MetricInputs],
+        collections: list[MetricCollection],
+        summaries: dict[str, list[str]],
+    ):
+        super().__init__()
+        self.layout, self.inputs, self.summaries = list(layout), list(inputs), dict(summaries)
+        self.names = [name for name, *_ in self.layout]
+        self.parts = torch.nn.ModuleDict(dict(zip(_module_keys(self.names), collections, strict=True)))
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        for layout, inputs, collection in zip(self.layout, self.inputs, self.parts.values(), strict=True):
+            part_logits, part_target = attribute_slice(logits, target, layout)
+            if len(part_target):
+                collection.update(*inputs(part_logits, part_target))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = {name: collection.compute() for name, collection in zip(self.names, self.parts.values(), strict=True)}
+        out = {
+            summary: torch.stack([values[name][key].float() for name, key in zip(self.names, keys, strict=True)]).mean()
+            for summary, keys in self.summaries.items()
+        }
+        out.update({f"{name}/{key}": value for name, part in values.items() for key, value in part.items()})
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        for collection in self.parts.values():
+            collection.reset()
