@@ -33,6 +33,7 @@ from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.data.transforms import standardisation
 from taxonomist.models.backbone import create_backbone
 from taxonomist.models.module import OPTIMIZER_TARGETS
+from taxonomist.models.callbacks import build_callbacks, build_trainer
 from taxonomist.stages import train
 
 PROCESSED = Path("data/processed")
@@ -66,7 +67,7 @@ def raw_loop(cfg: DictConfig, processed: Path, steps: int, warmup: int) -> float
     model.train()
     opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
     optimizer = instantiate(opt_cfg, _execution_whitelist_=list(OPTIMIZER_TARGETS))(params=model.parameters())
-    batch = int(cfg.train.batch_size)
+    batch = int(cfg.fit.batch_size)
     generator = torch.Generator().manual_seed(0)
     start = 0.0
     for step in range(warmup + steps):
@@ -120,9 +121,10 @@ def pipeline_fit(cfg: DictConfig, processed: Path, warmup: int, steps: int | Non
     module = train.build_module(cfg, datamodule, in_chans)
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = train.build_trainer(
+        # The configured per-step callbacks (progress bar, EMA); no checkpoint or early stopping.
+        trainer = build_trainer(
             cfg,
-            [timer, *train.step_callbacks(cfg)],
+            [timer, *build_callbacks(cfg).values()],
             default_root_dir=Path(tmp),
             max_epochs=1,
             limit_train_batches=(warmup + steps) if steps else 1.0,

@@ -89,7 +89,7 @@ def tiny_overrides(source: Path) -> list[str]:
         "preprocess.std=[0.25,0.25,0.25]",
         "preprocess.val_fraction=0.2",
         "preprocess.test_fraction=0.2",
-        "train.batch_size=16",
+        "fit.batch_size=16",
         "trainer.max_epochs=8",
         "trainer.precision=32-true",
         "evaluate.batch_size=64",

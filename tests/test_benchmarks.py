@@ -36,8 +36,8 @@ def test_show_in_readme_replaces_only_the_block(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_cfg(staged):
     cfg = staged["cfg"].copy()
-    cfg.train.ema.enabled = True
-    cfg.train.batch_size = 4  # several full batches from the tiny training split
+    cfg.callbacks.ema = {"_target_": "taxonomist.models.callbacks.EMAWeightAveraging", "decay": 0.998}
+    cfg.fit.batch_size = 4  # several full batches from the tiny training split
     return cfg
 
 
@@ -45,7 +45,7 @@ def test_raw_and_pipeline_loops_measure_images_per_second(staged, tiny_cfg):
     processed = staged["processed"]
     assert training.raw_loop(tiny_cfg, processed, steps=3, warmup=1) > 0
     timer = training.pipeline_fit(tiny_cfg, processed, warmup=1, steps=2)
-    batch = int(tiny_cfg.train.batch_size)
+    batch = int(tiny_cfg.fit.batch_size)
     assert timer.images == 2 * batch and timer.throughput > 0  # the warm-up batch is not counted
     assert training.loader(tiny_cfg, processed, batches=1, warmup=0) > 0
 

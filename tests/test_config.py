@@ -67,13 +67,13 @@ def test_unknown_override_key_is_a_config_error_naming_the_key():
 
 def test_misspelt_override_key_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"train\.batch_sise"):
-        compose(["train.batch_sise=8"], conf_dir=CONF)
+        compose(["fit.batch_sise=8"], conf_dir=CONF)
 
 
 def test_appended_unknown_key_is_rejected_by_the_schema():
     # `+key=value` gets past Hydra, so the schema must catch it.
     with pytest.raises(ConfigError, match=r"train\.batch_sise"):
-        compose(["+train.batch_sise=8"], conf_dir=CONF)
+        compose(["+fit.batch_sise=8"], conf_dir=CONF)
 
 
 def test_compose_missing_conf_dir(tmp_path):
@@ -83,13 +83,13 @@ def test_compose_missing_conf_dir(tmp_path):
 
 def test_validate_accepts_params_yaml(params):
     cfg = validate(copy.deepcopy(params))
-    assert cfg.train.batch_size == params["train"]["batch_size"]
+    assert cfg.fit.batch_size == params["fit"]["batch_size"]
     assert cfg.preprocess.channels == params["preprocess"]["channels"]
 
 
 def test_validate_unknown_nested_key_names_it(params):
     raw = copy.deepcopy(params)
-    raw["train"]["batch_sise"] = 64
+    raw["fit"]["batch_sise"] = 64
     with pytest.raises(ConfigError, match=r"train\.batch_sise"):
         validate(raw)
 
@@ -103,7 +103,7 @@ def test_validate_unknown_top_level_key_names_it(params):
 
 def test_validate_wrong_type_names_the_key(params):
     raw = copy.deepcopy(params)
-    raw["train"]["batch_size"] = "lots"
+    raw["fit"]["batch_size"] = "lots"
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
         validate(raw)
 
@@ -152,19 +152,31 @@ def test_validate_error_names_origin(params):
         validate(raw, origin="somewhere/params.yaml")
 
 
-def test_validate_fills_schema_defaults():
-    cfg = validate({"optimizer": {"_target_": "torch.optim.SGD"}})
-    assert cfg.preprocess.image_size == 28
-    assert cfg.tracking.experiment == "taxonomist"
-    assert cfg.model.checkpoint is None
+def test_the_schema_holds_no_defaults_a_key_missing_from_conf_fails_with_its_name(params):
+    """Every default lives in conf/: a params.yaml without a key is an error naming it, never a
+    silent fallback to a value written in code."""
+    raw = copy.deepcopy(params)
+    del raw["preprocess"]["image_size"]
+    del raw["fit"]["mixup"]["prob"]
+    with pytest.raises(ConfigError, match=r"missing config key\(s\) 'fit\.mixup\.prob', 'preprocess\.image_size'"):
+        validate(raw)
+    with pytest.raises(ConfigError, match="missing config key"):
+        validate({"optimizer": {"_target_": "torch.optim.SGD"}})
+
+
+def test_a_renamed_section_names_its_new_home(params):
+    raw = copy.deepcopy(params)
+    raw["train"] = {"batch_size": 8}
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.*renamed: fit"):
+        validate(raw)
 
 
 def test_write_and_load_params_round_trip(tmp_path):
-    cfg = compose(["seed=7", "train.batch_size=16"], conf_dir=CONF)
+    cfg = compose(["seed=7", "fit.batch_size=16"], conf_dir=CONF)
     path = write_params(cfg, tmp_path / "params.yaml")
     loaded = load_params(path)
     assert loaded.seed == 7
-    assert loaded.train.batch_size == 16
+    assert loaded.fit.batch_size == 16
     assert to_yaml(loaded) == to_yaml(cfg)
 
 
@@ -175,10 +187,10 @@ def test_load_params_missing_file(tmp_path):
 
 def test_load_params_reports_unknown_key_with_path(tmp_path, params):
     raw = copy.deepcopy(params)
-    raw["train"]["batch_sise"] = 1
+    raw["fit"]["batch_sise"] = 1
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match=rf"{path}.*train\.batch_sise"):
+    with pytest.raises(ConfigError, match=rf"{path}.*fit\.batch_sise"):
         load_params(path)
 
 
@@ -190,7 +202,7 @@ def test_flatten_plain_dict():
 def test_flatten_real_config():
     cfg = compose([], conf_dir=CONF)
     flat = flatten(cfg)
-    assert flat["train.batch_size"] == 256
+    assert flat["fit.batch_size"] == 256
     assert flat["preprocess.mean"] == "[0.286]"
     assert flat["scheduler.max_lr"] == flat["optimizer.lr"] == 0.003
     assert flat["optimizer._target_"] == "torch.optim.AdamW"
@@ -214,10 +226,10 @@ def test_compose_names_a_bad_override(override, message):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["train.ema.decay=1.0"], "train.ema.decay must be in (0, 1)"),
-        (["train.mixup.mixup_alpha=-1"], "alphas must be >= 0"),
-        (["train.mixup.prob=1.5"], "train.mixup.prob must be in [0, 1]"),
-        (["task=binary", "train.mixup.cutmix_alpha=1.0"], "train.mixup needs task.name=multiclass"),
+        (["callbacks.ema.decay=1.0"], "callbacks.ema.decay must be in (0, 1)"),
+        (["fit.mixup.mixup_alpha=-1"], "alphas must be >= 0"),
+        (["fit.mixup.prob=1.5"], "fit.mixup.prob must be in [0, 1]"),
+        (["task=binary", "fit.mixup.cutmix_alpha=1.0"], "fit.mixup needs task.name=multiclass"),
         (["augment.tta=vflip"], "augment.tta='vflip'"),
     ],
 )

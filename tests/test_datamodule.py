@@ -11,6 +11,7 @@ import torch
 from taxonomist.data.cache import SplitArrays, read_split
 from taxonomist.data.datamodule import CachedImageDataset, ImageDataModule, seed_worker_augment
 from taxonomist.data.transforms import build_augment
+from taxonomist.models.callbacks import ema_update
 from taxonomist.models.module import load_classifier
 from taxonomist.stages import train
 
@@ -38,7 +39,7 @@ def test_train_stage_is_reproducible_from_the_seed(staged, tmp_path, monkeypatch
     """Two runs of the real train stage with the same seed write bit-identical weights."""
     monkeypatch.chdir(tmp_path)  # the stage writes reports/train_history.csv relative to the project
     cfg = staged["cfg"].copy()
-    cfg.train.num_workers = workers
+    cfg.fit.num_workers = workers
     cfg.trainer.max_epochs = 2
     cfg.trainer.precision = precision
     cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -93,13 +94,12 @@ def test_dataset_targets_are_float_rows_for_multilabel_data():
 
 
 def test_ema_checkpoint_holds_the_averaged_weights(staged, tmp_path, monkeypatch):
-    """With train.ema.enabled the checkpoint's state_dict is the EMA (what evaluate and package
+    """With the EMA callback the checkpoint's state_dict is the EMA (what evaluate and package
     load), and the raw weights ride along under current_model_state."""
     monkeypatch.chdir(tmp_path)
     cfg = staged["cfg"].copy()
     cfg.trainer.max_epochs = 2
-    cfg.train.ema.enabled = True
-    cfg.train.ema.decay = 0.5
+    cfg.callbacks.ema = {"_target_": "taxonomist.models.callbacks.EMAWeightAveraging", "decay": 0.5}
     cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg.tracking.artifact_location = str(tmp_path / "mlartifacts")
     train.run(cfg, processed_dir=staged["processed"], models_dir=tmp_path / "models")
@@ -126,7 +126,7 @@ def test_batched_fetch_matches_single_items(staged):
 
 
 def test_ema_decay_warms_up():
-    update = train.ema_update(0.998)
+    update = ema_update(0.998)
     averaged, current = [torch.zeros(3)], [torch.ones(3)]
     update(averaged, current, torch.tensor(0))  # 1 - min(0.998, 1/10): 90% of the new weights
     torch.testing.assert_close(averaged[0], torch.full((3,), 0.9))

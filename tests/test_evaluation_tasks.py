@@ -6,20 +6,19 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from taxonomist.evaluation.tasks import NONE, evaluate
+from taxonomist.evaluation.report import NONE
 from taxonomist.export.serving import answer_frame
-from taxonomist.tasks.decide import Decision
-from taxonomist.tasks.labels import LabelSpace
+from taxonomist.tasks import Decision, get_task
 
-BINARY = LabelSpace("binary", ["cat", "dog"])
-MULTI = LabelSpace("multilabel", ["a", "b", "c"])
-TREE = LabelSpace.from_labels("hierarchical", ["Tops/Shirt", "Tops/Coat", "Footwear/Sneaker", "Bag"])
+BINARY = get_task("binary")(["cat", "dog"])
+MULTI = get_task("multilabel")(["a", "b", "c"])
+TREE = get_task("hierarchical").from_labels(["Tops/Shirt", "Tops/Coat", "Footwear/Sneaker", "Bag"])
 
 
 def test_binary_metrics_at_the_tuned_threshold():
     probs = np.array([0.9, 0.6, 0.4, 0.3, 0.8, 0.1])
     target = np.array([1, 1, 1, 0, 0, 0])
-    result = evaluate(probs, target, BINARY, Decision([0.5]))
+    result = BINARY.evaluate(probs, target, Decision([0.5]))
     m = result.metrics
     # predictions at 0.5: 1 1 0 0 1 0 -> tp 2, fp 1, fn 1, tn 2
     assert m["acc"] == pytest.approx(4 / 6, abs=1e-6)
@@ -34,13 +33,13 @@ def test_binary_metrics_at_the_tuned_threshold():
     assert result.predictions["predicted"].tolist() == ["dog", "dog", "cat", "cat", "dog", "cat"]
     # Mistakes come most confident first: the 0.8 "dog" that is a cat, then the 0.4 dog (cat at 0.6).
     assert result.mistakes.tolist() == [4, 2]
-    assert evaluate(probs, target, BINARY, Decision([0.35])).metrics["recall"] == 1.0
+    assert BINARY.evaluate(probs, target, Decision([0.35])).metrics["recall"] == 1.0
 
 
 def test_multilabel_metrics():
     probs = np.array([[0.9, 0.2, 0.7], [0.1, 0.8, 0.2], [0.6, 0.6, 0.1], [0.1, 0.1, 0.1]])
     target = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 1]])
-    result = evaluate(probs, target, MULTI, Decision([0.5, 0.5, 0.5]))
+    result = MULTI.evaluate(probs, target, Decision([0.5, 0.5, 0.5]))
     m = result.metrics
     # rows 1 and 2 exact; row 3 has a false b; row 4 misses c -> 2 of 12 cells wrong
     assert m["subset_acc"] == 0.5
@@ -53,7 +52,7 @@ def test_multilabel_metrics():
     assert result.predictions["predicted"].tolist() == ["a|c", "b", "a|b", ""]
     assert result.mistakes.tolist() == [2, 3]
     # A per-label threshold changes only that label's decisions.
-    low_c = evaluate(probs, target, MULTI, Decision([0.5, 0.5, 0.05]))
+    low_c = MULTI.evaluate(probs, target, Decision([0.5, 0.5, 0.05]))
     assert low_c.per_class.set_index("class").loc["c", "recall"] == 1.0
 
 
@@ -67,7 +66,7 @@ def test_hierarchical_metrics_count_ancestors_and_levels():
         node_probs[row, nodes.index(path.split("/")[0])] = 0.9
         node_probs[row, nodes.index(path)] = 0.9
     target = np.array([nodes.index(p) for p in ("Tops/Shirt", "Tops/Coat", "Footwear/Sneaker")])
-    result = evaluate(node_probs, target, TREE, Decision([0.0], " > "))
+    result = TREE.evaluate(node_probs, target, Decision([0.0], " > "))
     m = result.metrics
     assert m["acc"] == pytest.approx(1 / 3, abs=1e-6)
     # ancestor sets: overlap 2 + 1 + 0 = 3 of 6 predicted and 6 true nodes
@@ -78,7 +77,7 @@ def test_hierarchical_metrics_count_ancestors_and_levels():
     matrix, names = result.confusions["confusion_level1"]
     assert names[-1] == NONE and matrix.sum() == 3
     # With a high descend threshold nothing is predicted: every level counts as missed.
-    none = evaluate(node_probs, target, TREE, Decision([0.95]))
+    none = TREE.evaluate(node_probs, target, Decision([0.95]))
     assert none.metrics["hprecision"] == 0.0 and none.predictions["predicted"].tolist() == [NONE] * 3
 
 
@@ -93,10 +92,10 @@ def test_hierarchical_metrics_count_ancestors_and_levels():
 def test_served_answers_have_the_task_shape(space, logits, decision, columns):
     frame = answer_frame(logits, space, decision)
     assert list(frame.columns[: len(columns)]) == columns
-    if space.task == "binary":
+    if space.name == "binary":
         assert frame["label"].tolist() == ["dog", "cat"]
         np.testing.assert_allclose(frame["prob_cat"] + frame["prob_dog"], 1.0)
-    elif space.task == "multilabel":
+    elif space.name == "multilabel":
         assert frame["labels"].tolist() == [["a", "c"], []]
     else:
         assert frame["path"].tolist() == ["Bag", "Tops > Coat"]
@@ -106,15 +105,14 @@ def test_served_answers_have_the_task_shape(space, logits, decision, columns):
 
 
 def test_cli_prints_each_kind_of_answer():
-    from taxonomist.cli import answer_text
-
     binary = answer_frame(np.array([[2.0]]), BINARY, Decision([0.5])).iloc[0]
-    assert answer_text(binary) == f"dog\t{binary['score']:.4f}"
+    assert BINARY.answer_text(binary) == f"dog\t{binary['score']:.4f}"
     multi = answer_frame(np.array([[3.0, -3.0, 2.0]]), MULTI, Decision([0.5] * 3)).iloc[0]
-    assert answer_text(multi) == "a (0.95), c (0.88)"
-    assert answer_text(answer_frame(np.array([[-3.0, -3.0, -3.0]]), MULTI, Decision([0.5] * 3)).iloc[0]) == "(no label)"
+    assert MULTI.answer_text(multi) == "a (0.95), c (0.88)"
+    nothing = answer_frame(np.array([[-3.0, -3.0, -3.0]]), MULTI, Decision([0.5] * 3)).iloc[0]
+    assert MULTI.answer_text(nothing) == "(no label)"
     tree = answer_frame(np.array([[0.0, 0.0, 5.0, 0.0]]), TREE, Decision([0.0])).iloc[0]
-    assert answer_text(tree).startswith("Tops > Coat\t0.9")
+    assert TREE.answer_text(tree).startswith("Tops > Coat\t0.9")
 
 
 def test_cli_predict_names_missing_files(tmp_path, capsys):

@@ -335,7 +335,7 @@ def test_sweep_parent_and_trials_through_the_rest_api(pipeline: ServerPipeline, 
         tags, params, metrics = _flat(child, "tags"), _flat(child, "params"), _flat(child, "metrics")
         assert tags["mlflow.parentRunId"] == parent_id and child["info"]["status"] == "FINISHED"
         assert child["info"]["run_name"].startswith(f"{SWEEP}-00") and "optimizer.lr=" in child["info"]["run_name"]
-        assert {"optimizer.lr", "optimizer.weight_decay", "train.label_smoothing", "model.drop_rate"} <= set(params)
+        assert {"optimizer.lr", "optimizer.weight_decay", "fit.label_smoothing", "model.drop_rate"} <= set(params)
         for name in ("train/loss", "val/f1_macro"):
             history = server.api("metrics/get-history", run_id=child["info"]["run_id"], metric_key=name)["metrics"]
             assert sorted(m["step"] for m in history) == [1, 2], (name, history)

@@ -64,7 +64,7 @@ def test_forward_shape(channels):
 
 
 def test_training_step_returns_loss_with_label_smoothing():
-    module = ClassifierModule(pipeline_cfg("train.label_smoothing=0.2"), SPACE, in_chans=3)
+    module = ClassifierModule(pipeline_cfg("fit.label_smoothing=0.2"), SPACE, in_chans=3)
     module.log = lambda *a, **k: None  # not attached to a trainer
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     loss = module.training_step((x, y), 0)
@@ -153,7 +153,7 @@ def test_load_classifier_round_trip(tmp_path):
 
 
 def test_mixup_trains_on_soft_targets_smoothed_once():
-    cfg = pipeline_cfg("train.label_smoothing=0.1", "train.mixup.mixup_alpha=0.4", "train.mixup.cutmix_alpha=1.0")
+    cfg = pipeline_cfg("fit.label_smoothing=0.1", "fit.mixup.mixup_alpha=0.4", "fit.mixup.cutmix_alpha=1.0")
     module = ClassifierModule(cfg, SPACE, in_chans=3)
     assert module.mixup is not None and module.mixup.label_smoothing == 0.1
     logged = {}

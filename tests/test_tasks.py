@@ -1,4 +1,4 @@
-"""The four tasks: label spaces, decisions, threshold tuning, losses, taxonomies and label checks."""
+"""The task objects: label spaces, decisions, threshold tuning, losses, taxonomies and label checks."""
 
 from __future__ import annotations
 
@@ -7,19 +7,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from taxonomist.data.labels import check_records
 from taxonomist.data.manifest import Record
-from taxonomist.data.sources import SourceError
-from taxonomist.tasks.decide import Decision, decide, path_text, probabilities, tune, tune_threshold
-from taxonomist.tasks.heads import TaskLoss, class_weights
-from taxonomist.tasks.labels import LabelError, LabelSpace
+from taxonomist.errors import DataError
+from taxonomist.tasks import Decision, Task, get_task
+from taxonomist.tasks.base import tune_threshold
 from taxonomist.tasks.taxonomy import LabelResolver, TaxonomyError, load_taxonomy
 
 TREE = ["Tops/Shirt", "Tops/Coat", "Footwear/Sneaker", "Footwear/Sandal", "Bag"]
 
 
-def tree_space() -> LabelSpace:
-    return LabelSpace.from_labels("hierarchical", [*TREE, "Footwear"])
+def tree_space() -> Task:
+    return get_task("hierarchical").from_labels([*TREE, "Footwear"])
+
+
+def threshold(mode: str, value: float):
+    """A task config section with just the threshold settings."""
+    return OmegaConf.create({"threshold": {"mode": mode, "value": value}, "path_separator": None})
 
 
 # --------------------------------------------------------------------------- label spaces
@@ -37,28 +40,28 @@ def test_hierarchical_space_has_leaves_as_outputs_and_all_nodes_as_targets():
 
 
 def test_binary_space_puts_the_positive_class_last_and_has_one_output():
-    space = LabelSpace.from_labels("binary", ["face", "non-face", "face"], positive_label="face")
+    space = get_task("binary").from_labels(["face", "non-face", "face"], OmegaConf.create({"positive_label": "face"}))
     assert space.classes == ["non-face", "face"] and space.positive == "face" and space.num_outputs == 1
     assert space.encode(["face", "non-face"]).tolist() == [1, 0]
-    with pytest.raises(LabelError, match="positive_label='cat'"):
-        LabelSpace.from_labels("binary", ["face", "non-face"], positive_label="cat")
-    with pytest.raises(LabelError, match="exactly 2 classes"):
-        LabelSpace.from_labels("binary", ["a", "b", "c"])
+    with pytest.raises(DataError, match="positive_label='cat'"):
+        get_task("binary").from_labels(["face", "non-face"], OmegaConf.create({"positive_label": "cat"}))
+    with pytest.raises(DataError, match="exactly 2 classes"):
+        get_task("binary").from_labels(["a", "b", "c"])
 
 
 def test_multilabel_space_encodes_multi_hot_rows_including_empty_ones():
-    space = LabelSpace.from_labels("multilabel", ["cat|dog", "dog", ""])
+    space = get_task("multilabel").from_labels(["cat|dog", "dog", ""])
     assert space.classes == ["cat", "dog"]
     encoded = space.encode(["cat|dog", "", "dog"])
     assert encoded.dtype == np.uint8 and encoded.tolist() == [[1, 1], [0, 0], [0, 1]]
     assert space.empty_targets().shape == (0, 2)
-    with pytest.raises(LabelError, match="'bird'"):
+    with pytest.raises(DataError, match="'bird'"):
         space.encode(["bird"])
 
 
 def test_label_space_round_trips_through_a_dict():
     space = tree_space()
-    assert LabelSpace.from_dict(space.to_dict()) == space
+    assert get_task("hierarchical").from_dict(space.to_dict()) == space
 
 
 # --------------------------------------------------------------------------- decisions
@@ -67,18 +70,18 @@ def test_label_space_round_trips_through_a_dict():
 def test_hierarchical_probabilities_sum_leaves_and_paths_are_consistent():
     space = tree_space()
     logits = np.log(np.array([[0.05, 0.3, 0.35, 0.2, 0.1], [0.9, 0.025, 0.025, 0.025, 0.025]]))
-    probs = probabilities(logits, space)
+    probs = space.probabilities(logits)
     np.testing.assert_allclose(probs[0, space.nodes.index("Footwear")], 0.65)
     np.testing.assert_allclose(probs[0, space.nodes.index("Tops")], 0.3)
-    full = decide(probs, space, Decision([0.0]))
+    full = space.decide(probs, Decision([0.0]))
     # Footwear (0.65) wins the top level, then Sneaker (0.35) beats Sandal (0.30).
     assert [space.nodes[i] for i in full] == ["Footwear/Sneaker", "Bag"]
-    assert path_text(space, int(full[0]), " > ") == "Footwear > Sneaker"
+    assert space.path_text(int(full[0]), " > ") == "Footwear > Sneaker"
     # With a 0.5 threshold the first path stops at Footwear: no child is sure enough.
-    stopped = decide(probs, space, Decision([0.5]))
+    stopped = space.decide(probs, Decision([0.5]))
     assert [space.nodes[i] for i in stopped] == ["Footwear", "Bag"]
-    nothing = decide(probs, space, Decision([0.95]))
-    assert nothing.tolist() == [-1, -1] and path_text(space, -1, " > ") == ""
+    nothing = space.decide(probs, Decision([0.95]))
+    assert nothing.tolist() == [-1, -1] and space.path_text(-1, " > ") == ""
 
 
 def test_greedy_path_differs_from_the_most_probable_leaf():
@@ -86,15 +89,15 @@ def test_greedy_path_differs_from_the_most_probable_leaf():
     space = tree_space()
     leaf_probs = np.array([[0.01, 0.19, 0.21, 0.0, 0.39]])
     assert space.classes[int(leaf_probs.argmax())] == "Tops/Shirt"  # the best single leaf
-    probs = probabilities(np.log(leaf_probs + 1e-9), space)  # but Footwear (0.40) beats Tops (0.39)
-    assert [space.nodes[i] for i in decide(probs, space, Decision([0.0]))] == ["Footwear/Sneaker"]
+    probs = space.probabilities(np.log(leaf_probs + 1e-9))  # but Footwear (0.40) beats Tops (0.39)
+    assert [space.nodes[i] for i in space.decide(probs, Decision([0.0]))] == ["Footwear/Sneaker"]
 
 
 def test_binary_and_multilabel_decisions_use_the_thresholds():
-    binary = LabelSpace("binary", ["neg", "pos"])
-    assert decide(np.array([0.2, 0.6, 0.8]), binary, Decision([0.7])).tolist() == [0, 0, 1]
-    multi = LabelSpace("multilabel", ["a", "b"])
-    out = decide(np.array([[0.3, 0.3], [0.6, 0.1]]), multi, Decision([0.25, 0.5]))
+    binary = get_task("binary")(["neg", "pos"])
+    assert binary.decide(np.array([0.2, 0.6, 0.8]), Decision([0.7])).tolist() == [0, 0, 1]
+    multi = get_task("multilabel")(["a", "b"])
+    out = multi.decide(np.array([[0.3, 0.3], [0.6, 0.1]]), Decision([0.25, 0.5]))
     assert out.tolist() == [[True, False], [True, False]]
 
 
@@ -147,12 +150,12 @@ def test_min_recall_reaches_the_target(scores, goal):
 
 def test_tune_gives_one_threshold_per_label_and_fixed_keeps_the_value(scores):
     probs, target = scores
-    multi = LabelSpace("multilabel", ["a", "b"])
-    decision = tune(np.stack([probs, 1 - probs], 1), np.stack([target, ~target], 1), multi, "max_f1", 0.5, " > ")
+    multi = get_task("multilabel")(["a", "b"])
+    decision = multi.tune(np.stack([probs, 1 - probs], 1), np.stack([target, ~target], 1), threshold("max_f1", 0.5))
     assert len(decision.thresholds) == 2 and decision.thresholds[0] != decision.thresholds[1]
-    assert tune(probs, target, LabelSpace("binary", ["n", "p"]), "fixed", 0.3, " > ").thresholds == [0.3]
+    assert get_task("binary")(["n", "p"]).tune(probs, target, threshold("fixed", 0.3)).thresholds == [0.3]
     assert tune_threshold(probs, np.zeros_like(target), "max_f1", 0.0) == 0.5  # no positives: neutral
-    empty = tune(np.zeros((0, 2)), np.zeros((0, 2), np.uint8), multi, "max_f1", 0.5, " > ")
+    empty = multi.tune(np.zeros((0, 2)), np.zeros((0, 2), np.uint8), threshold("max_f1", 0.5))
     assert empty.thresholds == [0.5, 0.5]  # an empty val split: neutral thresholds
 
 
@@ -163,10 +166,10 @@ def test_hierarchical_loss_equals_cross_entropy_for_leaf_targets_and_trains_inne
     space = tree_space()
     logits = torch.randn(4, 5)
     leaves = torch.tensor([space.nodes.index(c) for c in space.classes[:4]])
-    loss = TaskLoss(space)(logits, leaves)
+    loss = space.loss()(logits, leaves)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.arange(4)))
     footwear = torch.tensor([space.nodes.index("Footwear")])
-    inner = TaskLoss(space)(logits[:1], footwear)
+    inner = space.loss()(logits[:1], footwear)
     expected = -torch.log(torch.softmax(logits[:1], 1)[0, [1, 2]].sum())
     torch.testing.assert_close(inner, expected)
 
@@ -174,20 +177,20 @@ def test_hierarchical_loss_equals_cross_entropy_for_leaf_targets_and_trains_inne
 def test_binary_and_multilabel_losses_are_bce_with_pos_weight():
     logits = torch.tensor([[0.3], [-1.0]])
     target = torch.tensor([1, 0])
-    loss = TaskLoss(LabelSpace("binary", ["n", "p"]), weights=[3.0])(logits, target)
+    loss = get_task("binary")(["n", "p"]).loss(weights=[3.0])(logits, target)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(
         logits[:, 0], target.float(), pos_weight=torch.tensor([3.0])
     )
     torch.testing.assert_close(loss, expected)
-    ml = TaskLoss(LabelSpace("multilabel", ["a", "b"]))(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
+    ml = get_task("multilabel")(["a", "b"]).loss()(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
     torch.testing.assert_close(ml, torch.tensor(np.log(2.0), dtype=torch.float32))
 
 
 def test_balanced_class_weights():
-    multi = LabelSpace("multiclass", ["a", "b"])
-    assert class_weights(multi, np.array([0, 0, 0, 1])) == pytest.approx([4 / 6, 2.0])
-    assert class_weights(LabelSpace("binary", ["n", "p"]), np.array([0, 0, 0, 1])) == pytest.approx([3.0])
-    ml = class_weights(LabelSpace("multilabel", ["a", "b"]), np.array([[1, 0], [1, 0], [0, 1], [1, 0]]))
+    multi = get_task("multiclass")(["a", "b"])
+    assert multi.class_weights(np.array([0, 0, 0, 1])) == pytest.approx([4 / 6, 2.0])
+    assert get_task("binary")(["n", "p"]).class_weights(np.array([0, 0, 0, 1])) == pytest.approx([3.0])
+    ml = get_task("multilabel")(["a", "b"]).class_weights(np.array([[1, 0], [1, 0], [0, 1], [1, 0]]))
     assert ml == pytest.approx([1 / 3, 3.0])
 
 
@@ -233,15 +236,15 @@ def rec(i: int, *labels: str) -> Record:
 
 def test_single_label_tasks_refuse_rows_with_several_labels():
     records = [rec(1, "cat"), rec(2, "cat", "dog"), rec(3, "dog")]
-    with pytest.raises(SourceError, match=r"exactly one label.*\n  labels.csv row 2: 2 labels \['cat', 'dog'\]"):
-        check_records(records, cfg("multiclass"))
+    with pytest.raises(DataError, match=r"exactly one label.*\n  labels.csv row 2: 2 labels \['cat', 'dog'\]"):
+        get_task("multiclass").check_records(records, cfg("multiclass"))
 
 
 def test_multilabel_rows_without_labels_need_allow_empty():
     records = [rec(1, "cat", "dog"), rec(2), rec(3, "dog")]
-    with pytest.raises(SourceError, match=r"task.allow_empty.*\n  labels.csv row 2: no labels"):
-        check_records(records, cfg("multilabel"))
-    assert [r.labels for r in check_records(records, cfg("multilabel", allow_empty=True))] == [
+    with pytest.raises(DataError, match=r"task.allow_empty.*\n  labels.csv row 2: no labels"):
+        get_task("multilabel").check_records(records, cfg("multilabel"))
+    assert [r.labels for r in get_task("multilabel").check_records(records, cfg("multilabel", allow_empty=True))] == [
         ("cat", "dog"),
         (),
         ("dog",),
@@ -252,7 +255,7 @@ def test_max_labels_keeps_the_most_frequent_and_drops_emptied_rows():
     records = [rec(1, "a", "b"), rec(2, "a", "c"), rec(3, "c"), rec(4, "a", "b"), rec(5, "d")]
     conf = cfg("multilabel")
     conf.data.max_labels = 2
-    kept = check_records(records, conf)
+    kept = get_task("multilabel").check_records(records, conf)
     assert [(r.source_id, r.labels) for r in kept] == [
         ("labels.csv row 1", ("a", "b")),
         ("labels.csv row 2", ("a",)),
@@ -264,14 +267,14 @@ def test_hierarchical_labels_are_resolved_against_the_taxonomy(tmp_path):
     tax = tmp_path / "tax.yaml"
     tax.write_text("Tops: [Shirt, Coat]\nBottoms: [Trouser]\n")
     records = [rec(1, "Shirt"), rec(2, "Bottoms/Trouser"), rec(3, "Tops")]
-    out = check_records(records, cfg("hierarchical", taxonomy=str(tax)))
+    out = get_task("hierarchical").check_records(records, cfg("hierarchical", taxonomy=str(tax)))
     assert [r.labels[0] for r in out] == ["Tops/Shirt", "Bottoms/Trouser", "Tops"]
-    with pytest.raises(SourceError, match=r"labels.csv row 4: label 'Hat' is not in the taxonomy"):
-        check_records([*records, rec(4, "Hat")], cfg("hierarchical", taxonomy=str(tax)))
+    with pytest.raises(DataError, match=r"labels.csv row 4: label 'Hat' is not in the taxonomy"):
+        get_task("hierarchical").check_records([*records, rec(4, "Hat")], cfg("hierarchical", taxonomy=str(tax)))
 
 
 def test_binary_needs_two_classes_and_a_known_positive_label():
-    with pytest.raises(SourceError, match="exactly 2 classes"):
-        check_records([rec(1, "a"), rec(2, "b"), rec(3, "c")], cfg("binary"))
-    with pytest.raises(SourceError, match="positive_label='z'"):
-        check_records([rec(1, "a"), rec(2, "b")], cfg("binary", positive_label="z"))
+    with pytest.raises(DataError, match="exactly 2 classes"):
+        get_task("binary").check_records([rec(1, "a"), rec(2, "b"), rec(3, "c")], cfg("binary"))
+    with pytest.raises(DataError, match="positive_label='z'"):
+        get_task("binary").check_records([rec(1, "a"), rec(2, "b")], cfg("binary", positive_label="z"))

@@ -9,12 +9,12 @@ schema below, so a typo in a key fails with the key's name instead of being igno
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from taxonomist.errors import ConfigError
@@ -24,201 +24,186 @@ CONF_DIR = "conf"
 CONFIG_NAME = "config"
 
 
+# The schema: names and types only. Every value, default included, lives in conf/ (and so in
+# params.yaml); a key missing there fails with its name instead of falling back to a value here.
+
+
 @dataclass
 class DataConfig:
-    source: str = "builtin:fashion-mnist"
-    format: str = "auto"  # auto | folder | manifest | archive | label_studio
-    builtin_dir: str = "/usr/share/datasets/fashion-mnist"
-    download: bool = True
-    download_url: str = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
-    image_root: str | None = None  # where manifest / export image paths are resolved (default: beside the file)
-    max_labels: int = 0  # multi-label: keep only the N most frequent labels (0 = all)
+    source: str = MISSING
+    format: str = MISSING  # auto | folder | manifest | archive | label_studio
+    builtin_dir: str = MISSING
+    download: bool = MISSING
+    download_url: str = MISSING
+    image_root: Optional[str] = MISSING  # noqa: UP045  (OmegaConf needs typing.Optional)
+    max_labels: int = MISSING
 
 
 @dataclass
 class ThresholdConfig:
-    """How binary and multi-label decision thresholds are tuned on the validation split."""
-
-    mode: str = "max_f1"  # max_f1 | min_precision | min_recall | fixed
-    value: float = 0.5  # the target precision/recall, or the fixed threshold
+    mode: str = MISSING
+    value: float = MISSING
 
 
 @dataclass
 class TaskConfig:
-    name: str = "multiclass"  # binary | multiclass | multilabel | hierarchical
-    positive_label: str | None = None  # binary: the positive class (default: the last in sorted order)
-    class_weights: str = "none"  # none | balanced: weight the loss by inverse class frequency
-    balanced_sampling: bool = False  # multiclass/binary: sample training images class-balanced
-    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    allow_empty: bool = False  # multilabel: accept images with no label at all
-    taxonomy: str | None = None  # hierarchical: a YAML tree of labels (default: from the label paths)
-    path_separator: str = " > "  # hierarchical: how predicted paths are shown
+    """Every task section has all these keys; a task takes its own (``Task.keys``) and the
+    others stay at their "unset" value (see :data:`taxonomist.tasks.base.UNSET`)."""
+
+    name: str = MISSING
+    threshold: ThresholdConfig = MISSING
+    positive_label: Optional[str] = MISSING  # noqa: UP045
+    class_weights: str = MISSING
+    balanced_sampling: bool = MISSING
+    allow_empty: bool = MISSING
+    taxonomy: Optional[str] = MISSING  # noqa: UP045
+    path_separator: Optional[str] = MISSING  # noqa: UP045
+    order: Optional[list[str]] = MISSING  # noqa: UP045
+    attributes: dict[str, str] = MISSING
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"
-    pretrained: bool = False
-    checkpoint: str | None = None
-    drop_rate: float = 0.0
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the backbone (pays a compile delay once per stage)
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = MISSING
+    pretrained: bool = MISSING
+    checkpoint: Optional[str] = MISSING  # noqa: UP045
+    drop_rate: float = MISSING
+    channels_last: bool = MISSING
+    compile: bool = MISSING
+    kwargs: dict[str, Any] = MISSING
 
 
 @dataclass
 class AugmentConfig:
-    train: list[Any] = field(default_factory=list)
-    tta: str = "none"  # test-time augmentation in evaluate and the package: none | hflip
+    train: list[Any] = MISSING
+    tta: str = MISSING
 
 
 @dataclass
 class PreprocessConfig:
-    image_size: int = 28
-    resize_mode: str = "squash"
-    channels: int = 1
-    val_fraction: float = 0.1
-    test_fraction: float = 0.15
-    min_images_per_class: int = 2
-    mean: list[float] = field(default_factory=lambda: [0.5])
-    std: list[float] = field(default_factory=lambda: [0.5])
-
-
-@dataclass
-class EmaConfig:
-    """An exponential moving average of the weights, used for validation and the checkpoint."""
-
-    enabled: bool = False
-    decay: float = 0.999  # per optimizer step
+    image_size: int = MISSING
+    resize_mode: str = MISSING
+    channels: int = MISSING
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    min_images_per_class: int = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
 
 
 @dataclass
 class MixupConfig:
-    """timm's mixup / cutmix of training batches (multiclass only; 0 alphas = off)."""
-
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    prob: float = 1.0  # chance a batch is mixed at all
-    switch_prob: float = 0.5  # with both alphas set: chance of cutmix instead of mixup
+    mixup_alpha: float = MISSING
+    cutmix_alpha: float = MISSING
+    prob: float = MISSING
+    switch_prob: float = MISSING
 
 
 @dataclass
-class TrainConfig:
-    batch_size: int = 128
-    num_workers: int = 0
-    label_smoothing: float = 0.0
-    monitor: str = "auto"  # "auto": the task's primary validation metric
-    early_stopping_patience: int = 5
-    ema: EmaConfig = field(default_factory=EmaConfig)
-    mixup: MixupConfig = field(default_factory=MixupConfig)
+class FitConfig:
+    """How the model is fitted (was ``train``); the Lightning Trainer's own arguments are ``trainer``."""
 
-
-@dataclass
-class TrainerConfig:
-    max_epochs: int = 10
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    precision: str = "32-true"
-    deterministic: Any = "warn"
-    gradient_clip_val: float | None = None
-    limit_train_batches: float = 1.0
-    limit_val_batches: float = 1.0
-    log_every_n_steps: int = 50
-    num_threads: int = 0
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    num_threads: int = MISSING
+    label_smoothing: float = MISSING
+    monitor: str = MISSING
+    mixup: MixupConfig = MISSING
 
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 512
-    misclassified_examples: int = 36
+    batch_size: int = MISSING
+    misclassified_examples: int = MISSING
 
 
 @dataclass
 class PackageConfig:
-    model_name: str = "taxonomist"
-    onnx_opset: int = 18
-    verify_atol: float = 1e-4
-    verify_rtol: float = 1e-4  # of the largest |logit|: float32 differences grow with the logits' scale
-    champion_metric: str = "auto"  # "auto": the task's primary test metric
+    model_name: str = MISSING
+    onnx_opset: int = MISSING
+    verify_atol: float = MISSING
+    verify_rtol: float = MISSING
+    champion_metric: str = MISSING
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
-    artifact_location: str = "mlartifacts"
-    experiment: str = "taxonomist"
+    uri: str = MISSING
+    artifact_location: str = MISSING
+    experiment: str = MISSING
 
 
 @dataclass
 class SweepConfig:
-    """``taxonomist sweep``: the sweep's name, the metric trials are ranked by, the Optuna storage."""
-
-    name: str | None = None
-    objective: str = "auto"  # "auto": the task's primary validation metric
-    storage: str | None = None
+    name: Optional[str] = MISSING  # noqa: UP045
+    objective: str = MISSING
+    storage: Optional[str] = MISSING  # noqa: UP045
 
 
 @dataclass
 class PipelineConfig:
-    """Schema of ``params.yaml``; optimizer and scheduler are free-form ``_target_`` blocks."""
+    """Schema of ``params.yaml``. ``optimizer``, ``scheduler``, ``trainer`` and ``callbacks`` are
+    ``_target_`` blocks built with ``hydra.utils.instantiate``: their keys are the arguments of
+    the class they name, checked when it is built."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optimizer: dict[str, Any] = field(default_factory=dict)
-    scheduler: dict[str, Any] = field(default_factory=dict)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    seed: int = 42
-    task: TaskConfig = field(default_factory=TaskConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    package: PackageConfig = field(default_factory=PackageConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    seed: int = MISSING
+    data: DataConfig = MISSING
+    task: TaskConfig = MISSING
+    model: ModelConfig = MISSING
+    augment: AugmentConfig = MISSING
+    optimizer: dict[str, Any] = MISSING
+    scheduler: dict[str, Any] = MISSING
+    trainer: dict[str, Any] = MISSING
+    callbacks: dict[str, Any] = MISSING
+    preprocess: PreprocessConfig = MISSING
+    fit: FitConfig = MISSING
+    evaluate: EvaluateConfig = MISSING
+    package: PackageConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    sweep: SweepConfig = MISSING
 
 
-SUPPORTED_TASKS = ("binary", "multiclass", "multilabel", "hierarchical")
-THRESHOLD_MODES = ("max_f1", "min_precision", "min_recall", "fixed")
 RESIZE_MODES = ("squash", "center_crop", "pad")
 TTA_MODES = ("none", "hflip")  # taxonomist.models.tta (not imported here: it needs torch)
+# Sections renamed in this version: an old params.yaml names them, and the error says the new name.
+RENAMED = {
+    "train": "fit (train.early_stopping_patience -> callbacks.early_stopping.patience, "
+    "train.ema -> callbacks.ema)",
+    "trainer.num_threads": "fit.num_threads",
+}
 
 
 def validate(raw: DictConfig | dict[str, Any], origin: str = PARAMS_FILE) -> DictConfig:
-    """Merge ``raw`` onto the schema; raise :class:`ConfigError` naming any bad key or value."""
+    """Merge ``raw`` onto the schema; raise :class:`ConfigError` naming any unknown, missing or
+    mistyped key, or a value the pipeline cannot use."""
     schema = OmegaConf.structured(PipelineConfig)
     try:
         cfg = OmegaConf.merge(schema, raw)
     except (ConfigKeyError, ConfigAttributeError) as err:
         key = f"{err.full_key}" if getattr(err, "full_key", None) else str(err)
+        renamed = next((new for old, new in RENAMED.items() if key == old or key.startswith(old + ".")), None)
+        hint = f" It was renamed: {renamed}." if renamed else ""
         raise ConfigError(
-            f"{origin}: unknown config key '{key}'. Check the spelling against conf/ "
+            f"{origin}: unknown config key '{key}'.{hint} Check the spelling against conf/ "
             f"(run `taxonomist compose` to regenerate {PARAMS_FILE})."
         ) from None
     except ValidationError as err:
         raise ConfigError(f"{origin}: invalid value for '{err.full_key}': {err.msg}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{origin}: missing config key(s) {', '.join(repr(k) for k in missing)}: every setting has its "
+            f"value in conf/ (run `taxonomist compose` to regenerate {PARAMS_FILE})"
+        )
     _check_values(cfg, origin)
     return cfg  # type: ignore[return-value]
 
 
 def _check_values(cfg: DictConfig, origin: str) -> None:
-    task = cfg.task
-    if task.name not in SUPPORTED_TASKS:
-        raise ConfigError(f"{origin}: task.name={task.name!r} is not supported; use one of {SUPPORTED_TASKS}")
-    if task.threshold.mode not in THRESHOLD_MODES:
-        raise ConfigError(f"{origin}: task.threshold.mode={task.threshold.mode!r}; use one of {THRESHOLD_MODES}")
-    low = 0.0 if task.threshold.mode == "fixed" else 1e-9
-    if not low <= float(task.threshold.value) < 1.0:
-        raise ConfigError(f"{origin}: task.threshold.value must be in [{low:g}, 1), got {task.threshold.value}")
-    if task.balanced_sampling and task.name == "multilabel":
-        raise ConfigError(f"{origin}: task.balanced_sampling needs a single-label task, not multilabel")
-    if task.name == "hierarchical" and task.threshold.mode != "fixed":
-        raise ConfigError(
-            f"{origin}: task hierarchical takes task.threshold.mode=fixed (value = the probability a node "
-            "needs for the predicted path to go down to it)"
-        )
-    if task.class_weights not in ("none", "balanced"):
-        raise ConfigError(f"{origin}: task.class_weights={task.class_weights!r}; use none or balanced")
+    from taxonomist.tasks import get_task
+
+    task = get_task(str(cfg.task.name))
+    task.check_config(cfg.task, cfg, origin)
     pre = cfg.preprocess
     if pre.resize_mode not in RESIZE_MODES:
         raise ConfigError(f"{origin}: preprocess.resize_mode={pre.resize_mode!r}; use one of {RESIZE_MODES}")
@@ -233,26 +218,32 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: preprocess.val_fraction must be in (0, 1), got {pre.val_fraction}")
     if pre.image_size < 8:
         raise ConfigError(f"{origin}: preprocess.image_size must be >= 8, got {pre.image_size}")
-    _check_training(cfg, origin)
+    _check_training(cfg, task.mixup, origin)
     if cfg.augment.tta not in TTA_MODES:
         raise ConfigError(f"{origin}: augment.tta={cfg.augment.tta!r}; use one of {TTA_MODES}")
-    if "_target_" not in cfg.optimizer:
-        raise ConfigError(f"{origin}: optimizer needs a _target_ (e.g. torch.optim.AdamW)")
+    for section in ("optimizer", "trainer"):
+        if "_target_" not in cfg[section]:
+            example = "torch.optim.AdamW" if section == "optimizer" else "lightning.Trainer"
+            raise ConfigError(f"{origin}: {section} needs a _target_ (e.g. {example})")
+    for name, block in cfg.callbacks.items():
+        if block is not None and "_target_" not in block:
+            raise ConfigError(f"{origin}: callbacks.{name} needs a _target_ (or null to turn it off)")
 
 
-def _check_training(cfg: DictConfig, origin: str) -> None:
-    ema, mix = cfg.train.ema, cfg.train.mixup
-    if not 0.0 < float(ema.decay) < 1.0:
-        raise ConfigError(f"{origin}: train.ema.decay must be in (0, 1), got {ema.decay}")
+def _check_training(cfg: DictConfig, mixup_ok: bool, origin: str) -> None:
+    mix = cfg.fit.mixup
+    ema = cfg.callbacks.get("ema")
+    if ema is not None and "decay" in ema and not 0.0 < float(ema.decay) < 1.0:
+        raise ConfigError(f"{origin}: callbacks.ema.decay must be in (0, 1), got {ema.decay}")
     if min(float(mix.mixup_alpha), float(mix.cutmix_alpha)) < 0:
-        raise ConfigError(f"{origin}: train.mixup alphas must be >= 0 (0 = off)")
+        raise ConfigError(f"{origin}: fit.mixup alphas must be >= 0 (0 = off)")
     for key in ("prob", "switch_prob"):
         if not 0.0 <= float(mix[key]) <= 1.0:
-            raise ConfigError(f"{origin}: train.mixup.{key} must be in [0, 1], got {mix[key]}")
-    if (mix.mixup_alpha or mix.cutmix_alpha) and cfg.task.name != "multiclass":
+            raise ConfigError(f"{origin}: fit.mixup.{key} must be in [0, 1], got {mix[key]}")
+    if (mix.mixup_alpha or mix.cutmix_alpha) and not mixup_ok:
         raise ConfigError(
-            f"{origin}: train.mixup needs task.name=multiclass (mixed images get mixed class targets), "
-            f"not {cfg.task.name}; set train.mixup.mixup_alpha=0 and train.mixup.cutmix_alpha=0"
+            f"{origin}: fit.mixup needs task.name=multiclass (mixed images get mixed class targets), "
+            f"not {cfg.task.name}; set fit.mixup.mixup_alpha=0 and fit.mixup.cutmix_alpha=0"
         )
 
 

@@ -122,7 +122,7 @@ class ImageDataModule(L.LightningDataModule):
             self.datasets[split] = CachedImageDataset(arrays, mean, std, augment)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        workers = int(self.cfg.train.num_workers)
+        workers = int(self.cfg.fit.num_workers)
         sampler = self.balanced_sampler() if shuffle and bool(self.cfg.task.balanced_sampling) else None
         return DataLoader(
             self.datasets[split],
@@ -138,7 +138,7 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, int(self.cfg.train.batch_size))
+        return self._loader("train", True, int(self.cfg.fit.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, int(self.cfg.evaluate.batch_size))

@@ -1,4 +1,8 @@
-"""Lightning callbacks of the train stage."""
+"""Lightning callbacks of the train stage: our own, and how the configured ones are built.
+
+``conf/callbacks/`` lists the callbacks as ``_target_`` blocks; :func:`build_callbacks` builds
+them with ``hydra.utils.instantiate`` (``monitor``/``mode`` from ``fit.monitor``).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,92 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import WeightAveraging
+from omegaconf import DictConfig, OmegaConf
 
+from taxonomist.errors import ConfigError
 from taxonomist.files import atomic_write_text
+
+# The ``_target_`` values conf/callbacks and conf/trainer may name.
+CALLBACK_TARGETS = ("lightning.pytorch.callbacks.*", "lightning.Trainer", "taxonomist.models.callbacks.*")
+MONITORING = ("monitor", "mode")  # arguments the train stage fills from fit.monitor
+
+
+def build_callbacks(cfg: DictConfig, monitor: str | None = None, **per_name: dict) -> dict[str, L.Callback]:
+    """The configured callbacks (``cfg.callbacks``; null entries are off), by name.
+
+    Callbacks that take a ``monitor`` (checkpoint, early stopping) get ``monitor`` and its
+    ``mode`` ("min" for a loss, else "max") unless their config sets them; ``per_name`` adds
+    arguments to one callback (e.g. ``checkpoint={"dirpath": ...}``). Without ``monitor`` the
+    monitoring callbacks are left out (the benchmark's training loop).
+    """
+    out: dict[str, L.Callback] = {}
+    for name, block in cfg.callbacks.items():
+        if block is None:
+            continue
+        extra = dict(per_name.get(name, {}))
+        takes_monitor = _takes_monitor(str(block["_target_"]))
+        if takes_monitor and monitor is None:
+            continue
+        if takes_monitor:
+            extra.setdefault("monitor", block.get("monitor", monitor))
+            extra.setdefault("mode", block.get("mode", "min" if extra["monitor"].endswith("loss") else "max"))
+        try:
+            out[name] = instantiate(block, _execution_whitelist_=list(CALLBACK_TARGETS), **extra)
+        except Exception as err:  # a misspelt argument, a class that is not a callback ...
+            raise ConfigError(f"callbacks.{name}: {err}") from None
+    return out
+
+
+def _takes_monitor(target: str) -> bool:
+    return target.rsplit(".", 1)[-1] in ("ModelCheckpoint", "EarlyStopping")
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], default_root_dir: Path, **overrides) -> L.Trainer:
+    """The Trainer of the ``trainer`` config section with ``callbacks``; ``overrides`` replace any argument."""
+    block = OmegaConf.to_container(cfg.trainer, resolve=True)
+    try:
+        return instantiate(
+            block,
+            _execution_whitelist_=list(CALLBACK_TARGETS),
+            callbacks=callbacks,
+            default_root_dir=str(default_root_dir),
+            **overrides,
+        )
+    except TypeError as err:  # an argument the Trainer does not take
+        raise ConfigError(f"trainer: {err}") from None
+
+
+class EMAWeightAveraging(WeightAveraging):
+    """An EMA of the weights (and BatchNorm statistics), updated every optimizer step.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs
+    and small datasets average recent weights rather than the random initial ones. Validation
+    runs on the averaged weights, so the monitored metric and the saved checkpoint
+    (``state_dict`` = the average) are those of the EMA model.
+    """
+
+    def __init__(self, decay: float = 0.998):
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"callbacks.ema.decay must be in (0, 1), got {decay}")
+        super().__init__(multi_avg_fn=ema_update(decay), use_buffers=True)
+        self.decay = decay
+
+
+def ema_update(decay: float):
+    """``AveragedModel`` multi-tensor update: EMA with :class:`EMAWeightAveraging`'s warm-up."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # counters (BatchNorm's num_batches_tracked)
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
 
 
 class EpochHistory(L.Callback):

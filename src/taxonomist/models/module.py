@@ -54,7 +54,7 @@ class ClassifierModule(L.LightningModule):
         self.model = self.task.wrap_model(backbone)
         if self.cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.criterion = self.task.loss(float(self.cfg.train.label_smoothing), class_weights)
+        self.criterion = self.task.loss(float(self.cfg.fit.label_smoothing), class_weights)
         self.eval_criterion = self.task.loss()
         self.mixup = build_mixup(self.cfg, self.task.num_outputs)
         self.train_metrics = self.task.metrics().clone(prefix="train/")
@@ -144,11 +144,11 @@ class ClassifierModule(L.LightningModule):
 
 
 def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
-    """timm's batch mixup/cutmix from ``train.mixup``, or None when both alphas are 0.
+    """timm's batch mixup/cutmix from ``fit.mixup``, or None when both alphas are 0.
 
-    It also applies ``train.label_smoothing`` to the mixed targets it returns.
+    It also applies ``fit.label_smoothing`` to the mixed targets it returns.
     """
-    mix = OmegaConf.select(cfg, "train.mixup")
+    mix = OmegaConf.select(cfg, "fit.mixup")
     if mix is None or not (float(mix.mixup_alpha) or float(mix.cutmix_alpha)):
         return None
     return Mixup(
@@ -156,7 +156,7 @@ def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
         cutmix_alpha=float(mix.cutmix_alpha),
         prob=float(mix.prob),
         switch_prob=float(mix.switch_prob),
-        label_smoothing=float(cfg.train.label_smoothing),
+        label_smoothing=float(cfg.fit.label_smoothing),
         num_classes=num_classes,
     )
 

@@ -13,7 +13,7 @@ Adding a task: a module here with a ``@register``-ed :class:`Task` subclass, its
 and ``conf/task/<name>.yaml``.
 """
 
-from taxonomist.tasks import binary, hierarchical, multiclass, multilabel  # noqa: F401  (registers them)
+from taxonomist.tasks import binary, hierarchical, multiclass, multilabel, ordinal  # noqa: F401  (registers them)
 from taxonomist.tasks.base import Decision, Task
 from taxonomist.tasks.registry import get_task, load_task, task_names, task_of
 
