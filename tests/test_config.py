@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -66,13 +67,13 @@ def test_unknown_override_key_is_a_config_error_naming_the_key():
 
 
 def test_misspelt_override_key_is_a_config_error_naming_the_key():
-    with pytest.raises(ConfigError, match=r"train\.batch_sise"):
+    with pytest.raises(ConfigError, match=r"fit\.batch_sise"):
         compose(["fit.batch_sise=8"], conf_dir=CONF)
 
 
 def test_appended_unknown_key_is_rejected_by_the_schema():
     # `+key=value` gets past Hydra, so the schema must catch it.
-    with pytest.raises(ConfigError, match=r"train\.batch_sise"):
+    with pytest.raises(ConfigError, match=r"fit\.batch_sise"):
         compose(["+fit.batch_sise=8"], conf_dir=CONF)
 
 
@@ -90,7 +91,7 @@ def test_validate_accepts_params_yaml(params):
 def test_validate_unknown_nested_key_names_it(params):
     raw = copy.deepcopy(params)
     raw["fit"]["batch_sise"] = 64
-    with pytest.raises(ConfigError, match=r"train\.batch_sise"):
+    with pytest.raises(ConfigError, match=r"fit\.batch_sise"):
         validate(raw)
 
 
@@ -104,8 +105,32 @@ def test_validate_unknown_top_level_key_names_it(params):
 def test_validate_wrong_type_names_the_key(params):
     raw = copy.deepcopy(params)
     raw["fit"]["batch_size"] = "lots"
-    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+    with pytest.raises(ConfigError, match=r"fit\.batch_size"):
         validate(raw)
+
+
+def test_a_misspelt_task_lists_the_registered_tasks():
+    with pytest.raises(
+        ConfigError,
+        match=r"task.name='multiclas' is not a registered task \(did you mean 'multiclass'\?\); the tasks are: "
+        "binary, hierarchical, multiattribute, multiclass, multilabel, ordinal",
+    ):
+        compose(["task.name=multiclas"], conf_dir=CONF)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task.taxonomy=tax.yaml"], "task.taxonomy is a key of task hierarchical, not of multiclass"),
+        (["task=multilabel", "task.positive_label=cat"], "task.positive_label is a key of task binary, not of multilabel"),
+        (["task.attributes={weather: multiclass}"], "task.attributes is a key of task multiattribute, not of multiclass"),
+        (["task=binary", "task.order=[a,b]"], "task.order is a key of task ordinal, not of binary"),
+        (["task=binary", "task.allow_empty=true"], "task.allow_empty is a key of task multiattribute and multilabel"),
+    ],
+)
+def test_a_task_key_used_with_the_wrong_task_names_the_task_that_takes_it(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose(overrides, conf_dir=CONF)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +143,7 @@ def test_validate_wrong_type_names_the_key(params):
         ("preprocess", "val_fraction", 0.0, r"preprocess\.val_fraction"),
         ("preprocess", "val_fraction", 1.0, r"preprocess\.val_fraction"),
         ("preprocess", "image_size", 4, r"preprocess\.image_size"),
-        ("task", "name", "regression", "task.name='regression' is not supported"),
+        ("task", "name", "regression", "task.name='regression' is not a registered task; the tasks are: binary, "),
         ("task", "class_weights", "inverse", "task.class_weights='inverse'"),
         ("optimizer", "_target_", None, "optimizer needs a _target_"),
     ],

@@ -59,7 +59,7 @@ class TaskConfig:
     taxonomy: Optional[str] = MISSING  # noqa: UP045
     path_separator: Optional[str] = MISSING  # noqa: UP045
     order: Optional[list[str]] = MISSING  # noqa: UP045
-    attributes: dict[str, str] = MISSING
+    attributes: Optional[dict[str, str]] = MISSING  # noqa: UP045
 
 
 @dataclass

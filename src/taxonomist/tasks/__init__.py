@@ -13,7 +13,14 @@ Adding a task: a module here with a ``@register``-ed :class:`Task` subclass, its
 and ``conf/task/<name>.yaml``.
 """
 
-from taxonomist.tasks import binary, hierarchical, multiclass, multilabel, ordinal  # noqa: F401  (registers them)
+from taxonomist.tasks import (  # noqa: F401  (importing a task module registers it)
+    binary,
+    hierarchical,
+    multiattribute,
+    multiclass,
+    multilabel,
+    ordinal,
+)
 from taxonomist.tasks.base import Decision, Task
 from taxonomist.tasks.registry import get_task, load_task, task_names, task_of
 

@@ -46,7 +46,7 @@ UNSET: dict[str, Any] = {
     "taxonomy": None,
     "path_separator": None,
     "order": None,
-    "attributes": {},
+    "attributes": None,
 }
 
 
@@ -296,7 +296,8 @@ def require_two_classes(records: list[Record]) -> None:
 
 
 def _empty(value: Any, unset: Any) -> bool:
-    return unset == {} and (value is None or len(value) == 0)
+    """An empty mapping or list where the unset value is null counts as unset too."""
+    return unset is None and not isinstance(value, str | bool | int | float) and len(value) == 0
 
 
 def separator(task_cfg: DictConfig | None) -> str:

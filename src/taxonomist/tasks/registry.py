@@ -39,7 +39,7 @@ def get_task(name: str) -> type[Task]:
         return _TASKS[name]
     except KeyError:
         close = difflib.get_close_matches(str(name), task_names(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         known = ", ".join(task_names())
         raise ConfigError(f"task.name={name!r} is not a registered task{hint}; the tasks are: {known}") from None
 
