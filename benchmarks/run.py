@@ -25,7 +25,7 @@ import sys
 import time
 
 import inference
-import pipeline
+import repro
 import training
 from common import ROOT, Row, machine, show_in_readme, table
 
@@ -39,8 +39,8 @@ AUTOML, RESNET18 = 0.939, 0.949
 def pipeline_rows(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     if not args.skip_repro:
-        run = pipeline.repro(ROOT, "--force")
-        largest = pipeline.largest_child_rss()
+        run = repro.repro(ROOT, "--force")
+        largest = repro.largest_child_rss()
         rows.append(
             Row(
                 "whole `dvc repro` from scratch", run.seconds, "s", target=args.max_minutes * 60, higher_is_better=False
@@ -77,10 +77,10 @@ def pipeline_rows(args: argparse.Namespace) -> list[Row]:
             )
         )
     else:
-        pipeline.repro(ROOT)  # bring the pipeline up to date, so the no-op below is one
-    median, _ = pipeline.noop(ROOT)
+        repro.repro(ROOT)  # bring the pipeline up to date, so the no-op below is one
+    median, _ = repro.noop(ROOT)
     rows.append(Row("no-op `dvc repro` (median of 3)", median, "s", target=3.0, higher_is_better=False, digits=2))
-    changed = pipeline.evaluate_only_change(ROOT)
+    changed = repro.evaluate_only_change(ROOT)
     ran = ", ".join(changed.stages) or "nothing"
     rows.append(
         Row(

@@ -32,8 +32,8 @@ from taxonomist.data.cache import read_labels, read_split, write_labels, write_s
 from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.data.transforms import standardisation
 from taxonomist.models.backbone import create_backbone
-from taxonomist.models.module import OPTIMIZER_TARGETS
 from taxonomist.models.callbacks import build_callbacks, build_trainer
+from taxonomist.models.module import OPTIMIZER_TARGETS
 from taxonomist.stages import train
 
 PROCESSED = Path("data/processed")

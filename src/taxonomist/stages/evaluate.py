@@ -68,7 +68,7 @@ def run(
     L.seed_everything(int(cfg.seed), verbose=False)
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
     task = read_labels(processed_dir)
-    if module.task != task:
+    if task != module.task:
         raise StageOrderError(
             "models/best.ckpt was trained on other labels than data/processed holds: run the train stage again"
         )

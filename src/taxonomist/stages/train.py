@@ -21,6 +21,7 @@ from taxonomist.errors import ConfigError, StageOrderError
 from taxonomist.files import atomic_write_json, read_json, sha256_file
 from taxonomist.models.callbacks import EpochHistory, build_callbacks, build_trainer
 from taxonomist.models.module import ClassifierModule
+from taxonomist.tasks import task_of
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def run(
     report = read_json(processed_dir / "report.json")
     in_chans = int(report["image_shape"][2])
     task = datamodule.task
-    if task.name != str(cfg.task.name):
+    if type(task) is not task_of(cfg):
         raise StageOrderError(
             f"data/processed holds {task.name} labels but task.name={cfg.task.name}: run the preprocess stage again"
         )

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from taxonomist.data.manifest import PATH_SEP, Record
 from taxonomist.data.sources.common import IMAGE_SUFFIXES, SourceImage, check_label, copy_images, is_hidden
 from taxonomist.errors import DataError, Problems
 
 
-def _task_name(cfg: DictConfig) -> str:
-    return str(OmegaConf.select(cfg, "task.name", default="multiclass"))
+def _labels_are_paths(cfg: DictConfig) -> bool:
+    """Whether the config's task labels an image with a path (nested folders = the hierarchy)."""
+    from taxonomist.tasks import task_of
+
+    return task_of(cfg).label_form == "path"
 
 
 def scan_folder(root: Path, hierarchical: bool = False) -> dict[str, list[Path]]:
@@ -72,7 +75,7 @@ def scan_folder(root: Path, hierarchical: bool = False) -> dict[str, list[Path]]
 
 def materialise_folder(cfg: DictConfig, root: Path, out_dir: Path) -> list[Record]:
     """Copy the images of a folder-per-class tree (nested folders = a hierarchy) into ``out_dir/images``."""
-    classes = scan_folder(root, hierarchical=_task_name(cfg) == "hierarchical")
+    classes = scan_folder(root, hierarchical=_labels_are_paths(cfg))
     images = [
         SourceImage(src, (label,), "", src.relative_to(root).as_posix())
         for label, files in classes.items()

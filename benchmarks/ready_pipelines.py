@@ -5,7 +5,7 @@ timing it, then reads the test metrics and the split sizes the pipeline wrote. P
 and writes it to ``reports/pipelines.md`` and into README.md between the
 ``pipelines:start`` / ``pipelines:end`` markers.
 
-Usage: ``bash scripts/setup.sh && PATH=$PWD/.venv/bin:$PATH .venv/bin/python benchmarks/pipelines.py [--force]``
+Usage: ``bash scripts/setup.sh && PATH=$PWD/.venv/bin:$PATH .venv/bin/python benchmarks/ready_pipelines.py [--force]``
 """
 
 from __future__ import annotations
