@@ -10,6 +10,13 @@ Examples::
     taxonomist predict img1.png img2.jpg    # with models:/<name>@champion
     taxonomist sweep optimizer.lr=1e-3,3e-3 # Hydra multirun: a grid, or hparams_search=optuna
 
+Output: Taxonomist's own progress and results go to the console; what the libraries log
+(ONNX optimiser passes, MLflow notes, Lightning's set-up lines) and Python warnings go to
+``logs/taxonomist.log`` (``TAXONOMIST_LOG_FILE`` moves it); ``--verbose`` shows them all on
+the console too. A problem the user can fix (:class:`~taxonomist.errors.TaxonomistError`)
+prints ``error: <message>`` and exits with code 2; ``--debug`` (or ``TAXONOMIST_DEBUG=1``)
+shows its traceback instead. The log file always gets the traceback.
+
 Heavy libraries are imported only by the command that needs them.
 """
 
@@ -19,29 +26,132 @@ import argparse
 import importlib
 import json
 import logging
+import logging.handlers
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from taxonomist.config import PARAMS_FILE, ConfigError, compose, load_params, to_yaml, write_params
+from taxonomist.config import PARAMS_FILE, compose, load_params, to_yaml, write_params
+from taxonomist.errors import DataError, RegistryError, TaxonomistError
 from taxonomist.stages import STAGES
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+log = logging.getLogger(__name__)
+LOG_FILE = Path("logs") / "taxonomist.log"
+LOG_FILE_ENV = "TAXONOMIST_LOG_FILE"
+DEBUG_ENV = "TAXONOMIST_DEBUG"
+GLOBAL_FLAGS = {"--debug": "debug", "--verbose": "verbose", "-v": "verbose"}
+OWN_LOGGERS = ("taxonomist", "__main__")
+# Library loggers that log to the file only, even at WARNING: Python warnings (MLflow's schema
+# hints, deprecations) repeat in every run.
+FILE_ONLY_LOGGERS = ("py.warnings",)
+# Library warnings every package run repeats, with nothing for the user to do: file only.
+# (logger, part of the message)
+KNOWN_CHATTER = (
+    ("mlflow.pyfunc", "Passing a Python object as `python_model` causes it to be serialized using CloudPickle"),
+    ("mlflow.utils.environment", "Failed to resolve installed pip version"),
+    ("mlflow.utils.requirements_utils", "contains a local version label"),  # torch 2.x+cpu
+)
+_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _ConsoleFilter(logging.Filter):
+    """Taxonomist's own records from INFO up; other libraries' from WARNING up, except
+    ``FILE_ONLY_LOGGERS`` and ``KNOWN_CHATTER``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if any(name == own or name.startswith(own + ".") for own in OWN_LOGGERS):
+            return record.levelno >= logging.INFO
+        if any(name == quiet or name.startswith(quiet + ".") for quiet in FILE_ONLY_LOGGERS):
+            return False
+        if any(name == logger and text in record.getMessage() for logger, text in KNOWN_CHATTER):
+            return False
+        return record.levelno >= logging.WARNING
+
+
+def setup_logging(verbose: bool = False, log_file: Path | None = None) -> Path | None:
+    """Route log records: Taxonomist's progress (INFO) and libraries' warnings to stderr, and
+    everything (libraries' INFO, Python warnings, Taxonomist's DEBUG) to ``log_file``.
+
+    ``log_file`` defaults to ``$TAXONOMIST_LOG_FILE`` or ``logs/taxonomist.log`` (relative to the
+    working directory, where ``params.yaml`` is); if it cannot be created, nothing is logged to a
+    file. With ``verbose`` the console gets everything the file gets. Calling it again replaces
+    the handlers it installed before. Returns the log file used (None: none).
+    """
+    # Let MLflow's records propagate here instead of to its own stderr handler (read at `import mlflow`).
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_taxonomist", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.INFO)
+    logging.getLogger("taxonomist").setLevel(logging.DEBUG)
+    logging.captureWarnings(True)
+
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(_FORMAT))
+    if verbose:
+        console.setLevel(logging.INFO)
+    else:
+        console.addFilter(_ConsoleFilter())
+    handlers: list[logging.Handler] = [console]
+
+    path = Path(log_file or os.environ.get(LOG_FILE_ENV) or LOG_FILE)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 1024**2, backupCount=2, encoding="utf-8")
+    except OSError:
+        path = None  # a read-only folder: console only
+    else:
+        to_file.setLevel(logging.DEBUG)
+        to_file.setFormatter(logging.Formatter("%(asctime)s " + _FORMAT))
+        handlers.append(to_file)
+    for handler in handlers:
+        handler._taxonomist = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    return path
+
+
+def _global_flags(argv: list[str]) -> tuple[dict[str, bool], list[str]]:
+    """Take ``--debug`` and ``--verbose``/``-v`` from the front of ``argv`` (before the command)."""
+    flags = {"debug": os.environ.get(DEBUG_ENV, "") not in ("", "0", "false"), "verbose": False}
+    rest = list(argv)
+    while rest and rest[0] in GLOBAL_FLAGS:
+        flags[GLOBAL_FLAGS[rest.pop(0)]] = True
+    return flags, rest
+
+
+def _add_output_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks of errors")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="show the libraries' log on the console too"
+    )
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taxonomist", description=__doc__.split("\n")[0])
+    _add_output_flags(parser, False)
+    # The same flags after the command; SUPPRESS keeps a sub-command from resetting them.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_output_flags(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage with {PARAMS_FILE}")
+        p = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage with {PARAMS_FILE}")
         p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
-    p = sub.add_parser("compose", help=f"compose conf/ (with Hydra overrides) into {PARAMS_FILE}")
+    p = sub.add_parser("compose", parents=[common], help=f"compose conf/ (with Hydra overrides) into {PARAMS_FILE}")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.name=resnet34")
     p.add_argument("--conf", default="conf", help="config folder (default: %(default)s)")
     p.add_argument("--output", default=PARAMS_FILE, help="file to write (default: %(default)s)")
-    p = sub.add_parser("pipelines", help="write params.yaml and dvc.yaml of every ready pipeline under pipelines/")
+    p = sub.add_parser(
+        "pipelines", parents=[common], help="write params.yaml and dvc.yaml of every ready pipeline under pipelines/"
+    )
     p.add_argument("--conf", default="conf")
-    p = sub.add_parser("check", help=f"fail if {PARAMS_FILE} or pipelines/ differ from the composition of conf/")
+    p = sub.add_parser(
+        "check", parents=[common], help=f"fail if {PARAMS_FILE} or pipelines/ differ from the composition of conf/"
+    )
     p.add_argument("--conf", default="conf")
     p.add_argument("--params", default=PARAMS_FILE)
     sub.add_parser(
@@ -50,57 +160,62 @@ def _parser() -> argparse.ArgumentParser:
         "each trial an MLflow child run (see `taxonomist sweep --help`)",
         add_help=False,
     )
-    p = sub.add_parser("predict", help="classify image files with a registered model")
+    p = sub.add_parser("predict", parents=[common], help="classify image files with a registered model")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", default=None, help="model URI (default: models:/<package.model_name>@champion)")
     p.add_argument("--params", default=PARAMS_FILE)
     return parser
 
 
+def _reported(run: Callable[[], int], debug: bool) -> int:
+    """Run a command; a :class:`TaxonomistError` prints ``error: <message>`` and gives 2 (with
+    ``debug``: raised, with its traceback). Other exceptions are bugs and keep their traceback."""
+    try:
+        return run()
+    except TaxonomistError as err:
+        log.debug("%s: %s", type(err).__name__, err, exc_info=True)  # the traceback, in the log file
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``taxonomist`` command."""
-    argv = sys.argv[1:] if argv is None else argv
+    flags, argv = _global_flags(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:  # Hydra parses the rest: overrides, -m, --cfg job, hydra/launcher=joblib ...
         from taxonomist.sweeps.launch import main as sweep_main
 
-        try:
-            return sweep_main(argv[1:])
-        except ConfigError as err:
-            print(f"config error: {err}", file=sys.stderr)
-            return 2
+        return _reported(lambda: sweep_main(argv[1:]), flags["debug"])
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "compose":
-            cfg = compose(args.overrides, conf_dir=args.conf)
-            write_params(cfg, args.output)
-            print(f"wrote {args.output}")
-            return 0
-        if args.command == "pipelines":
-            from taxonomist.files import atomic_write_text
-            from taxonomist.pipelines import expected_files
+    debug = flags["debug"] or args.debug
+    setup_logging(verbose=flags["verbose"] or args.verbose)
+    return _reported(lambda: _run(args), debug)
 
-            for path, text in expected_files(args.conf).items():
-                atomic_write_text(path, text)
-                print(f"wrote {path}")
-            return 0
-        if args.command == "check":
-            return _check(args.conf, args.params)
-        cfg = load_params(args.params)
-        if args.command == "predict":
-            return _predict(cfg, args.images, args.model)
-        stage = importlib.import_module(f"taxonomist.stages.{args.command}")
-        result = stage.run(cfg)
-        print(json.dumps(result, indent=2, default=str))
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "compose":
+        cfg = compose(args.overrides, conf_dir=args.conf)
+        write_params(cfg, args.output)
+        print(f"wrote {args.output}")
         return 0
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        if type(err).__name__ in {"SourceError", "SplitError", "WeightsError", "TaxonomyError", "LabelError"}:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+    if args.command == "pipelines":
+        from taxonomist.files import atomic_write_text
+        from taxonomist.pipelines import expected_files
+
+        for path, text in expected_files(args.conf).items():
+            atomic_write_text(path, text)
+            print(f"wrote {path}")
+        return 0
+    if args.command == "check":
+        return _check(args.conf, args.params)
+    cfg = load_params(args.params)
+    if args.command == "predict":
+        return _predict(cfg, args.images, args.model)
+    stage = importlib.import_module(f"taxonomist.stages.{args.command}")
+    result = stage.run(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
 
 
 def _check(conf: str, params: str) -> int:
@@ -134,16 +249,19 @@ def answer_text(row) -> str:
 def _predict(cfg, images: list[str], model_uri: str | None) -> int:
     import mlflow
     import pandas as pd
+    from mlflow.exceptions import MlflowException
 
     from taxonomist.tracking.runs import tracking_uri
 
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
-        print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise DataError(f"image file(s) not found: {', '.join(missing)}")
     mlflow.set_tracking_uri(tracking_uri(cfg))
     uri = model_uri or f"models:/{cfg.package.model_name}@champion"
-    model = mlflow.pyfunc.load_model(uri)
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as err:
+        raise RegistryError(f"cannot load {uri} ({err}): run the package stage first, or give --model") from err
     frame = pd.DataFrame({"image": [Path(p).read_bytes() for p in images]})
     result = model.predict(frame)
     for path, (_, row) in zip(images, result.iterrows(), strict=True):

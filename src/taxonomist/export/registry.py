@@ -12,6 +12,8 @@ import math
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from taxonomist.errors import RegistryError
+
 log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -30,9 +32,18 @@ def current_champion(client: MlflowClient, name: str):
         return None
 
 
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as err:
+        raise RegistryError(f"the model registry refused alias @{alias} on {name} v{version}: {err}") from err
+
+
 def promote(client: MlflowClient, name: str, version: str, metric: str, score: float) -> dict[str, object]:
-    """Set ``candidate`` on ``version``; move ``champion`` if ``score`` beats the champion's."""
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    """Set ``candidate`` on ``version``; move ``champion`` if ``score`` beats the champion's.
+
+    A registry that refuses an alias raises :class:`~taxonomist.errors.RegistryError`."""
+    _set_alias(client, name, CANDIDATE, version)
     champion = current_champion(client, name)
     previous = None
     if champion is not None and champion.version != version:
@@ -40,7 +51,7 @@ def promote(client: MlflowClient, name: str, version: str, metric: str, score: f
         previous = float(raw) if raw is not None else -math.inf
     promoted = champion is None or (previous is not None and score > previous)
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        _set_alias(client, name, CHAMPION, version)
         log.info("%s v%s is the new champion (%s %.4f > %s)", name, version, metric, score, previous)
     else:
         log.info("%s v%s stays candidate (%s %.4f <= champion %s)", name, version, metric, score, previous)
