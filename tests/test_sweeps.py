@@ -3,6 +3,7 @@ before any trial (each bad override is named)."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 from conftest import REPO
 from omegaconf import OmegaConf
 
-from taxonomist.config import ConfigError, compose
+from taxonomist.config import compose
+from taxonomist.errors import ConfigError
 from taxonomist.sweeps import launch, trial
 from taxonomist.sweeps.preflight import check_sweep
 
@@ -55,7 +57,7 @@ def test_data_key_changes_only_with_what_ingest_and_preprocess_read() -> None:
 def test_objective_is_read_from_the_kept_epoch() -> None:
     kept = {"val/f1_macro": 0.8, "val/acc": 0.7}
     assert trial.objective_value(kept, "val/acc") == 0.7
-    with pytest.raises(RuntimeError, match="val/auroc"):
+    with pytest.raises(ConfigError, match="val/auroc"):
         trial.objective_value(kept, "val/auroc")
 
 
@@ -143,3 +145,24 @@ def test_a_search_space_that_matches_no_config_fails(conf_with_search, params: d
         check_sweep(["hparams_search=bad"], conf)
     assert named in str(err.value)
     assert "search space" in str(err.value)
+
+
+def test_the_sweep_modules_import_each_other_in_one_direction():
+    """No import cycle among taxonomist.sweeps.* (counting imports inside functions too)."""
+    folder = REPO / "src" / "taxonomist" / "sweeps"
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        name = f"taxonomist.sweeps.{path.stem}" if path.stem != "__init__" else "taxonomist.sweeps"
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("taxonomist.sweeps"):
+                targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("taxonomist.sweeps")}
+        graph[name] = targets
+    graph = {k: {t for t in v if t in graph and t != "taxonomist.sweeps"} for k, v in graph.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(t == goal or (t not in seen and reaches(t, goal, seen | {t})) for t in graph[start])
+
+    assert [m for m in graph if reaches(m, m, set())] == []

@@ -4,15 +4,16 @@
 - :mod:`~taxonomist.sweeps.preflight`: every swept value is composed and checked before training.
 - :mod:`~taxonomist.sweeps.trial`: one trial: cached data, train, evaluate; returns the objective.
 - :mod:`~taxonomist.sweeps.tracker`: the Hydra callback that owns the sweep's parent run.
+- :mod:`~taxonomist.sweeps.summary`: the table, plot and best trial at the end of a sweep.
+- :mod:`~taxonomist.sweeps.state`: what they share (no imports among them go the other way).
 
-The files a sweep shares between its processes live in ``sweeps/<name>/`` (see :data:`STATE_FILE`).
+The files a sweep shares between its processes live in ``sweeps/<name>/`` (see
+:data:`~taxonomist.sweeps.state.STATE_FILE`).
 """
 
 from __future__ import annotations
 
 from omegaconf import OmegaConf
-
-STATE_FILE = "sweep.json"  # in the sweep folder: parent run id, swept keys, objective
 
 # ``hydra.sweep.subdir`` of a resumed Optuna sweep (set by ``taxonomist sweep``): the job number plus the
 # trials already in the study, so a trial's folder is its Optuna trial number, never an earlier trial's.

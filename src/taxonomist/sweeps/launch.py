@@ -18,7 +18,14 @@ import sys
 import warnings
 from pathlib import Path
 
+import hydra
+from omegaconf import OmegaConf
+
 from taxonomist.config import CONF_DIR, CONFIG_NAME
+from taxonomist.sweeps.preflight import check_sweep
+from taxonomist.sweeps.state import is_optuna, pipeline_config
+from taxonomist.sweeps.trial import run_trial
+from taxonomist.tracking.runs import tracking_uri
 
 # Hydra's command-line flags that take a value, and those that only print (no sweep runs).
 VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}
@@ -52,9 +59,6 @@ def default_name(overrides: list[str]) -> str:
 
 def optuna_storage(cfg, root: Path) -> str:
     """``sqlite:///.../optuna.db`` in the folder of an SQLite MLflow store, else in the project root."""
-    from taxonomist.sweeps.trial import pipeline_config
-    from taxonomist.tracking.runs import tracking_uri
-
     uri = tracking_uri(pipeline_config(cfg, root))
     folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else root
     return f"sqlite:///{folder / 'optuna.db'}"
@@ -64,10 +68,7 @@ def resume_optuna(base, default_storage: str) -> list[str]:
     """Overrides that resume this sweep's Optuna study, if it exists: ``hydra.sweeper.n_trials``
     lowered to the trials still missing, and trial folders numbered after the study's trials.
     Trials left running by an interrupted run are marked failed (their processes are gone)."""
-    import optuna
-    from omegaconf import OmegaConf
-
-    from taxonomist.sweeps.tracker import is_optuna
+    import optuna  # with SQLAlchemy: only when an Optuna sweep is resumed
 
     if not is_optuna(base):
         return []
@@ -100,11 +101,6 @@ def resume_optuna(base, default_storage: str) -> list[str]:
 
 def main(args: list[str]) -> int:
     """Run ``taxonomist sweep [hydra flags] [overrides]``; return the exit code."""
-    import hydra
-
-    from taxonomist.sweeps.preflight import check_sweep
-    from taxonomist.sweeps.trial import run_trial
-
     # Hydra instantiates the sweep callback named in conf/config.yaml without an execution whitelist.
     warnings.filterwarnings("ignore", message=r".*_target_='taxonomist\.sweeps\.", category=UserWarning)
     flags, overrides = split_args(args)

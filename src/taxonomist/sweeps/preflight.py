@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from taxonomist.config import CONFIG_NAME, ConfigError, validate
+from taxonomist.config import CONFIG_NAME, validate
+from taxonomist.errors import ConfigError
 
 
 def swept_values(override: Any) -> Iterator[str]:

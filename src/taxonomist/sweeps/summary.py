@@ -17,7 +17,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from taxonomist.files import atomic_write_text, read_json
-from taxonomist.sweeps import STATE_FILE
+from taxonomist.sweeps.state import OBJECTIVE_METRIC, STATE_FILE, child_runs, pipeline_config
+from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
 # Test metrics shown in the table, in this order, when the task logs them (the runs keep them all).
@@ -39,7 +40,6 @@ TEST_COLUMNS = 4
 
 def trials_table(children: list[Any], swept: list[str], objective: str) -> pd.DataFrame:
     """One row per finished trial: number, run, swept values, objective, top-level test metrics."""
-    from taxonomist.sweeps.trial import OBJECTIVE_METRIC
 
     rows = []
     for run in children:
@@ -105,10 +105,6 @@ def plot(table: pd.DataFrame, swept: list[str], objective: str, maximize: bool, 
 def summarise(config: DictConfig, root: Path, parent_run_id: str) -> pd.DataFrame:
     """Write the sweep summary, log it and the best trial to the parent run, close the parent."""
     import mlflow
-
-    from taxonomist.sweeps.tracker import child_runs
-    from taxonomist.sweeps.trial import pipeline_config
-    from taxonomist.tracking import runs
 
     sweep_dir = root / str(config.hydra.sweep.dir)
     state = read_json(sweep_dir / STATE_FILE)

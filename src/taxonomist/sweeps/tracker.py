@@ -18,11 +18,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from taxonomist.files import atomic_write_json
-from taxonomist.sweeps import STATE_FILE
+from taxonomist.sweeps.state import OBJECTIVE_METRIC, ROLE_TAG, STATE_FILE, SWEEP_TAG, child_runs, pipeline_config
+from taxonomist.sweeps.summary import summarise
+from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
-ROLE_TAG = "taxonomist.role"
-SWEEP_TAG = "sweep"
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -32,11 +32,6 @@ def swept_keys(config: DictConfig) -> list[str]:
     parsed = OverridesParser.create().parse_overrides(task_overrides)
     keys = [o.get_key_element() for o in parsed if o.is_sweep_override()]
     return keys + [str(k) for k in params if str(k) not in keys]
-
-
-def is_optuna(config: DictConfig) -> bool:
-    """Whether the sweeper is Optuna's."""
-    return "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower()
 
 
 def sweep_definition(config: DictConfig) -> dict[str, Any]:
@@ -61,17 +56,9 @@ def find_parent(client: Any, experiment_id: str, name: str) -> Any | None:
     return found[0] if found else None
 
 
-def child_runs(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
-    """Every child run of a parent run (all statuses)."""
-    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-
-
 def finished_trial(cfg: DictConfig, parent_run_id: str, key: str) -> tuple[str, float] | None:
     """(run id, objective) of a finished child run of the sweep with trial key ``key``, if any."""
     import mlflow
-
-    from taxonomist.sweeps.trial import OBJECTIVE_METRIC
-    from taxonomist.tracking import runs
 
     experiment_id = runs.setup(cfg)
     client = mlflow.MlflowClient()
@@ -98,9 +85,7 @@ class SweepTracker(Callback):
         """Find or create the parent run, prepare resuming, and write ``sweep.json``."""
         import mlflow
 
-        from taxonomist.sweeps.trial import pipeline_config
         from taxonomist.tasks.heads import resolve_monitor
-        from taxonomist.tracking import runs
 
         root = Path(config.hydra.runtime.cwd)
         state_file = root / str(config.hydra.sweep.dir) / STATE_FILE
@@ -152,8 +137,6 @@ class SweepTracker(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Log the best trial and the summary to the parent run and close it."""
-        from taxonomist.sweeps.summary import summarise
-
         if self.parent_run_id is None:
             return
         root = Path(config.hydra.runtime.cwd)

@@ -9,49 +9,27 @@ same sweep is not trained again: its logged objective is returned.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import yaml
+from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from taxonomist.config import validate
+from taxonomist.errors import ConfigError, RegistryError
 from taxonomist.files import read_json
-from taxonomist.sweeps import STATE_FILE
+from taxonomist.sweeps import tracker
+from taxonomist.sweeps.state import OBJECTIVE_METRIC, STATE_FILE, pipeline_config
+from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
 DATA_CACHE = Path("sweeps/.data")
-OBJECTIVE_METRIC = "sweep/objective"
 # What ingest and preprocess read when the project has no dvc.yaml to say it.
 DATA_SECTIONS = ("seed", "data", "task", "preprocess")
-
-
-def pipeline_config(cfg: DictConfig, root: Path) -> DictConfig:
-    """The trial's validated pipeline config, with relative paths taken from the project root."""
-    unresolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]
-    unresolved.pop("hydra", None)  # the callback's config still has it; it resolves only inside Hydra
-    unresolved.pop("hparams_search", None)
-    raw = OmegaConf.to_container(OmegaConf.create(unresolved), resolve=True)
-    out = validate(raw, origin="sweep trial")
-    uri = str(out.tracking.uri)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        out.tracking.uri = "sqlite:///" + str(root / uri[len("sqlite:///") :])
-    loc = str(out.tracking.artifact_location)
-    if "://" not in loc and not Path(loc).is_absolute():
-        out.tracking.artifact_location = str(root / loc)
-    for key in ("data.source", "data.image_root", "task.taxonomy", "data.builtin_dir"):
-        value = OmegaConf.select(out, key)
-        if value and "://" not in str(value) and ":" not in str(value)[:10] and not Path(value).is_absolute():
-            OmegaConf.update(out, key, str(root / str(value)))
-    return out
 
 
 def data_params(root: Path) -> list[str]:
@@ -74,25 +52,14 @@ def data_key(cfg: DictConfig, keys: list[str]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (other processes wait)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def prepared_data(cfg: DictConfig, root: Path) -> Path:
     """``data/processed`` for this trial's data settings: built once, then shared."""
-    from taxonomist.stages import ingest, preprocess
+    from taxonomist.stages import ingest, preprocess  # the data stack: only when a trial runs
 
     folder = root / DATA_CACHE / data_key(cfg, data_params(root))
     processed = folder / "processed"
-    with file_lock(folder.with_suffix(".lock")):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.with_suffix(".lock")):  # one process prepares, the others wait
         if not (processed / "report.json").is_file():
             log.info("preparing the data once for every trial that shares it: %s", folder)
             ingest.run(cfg, out_dir=folder / "raw")
@@ -124,7 +91,7 @@ def trial_key(overrides: list[str]) -> str:
 def objective_value(best_epoch_metrics: dict[str, float], objective: str) -> float:
     """The objective at the epoch whose checkpoint was kept (the model evaluate measured)."""
     if objective not in best_epoch_metrics:
-        raise RuntimeError(f"sweep.objective {objective!r} was not logged (logged: {sorted(best_epoch_metrics)})")
+        raise ConfigError(f"sweep.objective {objective!r} was not logged (logged: {sorted(best_epoch_metrics)})")
     return float(best_epoch_metrics[objective])
 
 
@@ -142,17 +109,15 @@ def limit_threads(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
 
 def run_trial(cfg: DictConfig) -> float:
     """Hydra task function of ``taxonomist sweep``: train and evaluate one trial, return its objective."""
-    from taxonomist.stages import evaluate, train
-    from taxonomist.sweeps import tracker
+    from taxonomist.stages import evaluate, train  # torch and Lightning: only when a trial runs
     from taxonomist.tasks.heads import resolve_monitor
-    from taxonomist.tracking import runs
 
     hydra_cfg = HydraConfig.get()
     root = Path(hydra_cfg.runtime.cwd)
     sweep_dir = Path(hydra_cfg.sweep.dir)
     sweep_dir = sweep_dir if sweep_dir.is_absolute() else root / sweep_dir
     if not (sweep_dir / STATE_FILE).is_file():
-        raise RuntimeError(
+        raise RegistryError(
             f"{sweep_dir / STATE_FILE} is missing: the sweep's parent run could not be set up (see the warning "
             "from SweepTracker.on_multirun_start above)"
         )
