@@ -45,11 +45,8 @@ HOW_TO_GET = (
 
 def md5_file(path: Path) -> str:
     """Hex MD5 of a file (the checksum Fashion-MNIST publishes)."""
-    digest = hashlib.md5()
     with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 def _has_all(folder: Path) -> bool:
