@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.models import adapt_input_conv
 
-from taxonomist.errors import ModelError
+from taxonomist.errors import ConfigError, ModelError
 from taxonomist.models import zoo  # noqa: F401  (registers Taxonomist's own timm models)
 
 
@@ -29,7 +29,7 @@ def check_model_name(name: str) -> None:
     if not timm.list_models(name) and name not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
         hint = f" Similar names: {', '.join(close)}." if close else ""
-        raise ValueError(f"model.name: {name!r} is not a timm model.{hint}")
+        raise ConfigError(f"model.name: {name!r} is not a timm model.{hint}")
 
 
 def create_backbone(model_cfg: DictConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
