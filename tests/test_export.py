@@ -21,9 +21,9 @@ from taxonomist.data.images import ImageSpec, decode
 from taxonomist.data.transforms import normalise
 from taxonomist.export import registry
 from taxonomist.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, verify_onnx
-from taxonomist.export.serving import ImageClassifierModel, prob_column
+from taxonomist.export.serving import ImageClassifierModel
 from taxonomist.models.tta import with_tta
-from taxonomist.tasks.decide import softmax
+from taxonomist.tasks.base import prob_column, softmax
 
 CLASSES = ["circle", "square", "triangle"]
 SETTINGS = {"image_size": 32, "channels": 3, "resize_mode": "squash", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}

@@ -21,7 +21,7 @@ from taxonomist.data.manifest import RawImages, pack_images, read_manifest
 from taxonomist.data.split import assign_splits
 from taxonomist.errors import DataError, StageOrderError
 from taxonomist.stages import ingest, preprocess
-from taxonomist.stages.preprocess import deduplicate, strata
+from taxonomist.stages.preprocess import deduplicate
 from taxonomist.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,6 +144,11 @@ def test_assign_splits_keeps_a_sources_own_val_split():
     out = assign_splits(frame(rows), val_fraction=0.3, test_fraction=0.2, seed=0)
     assert sorted(out.loc[out["split"] == "val", "path"]) == ["a0", "a1", "b0", "b1"]  # not re-drawn
     assert set(out["split"]) == {"train", "val", "test"}
+
+
+def strata(rows, task: str, min_images_per_class: int):
+    """The split strata the task gives the rows (the preprocess stage asks the task)."""
+    return get_task(task).strata(rows["label"], min_images_per_class)
 
 
 def test_multilabel_strata_use_the_rarest_label_and_name_too_rare_labels():

@@ -227,11 +227,6 @@ def test_missing_files_are_reported_together(tmp_path):
     assert not out.exists()  # nothing copied
 
 
-@pytest.mark.xfail(
-    reason="table.materialise_table still raises at the first bad cell: it needs to collect its rows' problems "
-    "in a taxonomist.errors.Problems (see common.report_problems(into=...))",
-    strict=True,
-)
 def test_a_manifest_with_several_kinds_of_problems_reports_them_all_at_once(tmp_path):
     write_png(tmp_path / "ok.png")
     rows = [

@@ -64,12 +64,12 @@ def test_objective_is_read_from_the_kept_epoch() -> None:
 def test_joblib_trials_share_the_cores() -> None:
     cfg = compose([], conf_dir=REPO / "conf")
     trial.limit_threads(cfg, OmegaConf.create({"launcher": {"_target_": "hydra._internal.BasicLauncher"}}))
-    assert cfg.trainer.num_threads == 0
+    assert cfg.fit.num_threads == 0
     joblib = OmegaConf.create(
         {"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.JoblibLauncher", "n_jobs": 2}}
     )
     trial.limit_threads(cfg, joblib)
-    assert cfg.trainer.num_threads >= 1
+    assert cfg.fit.num_threads >= 1
 
 
 def test_relative_paths_are_taken_from_the_project_root(tmp_path: Path) -> None:

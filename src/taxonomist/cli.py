@@ -81,8 +81,13 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None) -> Path |
     file. With ``verbose`` the console gets everything the file gets. Calling it again replaces
     the handlers it installed before. Returns the log file used (None: none).
     """
-    # Let MLflow's records propagate here instead of to its own stderr handler (read at `import mlflow`).
+    # Let MLflow's records propagate here instead of to its own stderr handler (read at `import mlflow`);
+    # if mlflow was imported first and installed that handler, take it away.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    mlflow_logger = logging.getLogger("mlflow")
+    for handler in list(mlflow_logger.handlers):
+        mlflow_logger.removeHandler(handler)
+    mlflow_logger.propagate = True
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_taxonomist", False)]:
         root.removeHandler(handler)
@@ -234,18 +239,6 @@ def _check(conf: str, params: str) -> int:
     return 0
 
 
-def answer_text(row) -> str:
-    """One line for a served answer: ``label score``, ``path score``, or ``label (p), ...``."""
-    if "path" in row:
-        return f"{row['path'] or '(no confident answer)'}\t{row['score']:.4f}"
-    if "labels" in row:
-        labels = list(row["labels"])
-        if not labels:
-            return "(no label)"
-        return ", ".join(f"{lbl} ({row[f'prob_{lbl}']:.2f})" for lbl in labels)
-    return f"{row['label']}\t{row['score']:.4f}"
-
-
 def _predict(cfg, images: list[str], model_uri: str | None) -> int:
     import mlflow
     import pandas as pd
@@ -264,8 +257,9 @@ def _predict(cfg, images: list[str], model_uri: str | None) -> int:
         raise RegistryError(f"cannot load {uri} ({err}): run the package stage first, or give --model") from err
     frame = pd.DataFrame({"image": [Path(p).read_bytes() for p in images]})
     result = model.predict(frame)
+    task = model.unwrap_python_model().task  # the served model's task words its answers
     for path, (_, row) in zip(images, result.iterrows(), strict=True):
-        print(f"{path}\t{answer_text(row)}")
+        print(f"{path}\t{task.answer_text(row)}")
     return 0
 
 

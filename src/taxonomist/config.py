@@ -112,6 +112,27 @@ class FitConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """The Lightning Trainer's arguments (built with ``hydra.utils.instantiate``): the ones
+    conf/trainer sets, typed, so ``trainer.max_epochs=many`` fails before anything runs."""
+
+    _target_: str = MISSING
+    max_epochs: int = MISSING
+    accelerator: str = MISSING
+    devices: Any = MISSING
+    precision: str = MISSING
+    deterministic: Any = MISSING
+    gradient_clip_val: Optional[float] = MISSING  # noqa: UP045
+    accumulate_grad_batches: int = MISSING
+    limit_train_batches: float = MISSING
+    limit_val_batches: float = MISSING
+    check_val_every_n_epoch: int = MISSING
+    log_every_n_steps: int = MISSING
+    enable_model_summary: bool = MISSING
+    logger: bool = MISSING
+
+
+@dataclass
 class EvaluateConfig:
     batch_size: int = MISSING
     misclassified_examples: int = MISSING
@@ -142,9 +163,9 @@ class SweepConfig:
 
 @dataclass
 class PipelineConfig:
-    """Schema of ``params.yaml``. ``optimizer``, ``scheduler``, ``trainer`` and ``callbacks`` are
-    ``_target_`` blocks built with ``hydra.utils.instantiate``: their keys are the arguments of
-    the class they name, checked when it is built."""
+    """Schema of ``params.yaml``. ``optimizer``, ``scheduler`` and ``callbacks`` are ``_target_``
+    blocks built with ``hydra.utils.instantiate``: their keys are the arguments of the class
+    they name, checked when it is built. ``trainer`` is one too, with its keys typed here."""
 
     seed: int = MISSING
     data: DataConfig = MISSING
@@ -153,7 +174,7 @@ class PipelineConfig:
     augment: AugmentConfig = MISSING
     optimizer: dict[str, Any] = MISSING
     scheduler: dict[str, Any] = MISSING
-    trainer: dict[str, Any] = MISSING
+    trainer: TrainerConfig = MISSING
     callbacks: dict[str, Any] = MISSING
     preprocess: PreprocessConfig = MISSING
     fit: FitConfig = MISSING

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.optim import param_groups_weight_decay
 
+from taxonomist.errors import missing_input
 from taxonomist.models.backbone import create_backbone
 from taxonomist.models.tta import with_tta
 from taxonomist.tasks import load_task
@@ -168,6 +169,8 @@ def load_classifier(path: str | Path, map_location: str = "cpu", tta: str = "non
     touched again: the checkpoint holds the trained weights. ``tta`` wraps the backbone for
     test-time augmentation (see :mod:`taxonomist.models.tta`).
     """
+    if not Path(path).is_file():
+        raise missing_input(path, "train")
     module = ClassifierModule.load_from_checkpoint(
         path, map_location=map_location, weights_only=False, initial_weights=False
     )

@@ -25,7 +25,7 @@ from PIL import Image
 import taxonomist
 from taxonomist.data.cache import read_labels, read_split
 from taxonomist.data.transforms import normalise, preprocess_settings
-from taxonomist.errors import ConfigError, ModelError, StageOrderError
+from taxonomist.errors import ConfigError, ModelError, StageOrderError, missing_input
 from taxonomist.export import registry
 from taxonomist.export.model_card import render_model_card
 from taxonomist.export.onnx import export_onnx, verify_onnx
@@ -73,6 +73,9 @@ def run(
     """Export, verify, document, log and register the trained model."""
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
     task = read_labels(processed_dir)
+    for needed in (reports_dir / DECISION_FILE, metrics_file):
+        if not needed.is_file():
+            raise missing_input(needed, "evaluate")
     decision = read_json(reports_dir / DECISION_FILE)
     if decision.get("task") != task.name:
         raise StageOrderError(

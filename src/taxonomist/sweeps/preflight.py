@@ -40,7 +40,7 @@ def check_config(cfg: DictConfig, hydra_node: DictConfig | None = None) -> DictC
     from taxonomist.data.transforms import build_augment
     from taxonomist.models.backbone import check_model_name
     from taxonomist.models.module import OPTIMIZER_TARGETS, SCHEDULER_TARGETS
-    from taxonomist.tasks.heads import resolve_monitor
+    from taxonomist.tasks import task_of
 
     raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     raw.pop("hparams_search", None)
@@ -59,7 +59,7 @@ def check_config(cfg: DictConfig, hydra_node: DictConfig | None = None) -> DictC
         except Exception as err:
             raise ValueError(f"scheduler ({sched['_target_']}): {err}") from None
     build_augment(pcfg.augment.train)
-    objective = resolve_monitor(str(pcfg.sweep.objective), str(pcfg.task.name))
+    objective = task_of(pcfg).val_metric(str(pcfg.sweep.objective))
     if not objective.startswith("val/"):
         raise ValueError(f"sweep.objective: {objective!r} is not a validation metric (val/...)")
     direction = OmegaConf.select(hydra_node, "sweeper.direction") if hydra_node is not None else None

@@ -85,7 +85,7 @@ class SweepTracker(Callback):
         """Find or create the parent run, prepare resuming, and write ``sweep.json``."""
         import mlflow
 
-        from taxonomist.tasks.heads import resolve_monitor
+        from taxonomist.tasks import task_of
 
         root = Path(config.hydra.runtime.cwd)
         state_file = root / str(config.hydra.sweep.dir) / STATE_FILE
@@ -96,7 +96,7 @@ class SweepTracker(Callback):
         name = str(config.sweep.name)
         experiment_id = runs.setup(cfg)
         client = mlflow.MlflowClient()
-        objective = resolve_monitor(str(cfg.sweep.objective), str(cfg.task.name))
+        objective = task_of(cfg).val_metric(str(cfg.sweep.objective))
         definition = sweep_definition(config)
         parent = find_parent(client, experiment_id, name)
         if parent is None:

@@ -99,18 +99,18 @@ def limit_threads(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
     """Trials run in parallel by the joblib launcher share the cores instead of each taking all."""
     if "joblib" not in str(OmegaConf.select(hydra_cfg, "launcher._target_", default="")).lower():
         return
-    if int(cfg.trainer.num_threads) > 0:
+    if int(cfg.fit.num_threads) > 0:
         return
     n_jobs = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=-1) or -1)
     cores = os.cpu_count() or 1
     jobs = cores if n_jobs < 1 else min(n_jobs, cores)
-    cfg.trainer.num_threads = max(1, cores // jobs)
+    cfg.fit.num_threads = max(1, cores // jobs)
 
 
 def run_trial(cfg: DictConfig) -> float:
     """Hydra task function of ``taxonomist sweep``: train and evaluate one trial, return its objective."""
     from taxonomist.stages import evaluate, train  # torch and Lightning: only when a trial runs
-    from taxonomist.tasks.heads import resolve_monitor
+    from taxonomist.tasks import task_of
 
     hydra_cfg = HydraConfig.get()
     root = Path(hydra_cfg.runtime.cwd)
@@ -124,7 +124,7 @@ def run_trial(cfg: DictConfig) -> float:
     state = read_json(sweep_dir / STATE_FILE)
     overrides = list(hydra_cfg.overrides.task)
     pcfg = pipeline_config(cfg, root)
-    objective = resolve_monitor(str(pcfg.sweep.objective), str(pcfg.task.name))
+    objective = task_of(pcfg).val_metric(str(pcfg.sweep.objective))
     key = trial_key(overrides)
 
     done = tracker.finished_trial(pcfg, state["parent_run_id"], key)

@@ -21,9 +21,10 @@ from typing import Any
 import yaml
 
 from taxonomist.data.manifest import PATH_SEP
+from taxonomist.errors import DataError
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(DataError):
     """A taxonomy file or label that does not fit the tree; the message names it."""
 
 

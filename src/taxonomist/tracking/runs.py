@@ -151,7 +151,7 @@ def describe(cfg: DictConfig, launched_by: str) -> str:
         + (" (pretrained)" if cfg.model.pretrained or cfg.model.checkpoint else "")
         + f" on `{cfg.data.source}`",
         f"- {cfg.preprocess.image_size} px, {cfg.preprocess.channels} channel(s); "
-        f"{cfg.trainer.max_epochs} epochs max, batch {cfg.train.batch_size}, "
+        f"{cfg.trainer.max_epochs} epochs max, batch {cfg.fit.batch_size}, "
         f"{str(opt.get('_target_', '?')).split('.')[-1]} lr {opt.get('lr', '?')}, "
         f"weight decay {opt.get('weight_decay', 0)}",
         f"- launched by {launched_by}; git commit `{git_commit()[:12]}`",

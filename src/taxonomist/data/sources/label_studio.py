@@ -64,7 +64,7 @@ from taxonomist.data.sources.common import (
     resolve_image,
 )
 from taxonomist.data.sources.table import attribute_labels, label_form, task_attributes
-from taxonomist.errors import DataError
+from taxonomist.errors import DataError, Problems
 
 log = logging.getLogger(__name__)
 
@@ -311,12 +311,15 @@ def materialise_label_studio(cfg: DictConfig, path: Path, out_dir: Path, *, insi
             missing.append(f"{where}: image {url!r}: {problem}")
         else:
             images.append(SourceImage(src, labels, "", where))
+    problems = Problems()
     report_problems(
         f"task(s) of {name} have remote image URLs, which are not downloaded; download the images into a folder "
         "and set data.image_root to it (they are then found by file name)",
         remote,
+        into=problems,
     )
-    report_problems(f"task(s) of {name} name images that cannot be found", missing)
+    report_problems(f"task(s) of {name} name images that cannot be found", missing, into=problems)
+    problems.raise_if_any()
     if unannotated:
         log.warning("%s: skipped %d task(s) without a (non-cancelled) annotation", name, unannotated)
     if not images:

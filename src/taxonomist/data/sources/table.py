@@ -48,10 +48,9 @@ from taxonomist.data.sources.common import (
     clean_labels,
     copy_images,
     image_root,
-    report_problems,
     resolve_image,
 )
-from taxonomist.errors import ConfigError, DataError
+from taxonomist.errors import ConfigError, DataError, Problems
 
 PATH_COLUMNS = ("path", "image")
 SPLIT_ALIASES = {
@@ -277,18 +276,22 @@ def materialise_table(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Pat
     root = path.parent if inside is not None else image_root(cfg) or path.parent
     has_split = "split" in frame.columns
     images: list[SourceImage] = []
-    missing: list[str] = []
+    problems = Problems()  # every problem of every row, reported together
     for row, record in enumerate(frame.to_dict("records"), start=1):
         where = f"{name} row {row}"
+        labels = split = None
+        with problems.collect(f"row(s) of {name} have unusable labels"):
+            labels = labels_of(record, where)
+        with problems.collect(f"row(s) of {name} have an unknown split"):
+            split = parse_split(record["split"], where) if has_split else ""
         ref = _text(record[path_column])
         if not ref:
-            raise DataError(f"{where}: empty {path_column!r} cell")
-        labels = labels_of(record, where)
-        split = parse_split(record["split"], where) if has_split else ""
+            problems.add(f"row(s) of {name} have no image", [f"{where}: empty {path_column!r} cell"])
+            continue
         src, problem = resolve_image(ref, root, inside)
         if problem:
-            missing.append(f"{where}: {problem}")
-        else:
+            problems.add(f"row(s) of {name} name images that cannot be used", [f"{where}: {problem}"])
+        elif labels is not None and split is not None:
             images.append(SourceImage(src, labels, split, where))
-    report_problems(f"row(s) of {name} name images that cannot be used", missing)
+    problems.raise_if_any()
     return copy_images(images, out_dir, desc=f"ingest {name}")
