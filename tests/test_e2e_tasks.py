@@ -1,6 +1,7 @@
-"""End to end for the binary, multi-label and hierarchical tasks: all five stages on tiny data
-the tests draw, read through different sources (zip archive, CSV manifest, nested folders),
-and `dvc repro` inside a ready pipeline folder under pipelines/."""
+"""End to end for the binary, multi-label, hierarchical, ordinal and multi-attribute tasks: all
+five stages on tiny data the tests draw, read through different sources (zip archive, CSV
+manifests, nested folders, a folder of graded sizes), and `dvc repro` inside a ready pipeline
+folder under pipelines/."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import BIN, REPO, draw_shape, make_image_folder, run_cmd, tiny_overrides
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from taxonomist.config import compose
 from taxonomist.stages import evaluate, ingest, package, preprocess, train
@@ -58,6 +59,44 @@ def nested_folder(root: Path) -> Path:
     return root / "tree"
 
 
+def graded_sizes(root: Path, per_class: int = 24) -> Path:
+    """Ordinal data: a folder per size grade (1-small, 2-medium, 3-large) of discs of that size."""
+    rng = random.Random(5)
+    for grade, radius in (("1-small", 4), ("2-medium", 8), ("3-large", 13)):
+        (root / grade).mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.fromarray(np.random.default_rng(i).integers(0, 60, (32, 32, 3), dtype=np.uint8))
+            r = radius + rng.uniform(-1, 1)
+            cx, cy = rng.uniform(r, 32 - r), rng.uniform(r, 32 - r)
+            ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=(220, 220, 220))
+            img.save(root / grade / f"{i:03d}.png")
+    return root
+
+
+def attribute_manifest(root: Path, n: int = 96) -> Path:
+    """Multi-attribute data: a CSV with one column per attribute: shape (circle/square/triangle),
+    colour (red/blue) and marks (a set: dot, bar, or both, or none)."""
+    rng = random.Random(7)
+    (root / "imgs").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        shape, colour = ("circle", "square", "triangle")[i % 3], ("red", "blue")[(i // 3) % 2]
+        marks = [["dot"], ["bar"], ["dot", "bar"], []][(i // 6) % 4]
+        img = draw_shape(shape, 32, rng)
+        pixels = np.array(img)
+        bright = pixels.max(axis=2) > 120  # the shape
+        pixels[bright] = (230, 40, 40) if colour == "red" else (40, 40, 230)
+        if "dot" in marks:
+            pixels[1:4, 1:4] = 255
+        if "bar" in marks:
+            pixels[-3:, 4:28] = 255
+        Image.fromarray(pixels).save(root / "imgs" / f"{i:03d}.png")
+        rows.append({"path": f"imgs/{i:03d}.png", "shape": shape, "colour": colour, "marks": "|".join(marks)})
+    path = root / "attributes.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
 CASES = {
     "binary": (
         zipped_folder,
@@ -65,6 +104,11 @@ CASES = {
     ),
     "multilabel": (shapes_manifest, ["task.class_weights=balanced"]),
     "hierarchical": (nested_folder, []),
+    "ordinal": (graded_sizes, []),
+    "multiattribute": (
+        attribute_manifest,
+        ["task.attributes={shape: auto, colour: binary, marks: multilabel}", "task.allow_empty=true"],
+    ),
 }
 
 
@@ -104,6 +148,23 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
         assert all(isinstance(v, list | np.ndarray) and set(v) <= {"circle", "square"} for v in answer["labels"])
         table = pd.read_csv("reports/eval/per_class.csv")
         assert table["class"].tolist() == ["circle", "square"] and "threshold" in table
+    elif task == "ordinal":
+        assert {"acc", "mae", "qwk", "off_by_one", "f1_macro"} <= set(metrics)
+        assert summary["champion_metric"] == "test/qwk"
+        assert serving["labels"]["classes"] == ["1-small", "2-medium", "3-large"]  # the natural order
+        assert set(answer["label"]) <= {"1-small", "2-medium", "3-large"}
+        assert answer["rank"].tolist() == [["1-small", "2-medium", "3-large"].index(x) for x in answer["label"]]
+        matrix = pd.read_csv("reports/eval/confusion_matrix.csv", index_col=0)
+        assert matrix.shape == (3, 3)
+        assert metrics["qwk"] > 0.5  # sizes this distinct are learnt even in a few epochs
+    elif task == "multiattribute":
+        assert {"f1_macro", "acc_mean", "exact_match", "shape/acc", "colour/f1", "marks/f1_macro"} <= set(metrics)
+        assert summary["champion_metric"] == "test/f1_macro"
+        assert set(answer["shape"]) <= {"circle", "square", "triangle"} and set(answer["colour"]) <= {"red", "blue"}
+        assert all(set(v) <= {"dot", "bar"} for v in answer["marks"])
+        assert {"prob_colour=blue", "prob_shape=circle", "prob_marks=dot"} <= set(answer)
+        assert Path("reports/eval/confusion_shape.png").is_file()
+        assert metrics["colour/f1"] > 0.8  # red against blue: learnt in a few epochs
     else:
         assert {"hprecision", "hrecall", "hf1", "acc_level1", "acc_level2"} <= set(metrics)
         assert summary["champion_metric"] == "test/hf1"

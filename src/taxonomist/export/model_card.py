@@ -55,8 +55,8 @@ def render_model_card(
         "## Training",
         f"- Optimizer: `{cfg['optimizer'].get('_target_')}` lr {cfg['optimizer'].get('lr')}, "
         f"scheduler `{cfg['scheduler'].get('_target_')}`",
-        f"- Epochs (max): {cfg['trainer']['max_epochs']}, batch size {cfg['train']['batch_size']}, "
-        f"precision {cfg['trainer']['precision']}, label smoothing {cfg['train']['label_smoothing']}, "
+        f"- Epochs (max): {cfg['trainer']['max_epochs']}, batch size {cfg['fit']['batch_size']}, "
+        f"precision {cfg['trainer']['precision']}, label smoothing {cfg['fit']['label_smoothing']}, "
         f"seed {cfg['seed']}",
         "",
         "## Test metrics",
