@@ -51,6 +51,7 @@ from taxonomist.data.sources.common import (
     resolve_image,
 )
 from taxonomist.errors import ConfigError, DataError, Problems
+from taxonomist.tasks.multiattribute import ATTRIBUTE_SEP, configured_attributes
 
 PATH_COLUMNS = ("path", "image")
 SPLIT_ALIASES = {
@@ -63,7 +64,6 @@ SPLIT_ALIASES = {
     "test": "test",
 }
 PARQUET_SUFFIXES = (".parquet", ".pq")
-ATTRIBUTE_SEP = "="  # a multi-attribute label is "<attribute>=<value>", split at the first "="
 NON_ATTRIBUTE_COLUMNS = frozenset({*PATH_COLUMNS, "split", "label", "labels"})
 
 
@@ -76,14 +76,7 @@ def label_form(cfg: DictConfig) -> str:
 
 def task_attributes(cfg: DictConfig) -> dict[str, str]:
     """``task.attributes`` (attribute -> kind) as a dict; empty when unset or empty."""
-    value = OmegaConf.select(cfg, "task.attributes", default=None)
-    if value is None:
-        return {}
-    if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"task.attributes must map attribute names to kinds, got {value!r}")
-    attributes = {str(key).strip(): str(kind) for key, kind in value.items()}
+    attributes = configured_attributes(OmegaConf.select(cfg, "task", default=None))
     for attribute in attributes:
         check_attribute(attribute, "task.attributes", error=ConfigError)
     return attributes
