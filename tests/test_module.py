@@ -115,7 +115,7 @@ def test_cosine_t_max_filled_per_epoch(tmp_path):
 
 
 def test_explicit_total_steps_is_kept(tmp_path):
-    module = ClassifierModule(pipeline_cfg("+scheduler.total_steps=50"), SPACE, in_chans=3)
+    module = ClassifierModule(pipeline_cfg("scheduler.total_steps=50"), SPACE, in_chans=3)
     fit = trainer(tmp_path, max_epochs=1, limit_train_batches=2)
     fit.fit(module, train_dataloaders=tiny_loader())
     assert fit.lr_scheduler_configs[0].scheduler.total_steps == 50

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.optim import param_groups_weight_decay
@@ -126,19 +125,17 @@ class ClassifierModule(L.LightningModule):
         steps = int(self.trainer.estimated_stepping_batches)
         if interval == "epoch":
             steps = int(self.trainer.max_epochs or 1)
-        params = inspect.signature(get_class(sched_cfg["_target_"])).parameters
-        if "total_steps" in params and "total_steps" not in sched_cfg:
-            sched_cfg["total_steps"] = steps
-        if "T_max" in params and "T_max" not in sched_cfg:
-            sched_cfg["T_max"] = steps
-        if "pct_start" in params:  # OneCycleLR: each phase needs at least two steps
+        # The argument that takes the schedule's length says `auto` in conf/scheduler/: the
+        # Trainer's count of optimizer steps (or epochs, with interval: epoch) goes there.
+        sched_cfg = {k: steps if v == "auto" else v for k, v in sched_cfg.items()}
+        if "pct_start" in sched_cfg:  # OneCycleLR: each phase needs at least two steps
             total = int(sched_cfg.get("total_steps") or steps)
             if total < 4:
                 log.warning(
                     "%d scheduler steps are too few for %s: training at a constant lr", total, sched_cfg["_target_"]
                 )
                 return optimizer
-            pct = float(sched_cfg.get("pct_start", params["pct_start"].default))
+            pct = float(sched_cfg["pct_start"])
             sched_cfg["pct_start"] = min(max(pct, 2 / total), 1 - 2 / total)
         scheduler = instantiate(sched_cfg, _execution_whitelist_=list(SCHEDULER_TARGETS))(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

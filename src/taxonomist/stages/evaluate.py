@@ -27,13 +27,10 @@ from taxonomist.errors import DataError, StageOrderError
 from taxonomist.evaluation.report import write_reports
 from taxonomist.files import atomic_write_json
 from taxonomist.models.module import load_classifier
+from taxonomist.stages.paths import DECISION_FILE, HISTORY_FILE, METRICS_FILE, MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
-REPORTS_DIR = Path("reports/eval")
-METRICS_FILE = Path("reports/metrics.json")
-HISTORY_FILE = Path("reports/train_history.csv")
-DECISION_FILE = "decision.json"
 
 
 def predict_split(
@@ -59,8 +56,8 @@ def predict_split(
 
 def run(
     cfg: DictConfig,
-    processed_dir: Path = Path("data/processed"),
-    models_dir: Path = Path("models"),
+    processed_dir: Path = PROCESSED_DIR,
+    models_dir: Path = MODELS_DIR,
     out_dir: Path = REPORTS_DIR,
     metrics_file: Path = METRICS_FILE,
 ) -> dict[str, float]:

@@ -22,10 +22,10 @@ from omegaconf import DictConfig
 from taxonomist.data.manifest import IMAGES_DIR, pack_images, write_manifest
 from taxonomist.data.sources import materialise
 from taxonomist.files import atomic_directory, atomic_write_json
+from taxonomist.stages.paths import RAW_DIR
 from taxonomist.tasks import task_of
 
 log = logging.getLogger(__name__)
-RAW_DIR = Path("data/raw")
 
 
 def run(cfg: DictConfig, out_dir: Path = RAW_DIR) -> dict:

@@ -32,11 +32,10 @@ from taxonomist.export.onnx import export_onnx, verify_onnx
 from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel
 from taxonomist.files import atomic_write_json, atomic_write_text, read_json
 from taxonomist.models.module import load_classifier
-from taxonomist.stages.evaluate import DECISION_FILE
+from taxonomist.stages.paths import DECISION_FILE, DIST_DIR, METRICS_FILE, MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
-DIST_DIR = Path("dist")
 SERVING_REQUIREMENTS = ("mlflow", "onnxruntime", "pillow", "numpy", "pandas")
 
 
@@ -64,10 +63,10 @@ def pinned_requirements() -> list[str]:
 
 def run(
     cfg: DictConfig,
-    processed_dir: Path = Path("data/processed"),
-    models_dir: Path = Path("models"),
-    reports_dir: Path = Path("reports/eval"),
-    metrics_file: Path = Path("reports/metrics.json"),
+    processed_dir: Path = PROCESSED_DIR,
+    models_dir: Path = MODELS_DIR,
+    reports_dir: Path = REPORTS_DIR,
+    metrics_file: Path = METRICS_FILE,
     out_dir: Path = DIST_DIR,
 ) -> dict:
     """Export, verify, document, log and register the trained model."""

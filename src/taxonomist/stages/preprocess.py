@@ -23,11 +23,10 @@ from taxonomist.data.images import ImageSpec, InvalidImage, decode
 from taxonomist.data.manifest import SPLITS, RawImages, read_manifest, split_labels
 from taxonomist.data.split import assign_splits
 from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
+from taxonomist.stages.paths import PROCESSED_DIR, RAW_DIR
 from taxonomist.tasks import task_of
 
 log = logging.getLogger(__name__)
-RAW_DIR = Path("data/raw")
-PROCESSED_DIR = Path("data/processed")
 
 
 def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -21,12 +21,11 @@ from taxonomist.errors import ConfigError, StageOrderError
 from taxonomist.files import atomic_write_json, read_json, sha256_file
 from taxonomist.models.callbacks import EpochHistory, build_callbacks, build_trainer
 from taxonomist.models.module import ClassifierModule
+from taxonomist.stages.paths import HISTORY_FILE, MODELS_DIR, PROCESSED_DIR
 from taxonomist.tasks import task_of
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
-MODELS_DIR = Path("models")
-HISTORY_FILE = Path("reports/train_history.csv")
 
 
 def configure_torch(cfg: DictConfig) -> None:
@@ -51,7 +50,7 @@ def data_hash(processed_dir: Path) -> str:
 
 def run(
     cfg: DictConfig,
-    processed_dir: Path = Path("data/processed"),
+    processed_dir: Path = PROCESSED_DIR,
     models_dir: Path = MODELS_DIR,
     spec: runs.RunSpec | None = None,
 ) -> dict:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from taxonomist.errors import ConfigError, RegistryError
 from taxonomist.files import read_json
+from taxonomist.stages.paths import MODELS_DIR
 from taxonomist.sweeps import tracker
 from taxonomist.sweeps.state import OBJECTIVE_METRIC, STATE_FILE, pipeline_config
 from taxonomist.tracking import runs
@@ -150,8 +151,8 @@ def run_trial(cfg: DictConfig) -> float:
         },
         launched_by=f"`taxonomist sweep` (sweep `{state['name']}`, trial {number}: {label})",
     )
-    summary = train.run(pcfg, processed_dir=processed, models_dir=Path("models"), spec=spec)
-    evaluate.run(pcfg, processed_dir=processed, models_dir=Path("models"))
+    summary = train.run(pcfg, processed_dir=processed, models_dir=MODELS_DIR, spec=spec)
+    evaluate.run(pcfg, processed_dir=processed, models_dir=MODELS_DIR)
     value = objective_value(summary["best_epoch_metrics"], objective)
     with runs.resume_run(pcfg, summary["run_id"]):
         runs.log_metrics({OBJECTIVE_METRIC: value})

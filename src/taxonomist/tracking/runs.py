@@ -22,8 +22,9 @@ from omegaconf import DictConfig
 from taxonomist.config import flatten
 from taxonomist.errors import missing_input
 from taxonomist.files import atomic_write_json, read_json
+from taxonomist.stages.paths import MODELS_DIR
 
-RUN_FILE = Path("models/run.json")
+RUN_FILE = MODELS_DIR / "run.json"
 MAX_PARAM_LENGTH = 6000
 
 

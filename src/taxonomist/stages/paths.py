@@ -1,0 +1,16 @@
+"""Where each stage reads and writes, relative to the folder the pipeline runs in.
+
+The one place these paths are written in code; ``dvc.yaml`` lists the same paths as each
+stage's deps and outs.
+"""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")  # ingest -> preprocess
+PROCESSED_DIR = Path("data/processed")  # preprocess -> train, evaluate, package
+MODELS_DIR = Path("models")  # train -> evaluate, package (best.ckpt, labels.json, run.json)
+HISTORY_FILE = Path("reports/train_history.csv")  # train -> evaluate's plots, dvc plots
+REPORTS_DIR = Path("reports/eval")  # evaluate -> package
+METRICS_FILE = Path("reports/metrics.json")  # evaluate -> package, dvc metrics
+DECISION_FILE = "decision.json"  # in REPORTS_DIR: the tuned decision the package ships
+DIST_DIR = Path("dist")  # package
