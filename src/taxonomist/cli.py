@@ -84,10 +84,12 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None) -> Path |
     # Let MLflow's records propagate here instead of to its own stderr handler (read at `import mlflow`);
     # if mlflow was imported first and installed that handler, take it away.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-    mlflow_logger = logging.getLogger("mlflow")
-    for handler in list(mlflow_logger.handlers):
-        mlflow_logger.removeHandler(handler)
-    mlflow_logger.propagate = True
+    # Lightning installs its own stderr handler too ("GPU available: False", tips): route both through ours.
+    for name in ("mlflow", "lightning.pytorch", "lightning.fabric"):
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_taxonomist", False)]:
         root.removeHandler(handler)

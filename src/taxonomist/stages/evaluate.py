@@ -64,8 +64,9 @@ def run(
     """Tune the decision on val, evaluate ``models/best.ckpt`` on test; return the metrics."""
     L.seed_everything(int(cfg.seed), verbose=False)
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
+    trained_on = module.task
     task = read_labels(processed_dir)
-    if task != module.task:
+    if trained_on != task:
         raise StageOrderError(
             "models/best.ckpt was trained on other labels than data/processed holds: run the train stage again"
         )
