@@ -20,6 +20,8 @@ from pathlib import Path
 
 from common import ROOT, machine, show_in_readme
 
+from taxonomist.tasks import load_task
+
 REPORT = ROOT / "reports" / "pipelines.md"
 MARKERS = ("<!-- pipelines:start -->", "<!-- pipelines:end -->")
 # task -> (what the data is, the metrics shown)
@@ -29,6 +31,10 @@ SHOWN = {
     "multilabel": ("emoji keyword tags (npm emoji-datasource-google + openmoji)", ["f1_micro", "f1_macro", "subset_acc",
                                                                                     "hamming_loss", "ap_macro"]),
     "hierarchical": ("Fashion-MNIST under a clothing taxonomy", ["hf1", "acc_level1", "acc_level2"]),
+    "ordinal": ("skin tones of people and hand emoji (npm emoji-datasource-google)", ["qwk", "mae", "acc",
+                                                                                      "off_by_one"]),
+    "multiattribute": ("people and hand emoji: tone, hand, tags (npm emoji-datasource-google + openmoji)",
+                       ["f1_macro", "exact_match", "tone/acc", "hand/f1", "tags/f1_macro"]),
 }  # fmt: skip
 
 
@@ -53,8 +59,7 @@ def main() -> int:
         split = "/".join(str(report["per_split"][s]) for s in ("train", "val", "test"))
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
         took = f"{seconds:.0f} s" if seconds is not None else "(not timed)"
-        space = json.loads((folder / "data/processed/labels.json").read_text())
-        size = f"{len(space['classes'])} labels" + (f" ({len(space['nodes'])} tree nodes)" if space["nodes"] else "")
+        size = load_task(json.loads((folder / "data/processed/labels.json").read_text())).size_text()
         rows.append(f"| `pipelines/{task}` | {data}, {size} | {split} | {shown} | {took} |")
     body = "\n".join(rows) + f"\n\nMeasured {dt.date.today().isoformat()} on {machine()}."
     print(body)
