@@ -209,7 +209,7 @@ def validate(raw: DictConfig | dict[str, Any], origin: str = PARAMS_FILE) -> Dic
             f"(run `taxonomist compose` to regenerate {PARAMS_FILE})."
         ) from None
     except ValidationError as err:
-        raise ConfigError(f"{origin}: invalid value for '{err.full_key}': {err.msg}") from None
+        raise ConfigError(f"{origin}: invalid value for '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
