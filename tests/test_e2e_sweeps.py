@@ -159,7 +159,7 @@ def test_parallel_trials_keep_their_own_outputs_and_runs(project: Path) -> None:
     _, children = sweep_runs(project, "parallel")
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     cores = os.cpu_count() or 1
-    assert {r.data.params["trainer.num_threads"] for r in children} == {str(max(1, cores // min(2, cores)))}
+    assert {r.data.params["fit.num_threads"] for r in children} == {str(max(1, cores // min(2, cores)))}
     for run in children:
         folder = project / "sweeps/parallel" / run.data.tags["sweep.trial"]
         assert json.loads((folder / "models/run.json").read_text())["run_id"] == run.info.run_id
