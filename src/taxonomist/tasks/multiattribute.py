@@ -94,8 +94,6 @@ def configured_attributes(task_cfg: Any) -> dict[str, str]:
     value = task_cfg.get("attributes") if task_cfg is not None else None
     if value is None:
         return {}
-    if hasattr(value, "items") and not isinstance(value, Mapping):  # an OmegaConf DictConfig
-        value = dict(value.items())
     if not isinstance(value, Mapping):
         raise ConfigError(f"task.attributes must map attribute names to kinds {(*KINDS, AUTO)}, got {value!r}")
     return {str(name).strip(): str(kind) for name, kind in value.items()}
