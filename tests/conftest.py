@@ -82,6 +82,7 @@ def tiny_overrides(source: Path) -> list[str]:
     return [
         f"data.source={source}",
         "data=folder",
+        "model=resnet10_narrow",
         "model.name=test_resnet",
         "preprocess.image_size=32",
         "preprocess.channels=3",

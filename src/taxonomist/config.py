@@ -9,6 +9,7 @@ schema below, so a typo in a key fails with the key's name instead of being igno
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +38,7 @@ class DataConfig:
     download_url: str = MISSING
     image_root: Optional[str] = MISSING  # noqa: UP045  (OmegaConf needs typing.Optional)
     max_labels: int = MISSING
+    group_by: Optional[str] = MISSING  # noqa: UP045  (a manifest column, or a regex on the source path)
 
 
 @dataclass
@@ -63,14 +65,28 @@ class TaskConfig:
 
 
 @dataclass
+class AutoModelConfig:
+    """``model=auto``: the two candidates (full model blocks) and the rule between them."""
+
+    transfer: dict[str, Any] = MISSING
+    scratch: dict[str, Any] = MISSING
+    transfer_below_images: int = MISSING
+
+
+@dataclass
 class ModelConfig:
+    """A model; with ``name: auto`` every other key is null and ``auto`` holds the candidates."""
+
     name: str = MISSING
-    pretrained: bool = MISSING
+    pretrained: Optional[bool] = MISSING  # noqa: UP045
     checkpoint: Optional[str] = MISSING  # noqa: UP045
-    drop_rate: float = MISSING
-    channels_last: bool = MISSING
-    compile: bool = MISSING
-    kwargs: dict[str, Any] = MISSING
+    drop_rate: Optional[float] = MISSING  # noqa: UP045
+    channels_last: Optional[bool] = MISSING  # noqa: UP045
+    compile: Optional[bool] = MISSING  # noqa: UP045
+    kwargs: Optional[dict[str, Any]] = MISSING  # noqa: UP045
+    min_image_size: Optional[int] = MISSING  # noqa: UP045  (image_size: auto stays within these)
+    max_image_size: Optional[int] = MISSING  # noqa: UP045
+    auto: Optional[AutoModelConfig] = MISSING  # noqa: UP045
 
 
 @dataclass
@@ -81,14 +97,27 @@ class AugmentConfig:
 
 @dataclass
 class PreprocessConfig:
-    image_size: int = MISSING
+    """``auto`` (image_size, resize_mode, channels, mean, std) is resolved from the training
+    split by the preprocess stage (:mod:`taxonomist.data.auto`)."""
+
+    image_size: Any = MISSING  # int | auto
     resize_mode: str = MISSING
-    channels: int = MISSING
+    channels: Any = MISSING  # 1 | 3 | auto
     val_fraction: float = MISSING
     test_fraction: float = MISSING
     min_images_per_class: int = MISSING
-    mean: list[float] = MISSING
-    std: list[float] = MISSING
+    mean: Any = MISSING  # list[float] | auto
+    std: Any = MISSING  # list[float] | auto
+    near_duplicates: str = MISSING  # warn | drop | fail (near-duplicates across splits)
+    near_duplicate_distance: int = MISSING  # perceptual-hash bits that may differ
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning schedule of a model that starts from pretrained weights."""
+
+    head_warmup_epochs: int = MISSING
+    backbone_lr_scale: float = MISSING
 
 
 @dataclass
@@ -109,6 +138,7 @@ class FitConfig:
     label_smoothing: float = MISSING
     monitor: str = MISSING
     mixup: MixupConfig = MISSING
+    finetune: FinetuneConfig = MISSING
 
 
 @dataclass
@@ -139,12 +169,22 @@ class EvaluateConfig:
 
 
 @dataclass
+class GateConfig:
+    """When ``@champion`` moves: the candidate beats the champion on the same test images."""
+
+    alpha: float = MISSING
+    bootstrap: int = MISSING
+    class_tolerance: float = MISSING
+
+
+@dataclass
 class PackageConfig:
-    model_name: str = MISSING
+    model_name: str = MISSING  # auto = taxonomist-<data set>-<task>
     onnx_opset: int = MISSING
     verify_atol: float = MISSING
     verify_rtol: float = MISSING
     champion_metric: str = MISSING
+    gate: GateConfig = MISSING
 
 
 @dataclass
@@ -185,6 +225,10 @@ class PipelineConfig:
 
 
 RESIZE_MODES = ("squash", "center_crop", "pad")
+AUTO = "auto"  # a setting the preprocess stage resolves from the data (taxonomist.data.auto)
+NEAR_DUPLICATE_ACTIONS = ("warn", "drop", "fail")
+# With model.name=auto these keys come from the chosen candidate (model.auto.transfer / .scratch).
+MODEL_KEYS = ("pretrained", "checkpoint", "drop_rate", "channels_last", "compile", "kwargs")
 TTA_MODES = ("none", "hflip")  # taxonomist.models.tta (not imported here: it needs torch)
 # Sections renamed in this version: an old params.yaml names them, and the error says the new name.
 RENAMED = {
@@ -225,20 +269,21 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
 
     task = get_task(str(cfg.task.name))
     task.check_config(cfg.task, cfg, origin)
+    _check_preprocess(cfg.preprocess, origin)
+    _check_model(cfg.model, origin)
     pre = cfg.preprocess
-    if pre.resize_mode not in RESIZE_MODES:
-        raise ConfigError(f"{origin}: preprocess.resize_mode={pre.resize_mode!r}; use one of {RESIZE_MODES}")
-    if pre.channels not in (1, 3):
-        raise ConfigError(f"{origin}: preprocess.channels={pre.channels}; use 1 (grayscale) or 3 (RGB)")
-    if len(pre.mean) != pre.channels or len(pre.std) != pre.channels:
-        raise ConfigError(
-            f"{origin}: preprocess.mean and preprocess.std need {pre.channels} value(s) "
-            f"(one per channel), got {list(pre.mean)} and {list(pre.std)}"
-        )
     if not 0.0 < pre.val_fraction < 1.0:
         raise ConfigError(f"{origin}: preprocess.val_fraction must be in (0, 1), got {pre.val_fraction}")
-    if pre.image_size < 8:
-        raise ConfigError(f"{origin}: preprocess.image_size must be >= 8, got {pre.image_size}")
+    gate = cfg.package.gate
+    if not 0.0 < float(gate.alpha) < 1.0:
+        raise ConfigError(f"{origin}: package.gate.alpha must be in (0, 1), got {gate.alpha}")
+    if int(gate.bootstrap) < 100:
+        raise ConfigError(f"{origin}: package.gate.bootstrap must be >= 100 resamples, got {gate.bootstrap}")
+    if float(cfg.fit.finetune.backbone_lr_scale) <= 0 or int(cfg.fit.finetune.head_warmup_epochs) < 0:
+        raise ConfigError(
+            f"{origin}: fit.finetune needs backbone_lr_scale > 0 and head_warmup_epochs >= 0, "
+            f"got {cfg.fit.finetune.backbone_lr_scale} and {cfg.fit.finetune.head_warmup_epochs}"
+        )
     _check_training(cfg, task.mixup, origin)
     if cfg.augment.tta not in TTA_MODES:
         raise ConfigError(f"{origin}: augment.tta={cfg.augment.tta!r}; use one of {TTA_MODES}")
@@ -249,6 +294,73 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
     for name, block in cfg.callbacks.items():
         if block is not None and "_target_" not in block:
             raise ConfigError(f"{origin}: callbacks.{name} needs a _target_ (or null to turn it off)")
+
+
+def _check_preprocess(pre: DictConfig, origin: str) -> None:
+    if pre.resize_mode not in (*RESIZE_MODES, AUTO):
+        raise ConfigError(f"{origin}: preprocess.resize_mode={pre.resize_mode!r}; use one of {(*RESIZE_MODES, AUTO)}")
+    if pre.channels not in (1, 3, AUTO):
+        raise ConfigError(f"{origin}: preprocess.channels={pre.channels!r}; use 1 (grayscale), 3 (RGB) or auto")
+    if pre.image_size != AUTO and (not isinstance(pre.image_size, int) or pre.image_size < 8):
+        raise ConfigError(f"{origin}: preprocess.image_size must be an integer >= 8 or auto, got {pre.image_size!r}")
+    if (pre.mean == AUTO) != (pre.std == AUTO):
+        raise ConfigError(f"{origin}: set preprocess.mean and preprocess.std together (both lists, or both auto)")
+    if pre.mean != AUTO:
+        values = [pre.mean, pre.std]
+        if not all(isinstance(v, Sequence) and not isinstance(v, str) for v in values):
+            raise ConfigError(f"{origin}: preprocess.mean and preprocess.std are lists of floats (one per channel) or auto")
+        if len(pre.mean) != len(pre.std) or (pre.channels != AUTO and len(pre.mean) != pre.channels):
+            raise ConfigError(
+                f"{origin}: preprocess.mean and preprocess.std need one value per channel "
+                f"(preprocess.channels={pre.channels}), got {list(pre.mean)} and {list(pre.std)}"
+            )
+        if pre.channels == AUTO:
+            raise ConfigError(
+                f"{origin}: preprocess.mean/std are set by hand but preprocess.channels=auto: set the channels "
+                f"too (preprocess.channels={len(pre.mean)}), or mean and std to auto"
+            )
+        if min(float(v) for v in pre.std) <= 0:
+            raise ConfigError(f"{origin}: preprocess.std values must be > 0, got {list(pre.std)}")
+    if pre.near_duplicates not in NEAR_DUPLICATE_ACTIONS:
+        raise ConfigError(
+            f"{origin}: preprocess.near_duplicates={pre.near_duplicates!r}; use one of {NEAR_DUPLICATE_ACTIONS}"
+        )
+    if not 0 <= int(pre.near_duplicate_distance) <= 16:
+        raise ConfigError(
+            f"{origin}: preprocess.near_duplicate_distance must be in [0, 16] bits, got {pre.near_duplicate_distance}"
+        )
+
+
+def _check_model(model: DictConfig, origin: str) -> None:
+    if model.name == AUTO:
+        if model.auto is None:
+            raise ConfigError(f"{origin}: model.name=auto needs model.auto (use model=auto, conf/model/auto.yaml)")
+        set_keys = [k for k in MODEL_KEYS if model[k] is not None]
+        if set_keys:
+            key = set_keys[0]
+            raise ConfigError(
+                f"{origin}: model.{key} has no effect with model.name=auto: the chosen model's block is used; "
+                f"set model.auto.transfer.{key} or model.auto.scratch.{key}, or pick a model (model=resnet18)"
+            )
+        for which in ("transfer", "scratch"):
+            candidate = dict(model.auto[which])
+            if candidate.get("name") in (None, AUTO):
+                raise ConfigError(f"{origin}: model.auto.{which} needs a model name")
+            try:
+                _check_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), candidate), origin)
+            except (ValidationError, ConfigKeyError, ConfigAttributeError) as err:
+                raise ConfigError(f"{origin}: model.auto.{which}: {err}") from None
+        return
+    if model.auto is not None:
+        raise ConfigError(f"{origin}: model.auto is only for model.name=auto (use model=auto), not {model.name!r}")
+    for key in (*[k for k in MODEL_KEYS if k != "checkpoint"], "min_image_size", "max_image_size"):
+        if model[key] is None:
+            raise ConfigError(f"{origin}: model.{key} needs a value for model.name={model.name!r}")
+    if not 8 <= int(model.min_image_size) <= int(model.max_image_size):
+        raise ConfigError(
+            f"{origin}: model.min_image_size ({model.min_image_size}) must be >= 8 and <= model.max_image_size "
+            f"({model.max_image_size})"
+        )
 
 
 def _check_training(cfg: DictConfig, mixup_ok: bool, origin: str) -> None:
