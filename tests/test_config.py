@@ -138,8 +138,10 @@ def test_a_task_key_used_with_the_wrong_task_names_the_task_that_takes_it(overri
     [
         ("preprocess", "channels", 2, r"preprocess\.channels=2"),
         ("preprocess", "resize_mode", "x", r"preprocess\.resize_mode='x'"),
-        ("preprocess", "mean", [0.5, 0.5, 0.5], r"preprocess\.mean and preprocess\.std need 1 value"),
-        ("preprocess", "std", [], r"preprocess\.mean and preprocess\.std need 1 value"),
+        ("preprocess", "mean", [0.5, 0.5, 0.5], r"set preprocess\.mean and preprocess\.std together"),
+        ("preprocess", "image_size", "big", r"preprocess\.image_size must be an integer >= 8 or auto"),
+        ("preprocess", "near_duplicates", "ignore", r"preprocess\.near_duplicates='ignore'"),
+        ("package", "gate", {"alpha": 1.5, "bootstrap": 1000, "class_tolerance": 0.02}, r"package\.gate\.alpha"),
         ("preprocess", "val_fraction", 0.0, r"preprocess\.val_fraction"),
         ("preprocess", "val_fraction", 1.0, r"preprocess\.val_fraction"),
         ("preprocess", "image_size", 4, r"preprocess\.image_size"),
@@ -163,11 +165,43 @@ def test_validate_bad_values(params, section, key, value, message):
 def test_validate_three_channels_needs_three_means(params):
     raw = copy.deepcopy(params)
     raw["preprocess"]["channels"] = 3
-    with pytest.raises(ConfigError, match="need 3 value"):
+    raw["preprocess"]["mean"] = [0.4]
+    raw["preprocess"]["std"] = [0.2]
+    with pytest.raises(ConfigError, match="need one value per channel"):
         validate(raw)
     raw["preprocess"]["mean"] = [0.4, 0.5, 0.6]
     raw["preprocess"]["std"] = [0.2, 0.2, 0.2]
     assert validate(raw).preprocess.channels == 3
+
+
+def test_a_hand_set_mean_needs_hand_set_channels(params):
+    raw = copy.deepcopy(params)
+    raw["preprocess"]["mean"] = [0.4, 0.5, 0.6]
+    raw["preprocess"]["std"] = [0.2, 0.2, 0.2]
+    assert raw["preprocess"]["channels"] == "auto"
+    with pytest.raises(ConfigError, match=r"preprocess\.channels=auto: set the channels too \(preprocess\.channels=3\)"):
+        validate(raw)
+
+
+def test_model_auto_takes_its_settings_from_the_candidates(params):
+    assert params["model"]["name"] == "auto"
+    assert params["model"]["auto"]["transfer"]["name"] == "tf_efficientnet_lite0"
+    assert params["model"]["auto"]["scratch"]["name"] == "resnet10_narrow"
+    raw = copy.deepcopy(params)
+    raw["model"]["drop_rate"] = 0.3
+    with pytest.raises(ConfigError, match=r"model\.drop_rate has no effect with model\.name=auto.*model\.auto\.transfer"):
+        validate(raw)
+    raw = copy.deepcopy(params)
+    raw["model"]["auto"]["scratch"]["min_image_size"] = 4
+    with pytest.raises(ConfigError, match=r"model\.min_image_size \(4\) must be >= 8"):
+        validate(raw)
+
+
+def test_an_explicit_model_has_no_auto_block():
+    cfg = compose(["model=resnet18"], conf_dir=CONF)
+    assert cfg.model.auto is None and cfg.model.min_image_size == 64
+    with pytest.raises(ConfigError, match=r"model\.name='resnet18' replaced model=auto's name only; to pick a model"):
+        compose(["model.name=resnet18"], conf_dir=CONF)
 
 
 def test_validate_error_names_origin(params):
@@ -228,7 +262,8 @@ def test_flatten_real_config():
     cfg = compose([], conf_dir=CONF)
     flat = flatten(cfg)
     assert flat["fit.batch_size"] == 256
-    assert flat["preprocess.mean"] == "[0.286]"
+    assert flat["preprocess.mean"] == "auto"
+    assert flat["model.auto.transfer.name"] == "tf_efficientnet_lite0"
     assert flat["scheduler.max_lr"] == flat["optimizer.lr"] == 0.003
     assert flat["optimizer._target_"] == "torch.optim.AdamW"
     assert all(not isinstance(v, dict | list) or v == {} for v in flat.values())

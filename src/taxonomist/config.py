@@ -232,8 +232,7 @@ MODEL_KEYS = ("pretrained", "checkpoint", "drop_rate", "channels_last", "compile
 TTA_MODES = ("none", "hflip")  # taxonomist.models.tta (not imported here: it needs torch)
 # Sections renamed in this version: an old params.yaml names them, and the error says the new name.
 RENAMED = {
-    "train": "fit (train.early_stopping_patience -> callbacks.early_stopping.patience, "
-    "train.ema -> callbacks.ema)",
+    "train": "fit (train.early_stopping_patience -> callbacks.early_stopping.patience, train.ema -> callbacks.ema)",
     "trainer.num_threads": "fit.num_threads",
 }
 
@@ -308,7 +307,7 @@ def _check_preprocess(pre: DictConfig, origin: str) -> None:
     if pre.mean != AUTO:
         values = [pre.mean, pre.std]
         if not all(isinstance(v, Sequence) and not isinstance(v, str) for v in values):
-            raise ConfigError(f"{origin}: preprocess.mean and preprocess.std are lists of floats (one per channel) or auto")
+            raise ConfigError(f"{origin}: preprocess.mean and preprocess.std are per-channel lists of floats, or auto")
         if len(pre.mean) != len(pre.std) or (pre.channels != AUTO and len(pre.mean) != pre.channels):
             raise ConfigError(
                 f"{origin}: preprocess.mean and preprocess.std need one value per channel "
@@ -352,10 +351,16 @@ def _check_model(model: DictConfig, origin: str) -> None:
                 raise ConfigError(f"{origin}: model.auto.{which}: {err}") from None
         return
     if model.auto is not None:
-        raise ConfigError(f"{origin}: model.auto is only for model.name=auto (use model=auto), not {model.name!r}")
+        raise ConfigError(
+            f"{origin}: model.name={model.name!r} replaced model=auto's name only; to pick a model, choose the model "
+            "group (model=resnet18, or model=resnet10_narrow model.name=<timm name>): it sets every key"
+        )
     for key in (*[k for k in MODEL_KEYS if k != "checkpoint"], "min_image_size", "max_image_size"):
         if model[key] is None:
-            raise ConfigError(f"{origin}: model.{key} needs a value for model.name={model.name!r}")
+            raise ConfigError(
+                f"{origin}: model.{key} needs a value for model.name={model.name!r}; to pick a model, choose "
+                "the model group (model=resnet18, or model=resnet10_narrow model.name=<timm name>): it sets every key"
+            )
     if not 8 <= int(model.min_image_size) <= int(model.max_image_size):
         raise ConfigError(
             f"{origin}: model.min_image_size ({model.min_image_size}) must be >= 8 and <= model.max_image_size "

@@ -51,7 +51,11 @@ class ClassifierModule(L.LightningModule):
             self.cfg.model.checkpoint = None
         self.task = load_task(space)
         backbone = create_backbone(self.cfg.model, num_classes=self.task.num_backbone_outputs, in_chans=in_chans)
+        # Fine-tuning (fit.finetune) treats the pretrained body apart from the new head.
+        self.pretrained = bool(self.cfg.model.pretrained or self.cfg.model.checkpoint)
+        body = body_parameter_ids(backbone)
         self.model = self.task.wrap_model(backbone)
+        self.body_names = frozenset(name for name, p in self.model.named_parameters() if id(p) in body)
         if self.cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = self.task.loss(float(self.cfg.fit.label_smoothing), class_weights)
@@ -76,6 +80,18 @@ class ClassifierModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if OmegaConf.select(self.cfg, "model.compile", default=False):
             self.model.compile()  # in place: the state_dict keys stay those of the plain model
+
+    def on_train_epoch_start(self) -> None:
+        """Head-only warm-up: a pretrained body stays frozen for ``fit.finetune.head_warmup_epochs``."""
+        warmup = int(OmegaConf.select(self.cfg, "fit.finetune.head_warmup_epochs", default=0))
+        if not (self.pretrained and warmup):
+            return
+        train_body = self.current_epoch >= warmup
+        if self.current_epoch in (0, warmup):
+            log.info("epoch %d: %s", self.current_epoch, "whole network trains" if train_body else "head only")
+        for name, param in self.model.named_parameters():
+            if name in self.body_names:
+                param.requires_grad_(train_body)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -116,7 +132,7 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         opt_cfg = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
         weight_decay = float(opt_cfg.get("weight_decay", 0.0))  # type: ignore[union-attr]
-        groups = param_groups_weight_decay(self.model, weight_decay=weight_decay)
+        groups = self.param_groups(weight_decay, float(opt_cfg.get("lr", 1e-3)))  # type: ignore[union-attr]
         optimizer = instantiate(opt_cfg, _execution_whitelist_=list(OPTIMIZER_TARGETS))(params=groups)
         sched_cfg = dict(OmegaConf.to_container(self.cfg.scheduler, resolve=True))  # type: ignore[arg-type]
         interval = sched_cfg.pop("interval", "step")
@@ -128,6 +144,8 @@ class ClassifierModule(L.LightningModule):
         # The argument that takes the schedule's length says `auto` in conf/scheduler/: the
         # Trainer's count of optimizer steps (or epochs, with interval: epoch) goes there.
         sched_cfg = {k: steps if v == "auto" else v for k, v in sched_cfg.items()}
+        if isinstance(sched_cfg.get("max_lr"), int | float):  # OneCycleLR: keep each group's lr scale
+            sched_cfg["max_lr"] = [float(sched_cfg["max_lr"]) * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
         if "pct_start" in sched_cfg:  # OneCycleLR: each phase needs at least two steps
             total = int(sched_cfg.get("total_steps") or steps)
             if total < 4:
@@ -137,8 +155,35 @@ class ClassifierModule(L.LightningModule):
                 return optimizer
             pct = float(sched_cfg["pct_start"])
             sched_cfg["pct_start"] = min(max(pct, 2 / total), 1 - 2 / total)
-        scheduler = instantiate(sched_cfg, _execution_whitelist_=list(SCHEDULER_TARGETS))(optimizer=optimizer)
+        scheduler = instantiate(sched_cfg, _convert_="all", _execution_whitelist_=list(SCHEDULER_TARGETS))(
+            optimizer=optimizer
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def param_groups(self, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+        """timm's weight-decay groups; a pretrained body's groups get ``lr x fit.finetune.backbone_lr_scale``
+        (recorded as ``lr_scale`` for the scheduler)."""
+        groups = param_groups_weight_decay(self.model, weight_decay=weight_decay)
+        scale = float(OmegaConf.select(self.cfg, "fit.finetune.backbone_lr_scale", default=1.0))
+        if not self.pretrained or scale == 1.0:
+            return groups
+        body = {id(p) for name, p in self.model.named_parameters() if name in self.body_names}
+        out = []
+        for group in groups:
+            head = [p for p in group["params"] if id(p) not in body]
+            trunk = [p for p in group["params"] if id(p) in body]
+            if head:
+                out.append({**group, "params": head})
+            if trunk:
+                out.append({**group, "params": trunk, "lr": lr * scale, "lr_scale": scale})
+        return out
+
+
+def body_parameter_ids(backbone: torch.nn.Module) -> set[int]:
+    """Ids of the backbone's parameters outside its classifier (timm's ``get_classifier``)."""
+    head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, torch.nn.Module) else set()
+    return {id(p) for p in backbone.parameters() if id(p) not in head_ids}
 
 
 def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from taxonomist.data import auto
 from taxonomist.data.cache import read_labels, read_split
 from taxonomist.data.datamodule import CachedImageDataset, collate_batch
 from taxonomist.errors import DataError, StageOrderError
@@ -62,6 +63,7 @@ def run(
     metrics_file: Path = METRICS_FILE,
 ) -> dict[str, float]:
     """Tune the decision on val, evaluate ``models/best.ckpt`` on test; return the metrics."""
+    cfg = auto.resolve(cfg, processed_dir)
     L.seed_everything(int(cfg.seed), verbose=False)
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
     trained_on = module.task

@@ -8,6 +8,7 @@ from pathlib import Path
 
 RAW_DIR = Path("data/raw")  # ingest -> preprocess
 PROCESSED_DIR = Path("data/processed")  # preprocess -> train, evaluate, package
+HEALTH_DIR = Path("reports/data")  # preprocess: the data set health report (-> train logs it to MLflow)
 MODELS_DIR = Path("models")  # train -> evaluate, package (best.ckpt, labels.json, run.json)
 HISTORY_FILE = Path("reports/train_history.csv")  # train -> evaluate's plots, dvc plots
 REPORTS_DIR = Path("reports/eval")  # evaluate -> package

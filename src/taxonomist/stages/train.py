@@ -16,12 +16,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from taxonomist.data import auto
 from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.errors import ConfigError, StageOrderError
 from taxonomist.files import atomic_write_json, read_json, sha256_file
 from taxonomist.models.callbacks import EpochHistory, build_callbacks, build_trainer
 from taxonomist.models.module import ClassifierModule
-from taxonomist.stages.paths import HISTORY_FILE, MODELS_DIR, PROCESSED_DIR
+from taxonomist.stages.paths import HEALTH_DIR, HISTORY_FILE, MODELS_DIR, PROCESSED_DIR
 from taxonomist.tasks import task_of
 from taxonomist.tracking import runs
 
@@ -53,10 +54,12 @@ def run(
     processed_dir: Path = PROCESSED_DIR,
     models_dir: Path = MODELS_DIR,
     spec: runs.RunSpec | None = None,
+    health_dir: Path | None = HEALTH_DIR,
 ) -> dict:
     """Train and write the best checkpoint; return the run id, the monitored metric, its best
     value, the epoch that reached it and that epoch's train/ and val/ metrics. ``spec`` names
     and places the MLflow run (sweeps)."""
+    cfg = auto.resolve(cfg, processed_dir)  # the numbers preprocess chose for every `auto`
     configure_torch(cfg)
     datamodule = ImageDataModule(cfg, processed_dir)
     report = read_json(processed_dir / "report.json")
@@ -69,7 +72,9 @@ def run(
     module = build_module(cfg, datamodule, in_chans)
 
     models_dir.mkdir(parents=True, exist_ok=True)
-    run_id = runs.start_pipeline_run(cfg, tags={"data_hash": data_hash(processed_dir), "stage": "train"}, spec=spec)
+    digest = data_hash(processed_dir)
+    run_id = runs.start_pipeline_run(cfg, tags={"data_hash": digest, "stage": "train"}, spec=spec)
+    runs.log_dataset(run_id, cfg, processed_dir, digest, report, health_dir)
     ckpt_dir = models_dir / ".checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     monitor = task.val_metric(str(cfg.fit.monitor))

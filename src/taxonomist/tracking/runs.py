@@ -26,6 +26,10 @@ from taxonomist.stages.paths import MODELS_DIR
 
 RUN_FILE = MODELS_DIR / "run.json"
 MAX_PARAM_LENGTH = 6000
+# MLflow 3 opens an experiment whose kind is unset on its GenAI overview; ours hold training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DIGEST_LENGTH = 16  # MLflow keeps at most 36 characters of a dataset digest
 
 
 def store_base_dir(cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
@@ -116,9 +120,15 @@ def setup(cfg: DictConfig) -> str:
     if experiment is None:
         # A tracking server decides where artifacts go (it proxies them); a local store uses ours.
         remote = uri.startswith(("http://", "https://"))
-        return client.create_experiment(name, artifact_location=None if remote else artifact_location(cfg))
+        return client.create_experiment(
+            name,
+            artifact_location=None if remote else artifact_location(cfg),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # an experiment made before, or by create_sqlite_store
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -209,6 +219,37 @@ def start_pipeline_run(cfg: DictConfig, tags: dict[str, str], spec: RunSpec | No
         },
     )
     return run.info.run_id
+
+
+def log_dataset(
+    run_id: str, cfg: DictConfig, processed_dir: Path, digest: str, report: dict[str, Any], health_dir: Path | None
+) -> None:
+    """Record the run's data set with ``mlflow.log_input`` (the UI's Dataset column): its name,
+    the data hash as digest, the source (``data.source``, or the ingested copy for a built-in
+    source), the split table as its rows; plus the preprocess report, the chosen ``auto``
+    settings (tag ``auto_settings``) and the data health report (``health_dir``) as artifacts."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from taxonomist.data.auto import describe
+
+    frame = pd.read_csv(processed_dir / "splits.csv", dtype=str, keep_default_na=False)
+    name = dataset_name(cfg)
+    try:
+        dataset = mlflow.data.from_pandas(frame, source=str(cfg.data.source), name=name, digest=digest[:DIGEST_LENGTH])
+    except MlflowException:  # a built-in source has no URI MLflow knows: point at the ingested copy
+        raw = str((processed_dir.parent / "raw").resolve())
+        dataset = mlflow.data.from_pandas(frame, source=raw, name=name, digest=digest[:DIGEST_LENGTH])
+    client = mlflow.MlflowClient()
+    context = mlflow.entities.InputTag(key="mlflow.data.context", value="training")
+    client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+    lines = describe(report.get("settings", {"preprocess": {}}))
+    if lines:
+        client.set_tag(run_id, "auto_settings", "; ".join(lines)[:MAX_PARAM_LENGTH])
+    client.log_artifact(run_id, str(processed_dir / "report.json"), artifact_path="data")
+    if health_dir is not None and health_dir.is_dir():
+        client.log_artifacts(run_id, str(health_dir), artifact_path="data/health")
 
 
 def epoch_logger(run_id: str):
