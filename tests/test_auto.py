@@ -1,0 +1,192 @@
+"""Settings chosen from the data (taxonomist.data.auto) and the image facts they come from."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import imagehash
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from taxonomist.config import compose
+from taxonomist.data import auto
+from taxonomist.data.images import InvalidImage, image_facts, phash_thumbnail, phashes
+from taxonomist.errors import StageOrderError
+
+CONF = REPO / "conf"
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def noise(size: tuple[int, int] = (40, 30), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+
+
+def facts(rows: list[tuple[int, int, bool]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["width", "height", "gray"])
+
+
+# --- image facts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("img", "fmt", "gray"),
+    [
+        (Image.fromarray(noise()[:, :, 0]), "PNG", True),  # L
+        (Image.fromarray(noise()), "PNG", False),  # RGB colour
+        (Image.fromarray(np.repeat(noise()[:, :, :1], 3, axis=2)), "JPEG", True),  # gray pixels in an RGB JPEG
+        (Image.fromarray(noise()).convert("RGBA"), "PNG", False),
+        (Image.fromarray(noise()).convert("CMYK"), "JPEG", False),
+        (Image.fromarray(noise()[:, :, 0].astype(np.uint16) * 257), "PNG", True),  # 16-bit
+    ],
+)
+def test_facts_tell_gray_from_colour_whatever_the_mode(img, fmt, gray):
+    found, thumbnail = image_facts(encode(img, fmt, **({"quality": 90} if fmt == "JPEG" else {})))
+    assert found["gray"] is gray
+    assert (found["width"], found["height"]) == (40, 30)
+    assert found["blank"] is False
+    assert thumbnail.shape == (32, 32)
+
+
+def test_facts_find_blank_images_and_refuse_broken_ones():
+    found, _ = image_facts(encode(Image.new("RGB", (50, 20), (200, 30, 30))))
+    assert found["blank"] is True and found["gray"] is False and found["mode"] == "RGB"
+    with pytest.raises(InvalidImage, match="cannot decode"):
+        image_facts(b"not an image")
+
+
+def test_batched_phash_is_imagehash_phash():
+    """The batched hash is the library's hash: same bits for varied images."""
+    rng = np.random.default_rng(3)
+    images = []
+    for i in range(60):
+        h, w = rng.integers(8, 90, size=2)
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        arr[: h // 2] //= 1 + i % 4  # structure, so the median is not a coin toss
+        images.append(Image.fromarray(arr))
+    ours = phashes(np.stack([phash_thumbnail(img) for img in images]))
+    assert ours == [str(imagehash.phash(img)) for img in images]
+    assert phashes(np.zeros((0, 32, 32), np.uint8)) == []
+
+
+# --- choices -------------------------------------------------------------------------------------
+
+
+def test_channels_are_gray_only_when_every_image_is():
+    assert auto.choose_channels(pd.Series([True, True]))[0] == 1
+    channels, why = auto.choose_channels(pd.Series([True, False, True]))
+    assert channels == 3 and why == "1 of 3 images have colour"
+
+
+@pytest.mark.parametrize(
+    ("sides", "expected", "words"),
+    [
+        ([28] * 5, 56, "raised to resnet10_narrow's minimum 56 px"),  # Fashion-MNIST
+        ([100, 120, 130], 120, "median short side 120 px"),
+        ([4000, 3000, 3500], 160, "lowered to resnet10_narrow's maximum 160 px"),
+    ],
+)
+def test_image_size_is_the_median_within_the_models_range(sides, expected, words):
+    model = {"name": "resnet10_narrow", "min_image_size": 56, "max_image_size": 160}
+    size, why = auto.choose_image_size(pd.Series(sides), model)
+    assert size == expected
+    assert words in why
+
+
+@pytest.mark.parametrize(
+    ("shapes", "mode"),
+    [
+        ([(28, 28)] * 10, "squash"),
+        ([(640, 480)] * 10, "center_crop"),
+        ([(300, 100)] * 5 + [(100, 100)] * 5, "pad"),
+        ([(100, 100)] * 19 + [(1000, 100)], "squash"),  # one odd image does not decide
+    ],
+)
+def test_resize_mode_follows_the_aspect_ratios(shapes, mode):
+    widths, heights = zip(*shapes, strict=True)
+    assert auto.choose_resize_mode(pd.Series(widths), pd.Series(heights))[0] == mode
+
+
+def test_model_auto_transfers_for_small_or_colour_data_and_trains_large_gray_sets_from_scratch():
+    cfg = compose([], conf_dir=CONF)
+    chosen, why = auto.choose_model(cfg.model, train_images=1_500, colour=False)
+    assert chosen["name"] == "tf_efficientnet_lite0" and chosen["checkpoint"].startswith("package:")
+    assert "1,500 training images < 20,000" in why
+    assert auto.choose_model(cfg.model, train_images=50_000, colour=True)[0]["name"] == "tf_efficientnet_lite0"
+    chosen, why = auto.choose_model(cfg.model, train_images=54_000, colour=False)
+    assert chosen["name"] == "resnet10_narrow" and "from scratch" in why
+    explicit = compose(["model=resnet18"], conf_dir=CONF)
+    assert auto.choose_model(explicit.model, 10, True) == (dict(explicit.model), None)
+
+
+def test_fashion_mnist_resolves_to_the_settings_it_was_tuned_with():
+    """The default config on 28x28 grayscale data: 56 px, 1 channel, squash, the scratch model."""
+    cfg = compose([], conf_dir=CONF)
+    choice = auto.choose(cfg, facts([(28, 28, True)] * 54_000))
+    assert choice.preprocess == {"image_size": 56, "resize_mode": "squash", "channels": 1}
+    assert choice.model["name"] == "resnet10_narrow"
+    assert set(choice.reasons) == {"model", "preprocess.channels", "preprocess.image_size", "preprocess.resize_mode"}
+
+
+def test_explicit_values_win():
+    cfg = compose(
+        ["model=resnet18", "preprocess.image_size=40", "preprocess.channels=3", "preprocess.resize_mode=pad"],
+        conf_dir=CONF,
+    )
+    choice = auto.choose(cfg, facts([(28, 28, True)] * 10))
+    assert choice.preprocess == {"image_size": 40, "resize_mode": "pad", "channels": 3}
+    assert choice.reasons == {}
+
+
+def test_normalisation_is_measured_per_channel():
+    images = np.zeros((10, 4, 4, 3), np.uint8)
+    images[..., 0] = 255  # red: mean 1, constant
+    images[:5, :, :, 1] = 255  # green: half on, std 0.5
+    mean, std = auto.measure_normalisation(images, chunk=3)
+    assert mean == [1.0, 0.5, 0.0]
+    assert std == [1.0, 0.5, 1.0]  # a constant channel keeps scale 1
+
+
+# --- resolve -------------------------------------------------------------------------------------
+
+
+def write_report(folder, cfg, train_facts, images):
+    choice = auto.choose(cfg, train_facts)
+    auto.add_normalisation(choice, cfg, images)
+    (folder / "report.json").write_text(json.dumps({"settings": choice.to_dict()}))
+    return choice
+
+
+def test_resolve_fills_every_auto_value_and_the_augmentation_size(tmp_path):
+    cfg = compose([], conf_dir=CONF)
+    assert cfg.augment.train[1].transforms[1].height == "auto"  # ${preprocess.image_size}
+    write_report(tmp_path, cfg, facts([(64, 64, False)] * 30), np.full((30, 8, 8, 3), 128, np.uint8))
+    out = auto.resolve(cfg, tmp_path)
+    assert (out.preprocess.image_size, out.preprocess.channels, out.preprocess.resize_mode) == (96, 3, "squash")
+    assert list(out.preprocess.mean) == [0.502] * 3
+    assert out.model.name == "tf_efficientnet_lite0"
+    assert out.augment.train[1].transforms[1].height == 96
+    lines = auto.describe(json.loads((tmp_path / "report.json").read_text())["settings"])
+    assert "preprocess.channels = 3 (30 of 30 images have colour)" in lines
+    assert cfg.preprocess.image_size == "auto"  # the input config is left alone
+
+
+def test_resolve_keeps_hand_set_normalisation_and_refuses_stale_data(tmp_path):
+    cfg = compose([], conf_dir=CONF)
+    write_report(tmp_path, cfg, facts([(28, 28, True)] * 30), np.zeros((30, 4, 4, 1), np.uint8))
+    hand = compose(["preprocess.channels=1", "preprocess.mean=[0.3]", "preprocess.std=[0.2]"], conf_dir=CONF)
+    assert list(auto.resolve(hand, tmp_path).preprocess.mean) == [0.3]
+    stale = compose(["preprocess.image_size=64"], conf_dir=CONF)
+    with pytest.raises(StageOrderError, match=r"preprocess\.image_size=64 but data/processed was made with 96"):
+        auto.resolve(stale, tmp_path)
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(StageOrderError, match="records no settings"):
+        auto.resolve(cfg, tmp_path)
