@@ -183,3 +183,41 @@ def test_compile_keeps_the_state_dict_keys(tmp_path):
     fit.fit(module, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(n=6))
     assert module.model._compiled_call_impl is not None  # compiled in place, and it ran
     assert set(module.state_dict()) == keys  # checkpoints load into an uncompiled model
+
+
+class FreezeRecorder(L.Callback):
+    """Records, per epoch, whether the body and the head were trainable, and the lrs at the end."""
+
+    def __init__(self) -> None:
+        self.trainable: list[tuple[bool, bool]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            params = dict(module.model.named_parameters())
+            body = all(params[n].requires_grad for n in module.body_names)
+            head = all(p.requires_grad for n, p in params.items() if n not in module.body_names)
+            self.trainable.append((body, head))
+
+
+def test_a_pretrained_body_warms_up_frozen_then_trains_at_a_lower_lr(tmp_path):
+    """fit.finetune: the head alone for head_warmup_epochs, then all of it; the body's groups get
+    lr x backbone_lr_scale, in the optimizer and in OneCycleLR's peak."""
+    cfg = pipeline_cfg("fit.finetune.head_warmup_epochs=1", "fit.finetune.backbone_lr_scale=0.1")
+    module = ClassifierModule(cfg, SPACE, in_chans=3)
+    assert not module.pretrained  # random weights: one group per decay setting, one lr
+    assert {g.get("lr_scale", 1.0) for g in module.param_groups(0.05, 0.003)} == {1.0}
+    module.pretrained = True  # as if model.checkpoint had loaded weights
+    head_names = {n for n, _ in module.model.named_parameters()} - module.body_names
+    assert head_names == {"fc.weight", "fc.bias"}  # the body is everything but timm's classifier
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    recorder = FreezeRecorder()
+    fit = trainer(tmp_path, max_epochs=2, callbacks=[recorder])
+    fit.fit(module, train_dataloaders=tiny_loader(n=8, batch_size=4))
+    assert recorder.trainable == [(False, True), (True, True)]
+    optimizer = fit.optimizers[0]
+    body_groups = [g for g in optimizer.param_groups if g.get("lr_scale") == 0.1]
+    assert body_groups and len(body_groups) < len(optimizer.param_groups)
+    peaks = {g.get("lr_scale", 1.0): g["max_lr"] for g in optimizer.param_groups}
+    assert peaks[0.1] == pytest.approx(0.1 * peaks[1.0])
+    conv = next(n for n in module.body_names if n.endswith("conv1.weight"))
+    assert not torch.equal(before[conv], dict(module.model.named_parameters())[conv])  # trained in epoch 2
