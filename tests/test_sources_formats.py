@@ -22,8 +22,9 @@ from test_sources import source_cfg
 
 from taxonomist.data.manifest import Record
 from taxonomist.data.sources import archive, materialise
-from taxonomist.errors import DataError
+from taxonomist.errors import ConfigError, DataError
 from taxonomist.files import sha256_file
+from taxonomist.stages import ingest
 
 
 def write_png(path: Path, shade: int = 0) -> Path:
@@ -563,3 +564,236 @@ def test_zip_of_a_label_studio_export(tmp_path):
         ("ls.zip:project-1.json task 2", ("Dog",)),
     ]
     assert not [p for p in os.listdir(out) if p.startswith(".extract")]
+
+
+def test_label_studio_missing_uploads_say_where_label_studio_keeps_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("LABEL_STUDIO_BASE_DATA_DIR", raising=False)
+    write_png(tmp_path / "a.png")
+    items = [ls_task(1, "/data/local-files/?d=a.png", choices("Cat"))]
+    items += [ls_task(10 + i, f"/data/upload/4/0badc0d{i}-gone{i}.png", choices("Dog")) for i in range(25)]
+    export = write_export(tmp_path / "export.json", items)
+    with pytest.raises(DataError) as info:
+        materialise(source_cfg(export), tmp_path / "raw")
+    message = str(info.value)
+    header, *rows = message.splitlines()
+    assert header.startswith(
+        "25 task(s) of export.json name uploaded images (/data/upload/<project>/<file>) not found below the "
+        f"export's folder {tmp_path} (data.image_root is not set); Label Studio keeps uploads in "
+        "<Label Studio data dir>/media/upload/<project id>/"
+    )
+    assert "~/.local/share/label-studio/ on Linux" in header
+    assert header.endswith("set data.image_root=~/.local/share/label-studio/media/upload/4:")
+    # the path tried, per image; the first ones only
+    assert rows[0] == (
+        f"  export.json task 10: image '/data/upload/4/0badc0d0-gone0.png': no file named '0badc0d0-gone0.png' "
+        f"or 'gone0.png' below {tmp_path}"
+    )
+    assert len(rows) == 21 and rows[-1] == "  ... and 5 more"
+    assert not (tmp_path / "raw").exists()
+
+
+def test_label_studio_missing_uploads_follow_the_data_dir_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABEL_STUDIO_BASE_DATA_DIR", "/srv/ls-data")
+    export = write_export(tmp_path / "export.json", [ls_task(1, "/data/upload/7/deadbeef-gone.png", choices("Cat"))])
+    store = tmp_path / "store"
+    store.mkdir()
+    with pytest.raises(DataError, match=rf"not found below data\.image_root={store};") as info:
+        materialise(source_cfg(export, image_root=store), tmp_path / "raw")
+    assert str(info.value).splitlines()[0].endswith("set data.image_root=/srv/ls-data/media/upload/7:")
+
+
+def test_label_studio_missing_local_files_name_the_document_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", raising=False)
+    store = tmp_path / "store"
+    write_png(store / "pets" / "cat.png")
+    export = write_export(
+        tmp_path / "export.json",
+        [
+            ls_task(1, "/data/local-files/?d=pets/cat.png", choices("Cat")),
+            ls_task(2, "/data/local-files/?d=pets/dog.png", choices("Dog")),
+            ls_task(3, "photos/bird.png", choices("Bird")),  # a plain path: its own kind
+        ],
+    )
+    with pytest.raises(DataError) as info:
+        materialise(source_cfg(export, image_root=store), tmp_path / "raw")
+    message = str(info.value)
+    assert message.startswith("2 problems found:\n")
+    assert (
+        f"1 task(s) of export.json name local-storage images (/data/local-files/?d=<path>) not found below "
+        f"data.image_root={store}; the d= path is relative to the Label Studio server's LOCAL_FILES_DOCUMENT_ROOT "
+        "(its environment variable LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): set "
+        "data.image_root=<the server's LOCAL_FILES_DOCUMENT_ROOT>:\n"
+        f"  export.json task 2: image '/data/local-files/?d=pets/dog.png': image file 'pets/dog.png' not found "
+        f"(looked in {store / 'pets' / 'dog.png'})"
+    ) in message
+    assert f"1 task(s) of export.json name image files not found below data.image_root={store}" in message
+    assert "export.json task 3: image 'photos/bird.png': image file 'photos/bird.png' not found" in message
+    # With the server's setting in the environment, that folder is the one to set.
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "/srv/photos")
+    with pytest.raises(DataError, match=r"set data\.image_root=/srv/photos:"):
+        materialise(source_cfg(export, image_root=store), tmp_path / "raw")
+
+
+# --------------------------------------------------------------------------- data.group_by in the sources
+
+
+def group_cfg(source: Path, group_by: str, task: str = "multiclass", image_root: Path | None = None):
+    cfg = source_cfg(source, task=task, image_root=image_root)
+    cfg.data.group_by = group_by
+    return cfg
+
+
+def test_manifest_group_column_is_the_records_group(tmp_path):
+    rows = [
+        {"path": write_png(tmp_path / f"{i}.png", i).name, "label": "ab"[i % 2], "Patient": f"p{i // 2}"}
+        for i in range(4)
+    ]
+    manifest = write_csv(tmp_path / "labels.csv", rows)
+    records = materialise(group_cfg(manifest, "patient"), tmp_path / "raw")  # columns match case-insensitively
+    assert [(r.source_id, r.group) for r in records] == [
+        ("labels.csv row 1", "p0"),
+        ("labels.csv row 2", "p0"),
+        ("labels.csv row 3", "p1"),
+        ("labels.csv row 4", "p1"),
+    ]
+    # a value that is not a column is a regex, applied later (preprocess): no group here
+    assert {r.group for r in materialise(group_cfg(manifest, r"row (\d)"), tmp_path / "raw2")} == {""}
+    with pytest.raises(ConfigError, match=r"data\.group_by='Label' names labels\.csv's 'label' column"):
+        materialise(group_cfg(manifest, "Label"), tmp_path / "raw3")
+
+
+def test_manifest_group_column_with_missing_values_names_the_rows(tmp_path):
+    rows = [
+        {
+            "path": write_png(tmp_path / f"{i}.png", i).name,
+            "label": "ab"[i % 2],
+            "patient": "" if i in (1, 3, 4) else "p",
+        }
+        for i in range(6)
+    ]
+    manifest = write_csv(tmp_path / "labels.csv", rows)
+    with pytest.raises(DataError) as info:
+        materialise(group_cfg(manifest, "patient"), tmp_path / "raw")
+    assert str(info.value) == (
+        "3 image(s) of labels.csv have no value in column 'patient', which data.group_by='patient' names; every "
+        "image needs a group (fill it in, or set data.group_by=null):\n"
+        "  labels.csv row 2\n  labels.csv row 4\n  labels.csv row 5"
+    )
+    assert not (tmp_path / "raw").exists()  # nothing silently dropped, nothing copied
+
+
+def test_parquet_group_column_of_integers_with_nulls(tmp_path):
+    frame = pd.DataFrame(
+        {"path": [write_png(tmp_path / f"{i}.png", i).name for i in range(3)], "label": ["a", "b", "a"]}
+    )
+    frame["site"] = pd.array([7, None, 7], dtype="Int64")
+    frame.to_parquet(tmp_path / "m.parquet")
+    with pytest.raises(
+        DataError, match=r"1 image\(s\) of m\.parquet have no value in column 'site'.*\n  m\.parquet row 2$"
+    ):
+        materialise(group_cfg(tmp_path / "m.parquet", "site"), tmp_path / "raw")
+    frame["site"] = pd.array([7, 8, 7], dtype="Int64")
+    frame.to_parquet(tmp_path / "m.parquet")
+    assert [r.group for r in materialise(group_cfg(tmp_path / "m.parquet", "site"), tmp_path / "raw")] == [
+        "7",
+        "8",
+        "7",
+    ]
+
+
+def test_label_studio_data_field_is_the_group(tmp_path):
+    for name in ("a", "b", "c"):
+        write_png(tmp_path / f"{name}.png", ord(name))
+
+    def task(task_id: int, image: str, label: str, **fields) -> dict:
+        item = ls_task(task_id, f"/data/local-files/?d={image}", choices(label))
+        item["data"].update(fields)
+        return item
+
+    export = write_export(
+        tmp_path / "export.json",
+        [
+            task(1, "a.png", "Cat", patient="p1"),
+            task(2, "b.png", "Dog", patient=2),
+            task(3, "c.png", "Cat", patient="p1"),
+        ],
+    )
+    records = materialise(group_cfg(export, "patient"), tmp_path / "raw")
+    assert [r.group for r in records] == ["p1", "2", "p1"]
+    broken = write_export(
+        tmp_path / "broken.json",
+        [task(1, "a.png", "Cat", patient="p1"), task(2, "b.png", "Dog"), task(3, "c.png", "Cat", patient=" ")],
+    )
+    with pytest.raises(DataError, match=r"2 image\(s\) of broken\.json have no value in data field 'patient'.*\n"):
+        materialise(group_cfg(broken, "patient"), tmp_path / "raw2")
+    # JSON_MIN: the field is a key of the record, and not read as a control
+    meta = {"annotator": 1, "annotation_id": 5}
+    minimal = write_export(
+        tmp_path / "min.json",
+        [
+            {"image": "/data/local-files/?d=a.png", "id": 1, "choice": "Cat", "patient": "p1", **meta},
+            {"image": "/data/local-files/?d=b.png", "id": 2, "choice": "Dog", "patient": "p2", **meta},
+        ],
+    )
+    records = materialise(group_cfg(minimal, "patient"), tmp_path / "raw3")
+    assert [(r.labels, r.group) for r in records] == [(("Cat",), "p1"), (("Dog",), "p2")]
+
+
+# --------------------------------------------------------------------------- the task the data needs
+
+
+def test_label_studio_taxonomy_under_a_single_label_task_is_refused(tmp_path):
+    for i in range(3):
+        write_png(tmp_path / f"{i}.png", i)
+    export = write_export(
+        tmp_path / "export.json",
+        [
+            ls_task(1, "/data/local-files/?d=0.png", taxonomy(["Digits", "Round", "zero"])),
+            ls_task(2, "/data/local-files/?d=1.png", taxonomy(["Digits", "Round", "six"])),
+            ls_task(3, "/data/local-files/?d=2.png", taxonomy(["Digits", "Round", "zero"])),
+        ],
+    )
+    with pytest.raises(DataError) as info:
+        ingest.run(source_cfg(export), out_dir=tmp_path / "raw")
+    assert str(info.value) == (
+        "task multiclass: labels are paths (e.g. 'Digits/Round/zero', 3 images): use task=hierarchical "
+        "(or flatten the labels)"
+    )
+    assert not (tmp_path / "raw").exists()
+    hierarchical = source_cfg(export, task="hierarchical")
+    hierarchical.task.taxonomy = None
+    summary = ingest.run(hierarchical, out_dir=tmp_path / "raw")
+    assert summary["per_class"] == {"Digits/Round/six": 1, "Digits/Round/zero": 2}
+
+
+def test_several_labels_under_a_single_label_task_name_multilabel(tmp_path):
+    for i in range(3):
+        write_png(tmp_path / f"{i}.png", i)
+    export = write_export(
+        tmp_path / "export.json",
+        [
+            ls_task(1, "/data/local-files/?d=0.png", choices("cat", "dog")),
+            ls_task(2, "/data/local-files/?d=1.png", choices("cat")),
+            ls_task(3, "/data/local-files/?d=2.png", choices("dog")),
+        ],
+    )
+    with pytest.raises(DataError) as info:
+        ingest.run(source_cfg(export), out_dir=tmp_path / "raw")
+    assert str(info.value).startswith(
+        "task multiclass: images carry several labels (e.g. export.json task 1: cat, dog; 1 image): use task=multilabel"
+    )
+
+
+def test_nested_folders_under_a_flat_task_warn_naming_hierarchical(nested_tree, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        records = materialise(source_cfg(nested_tree, task="multiclass"), tmp_path / "raw")
+    assert Counter(r.labels for r in records) == {("Apparel",): 5, ("Bags",): 2}  # still the first level
+    assert (
+        f"data.source {nested_tree}: 4 image(s) lie in sub-folders of their class folder "
+        "(e.g. Apparel/Footwear/Sandal/d0.PNG), labelled by the first-level folder ('Apparel'); if the nested "
+        "folders are a label tree, use task=hierarchical"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        materialise(source_cfg(nested_tree, task="hierarchical"), tmp_path / "raw2")
+    assert "sub-folders" not in caplog.text

@@ -235,9 +235,49 @@ def rec(i: int, *labels: str) -> Record:
 
 
 def test_single_label_tasks_refuse_rows_with_several_labels():
-    records = [rec(1, "cat"), rec(2, "cat", "dog"), rec(3, "dog")]
-    with pytest.raises(DataError, match=r"exactly one label.*\n  labels.csv row 2: 2 labels \['cat', 'dog'\]"):
+    records = [rec(1, "cat"), rec(2, "cat", "dog"), rec(3, "dog"), rec(4, "dog", "cat")]
+    expected = (
+        r"^task multiclass: images carry several labels \(e\.g\. labels\.csv row 2: cat, dog; 2 images\): "
+        r"use task=multilabel"
+    )
+    with pytest.raises(DataError, match=expected) as info:
         get_task("multiclass").check_records(records, cfg("multiclass"))
+    assert "\n" not in str(info.value)  # one line
+    for task in ("binary", "ordinal"):
+        with pytest.raises(DataError, match=rf"^task {task}: images carry several labels .*task=multilabel"):
+            get_task(task).check_records(records, cfg(task))
+
+
+def test_single_label_tasks_refuse_images_without_a_label():
+    records = [rec(1, "cat"), rec(2), rec(3, "dog")]
+    with pytest.raises(
+        DataError, match=r"^task multiclass: images have no label \(e\.g\. labels\.csv row 2; 1 image\)"
+    ):
+        get_task("multiclass").check_records(records, cfg("multiclass"))
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "ordinal"])
+def test_single_label_tasks_refuse_label_paths(task):
+    """Taxonomy results or nested folders read as labels: a flat model would be trained silently."""
+    labels = ["Digits/Round/zero"] * 3 + ["Digits/Round/six"] * 2
+    records = [rec(i, label) for i, label in enumerate(labels)]
+    expected = rf"^task {task}: labels are paths \(e\.g\. 'Digits/Round/zero', 5 images\): use task=hierarchical"
+    with pytest.raises(DataError, match=expected) as info:
+        get_task(task).check_records(records, cfg(task))
+    assert str(info.value).endswith("(or flatten the labels)")
+
+
+def test_label_paths_count_only_when_they_form_a_tree():
+    from taxonomist.tasks.base import tree_labels
+
+    assert tree_labels(["cat", "dog", "n/a"]) == set()  # a name with a slash, not a tree
+    assert tree_labels(["AC / DC", "Queen", "Abba"]) == set()
+    assert tree_labels(["a//b", "c"]) == set()
+    assert tree_labels(["Animal/cat", "Animal/dog", "rock"]) == {"Animal/cat", "Animal/dog"}  # a shared root
+    assert tree_labels(["Animal", "Animal/cat", "rock"]) == {"Animal/cat"}  # an ancestor is a label
+    assert tree_labels(["Animal/cat", "Plant/rose"]) == {"Animal/cat", "Plant/rose"}  # every label is a path
+    records = [rec(1, "cat"), rec(2, "dog"), rec(3, "n/a")]
+    assert get_task("multiclass").check_records(records, cfg("multiclass")) == records
 
 
 def test_multilabel_rows_without_labels_need_allow_empty():

@@ -1,5 +1,5 @@
 """The layout of ``data/raw``: the manifest (one row per image with path, labels, split,
-content hash and source id) and the image archive.
+content hash, source id and group) and the image archive.
 
 Every source (built-in or the user's) is materialised the same way, so the rest of the
 pipeline has a single code path. ``data/raw`` holds:
@@ -21,6 +21,11 @@ The ``labels`` column holds a record's labels joined with ``|`` (:data:`LABEL_SE
 for binary and multi-class data, any number (or none) for multi-label data. A hierarchical
 label is one path whose levels are joined with ``/`` (:data:`PATH_SEP`), e.g.
 ``Apparel/Footwear/Sneaker``.
+
+The ``group`` column holds the image's group key when ``data.group_by`` names a column of the
+source (a manifest column, a Label Studio task data field), else it is empty; preprocess keeps
+every image of a group in one split (:func:`taxonomist.data.split.group_keys`). Manifests
+written before the column existed read with empty groups.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ import pandas as pd
 from taxonomist.errors import StageOrderError, missing_input, stale_input
 from taxonomist.files import atomic_write_text
 
-COLUMNS = ["path", "labels", "split", "sha256", "source_id"]
+COLUMNS = ["path", "labels", "split", "sha256", "source_id", "group"]
+OPTIONAL_COLUMNS = {"group": ""}  # added later: an older manifest without them reads with this value
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.csv"
 IMAGES_ARCHIVE = "images.zip"
@@ -53,7 +59,8 @@ class Record:
     ``path`` is relative to the raw data folder; ``labels`` has one entry for single-label data
     and any number for multi-label data; ``split`` is "train", "val", "test" or "" (assigned
     in preprocess); ``source_id`` says where the image came from (a file, or a manifest row)
-    and is what error messages name.
+    and is what error messages name; ``group`` is the image's group key when ``data.group_by``
+    names a column of the source ("" otherwise).
     """
 
     path: str
@@ -61,6 +68,7 @@ class Record:
     split: str
     sha256: str
     source_id: str
+    group: str = ""
 
 
 def join_labels(labels: tuple[str, ...] | list[str]) -> str:
@@ -76,17 +84,25 @@ def split_labels(text: str) -> list[str]:
 def write_manifest(records: list[Record], folder: Path) -> Path:
     """Write the manifest CSV for ``records`` into ``folder``."""
     frame = pd.DataFrame(
-        [(r.path, join_labels(r.labels), r.split, r.sha256, r.source_id) for r in records], columns=COLUMNS
+        [(r.path, join_labels(r.labels), r.split, r.sha256, r.source_id, r.group) for r in records],
+        columns=COLUMNS,
     )
     return atomic_write_text(folder / MANIFEST_FILE, frame.to_csv(index=False))
 
 
 def read_manifest(folder: str | Path) -> pd.DataFrame:
-    """Read a manifest written by :func:`write_manifest`."""
+    """Read a manifest written by :func:`write_manifest`.
+
+    A manifest written before a column of :data:`OPTIONAL_COLUMNS` existed gets it with its
+    default value (an empty ``group``); any other missing column asks for a new ingest.
+    """
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise missing_input(path, "ingest")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column, default in OPTIONAL_COLUMNS.items():
+        if column not in frame.columns:
+            frame[column] = default
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise stale_input(f"{path}: missing column(s) {missing}", "ingest")

@@ -1,6 +1,9 @@
 """Ingest: materialise ``data.source`` as ``data/raw``: ``manifest.csv``, ``images.zip``, ``ingest.json``.
 
-Labels are checked against the task as they are read (its ``check_records``).
+Labels are checked against the task as they are read (its ``check_records``): a single-label
+task refuses images with several labels (naming ``task=multilabel``) and labels that are paths
+of a tree (naming ``task=hierarchical``). When ``data.group_by`` names a column of the source,
+the manifest's ``group`` column holds it and ``ingest.json`` counts the groups.
 The source is first materialised as loose image files; the images the label check keeps are
 then packed into one stored (uncompressed), deterministic ``images.zip`` and the loose files
 removed, so DVC tracks a few files instead of one per image (see :mod:`taxonomist.data.manifest`).
@@ -49,6 +52,9 @@ def run(cfg: DictConfig, out_dir: Path = RAW_DIR) -> dict:
             "per_class": dict(sorted(per_class.items())),
             "per_split": dict(sorted(per_split.items())),
         }
+        groups = {r.group for r in records if r.group}
+        if groups:  # data.group_by names a column of the source (a regex is applied in preprocess)
+            summary["groups"] = len(groups)
         atomic_write_json(tmp / "ingest.json", summary)
     log.info("ingested %d images in %d classes from %s", len(records), len(per_class), cfg.data.source)
     return summary

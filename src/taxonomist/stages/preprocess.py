@@ -2,10 +2,13 @@
 
 The images are read from ``data/raw/images.zip`` (or, in a ``data/raw`` ingested before the
 archive existed, from its loose files; see :class:`taxonomist.data.manifest.RawImages`).
-Every image is decoded once: images that do not decode are quarantined (listed in
-``quarantine.csv`` with the reason), exact duplicates (same content hash) are dropped and
-listed in ``duplicates.csv``, the training pool is split (seeded, stratified) into train/val
-(and test when the source has none), and each split is written as a uint8 array.
+Every image is first inspected (:func:`inspect`: size, mode, gray or colour, blank, perceptual
+hash): images that do not decode are quarantined (listed in ``quarantine.csv`` with the reason),
+exact duplicates (same content hash) are dropped and listed in ``duplicates.csv``, and the
+training pool is split (seeded, stratified) into train/val (and test when the source has none).
+Then the ``auto`` settings are chosen from the training split (:mod:`taxonomist.data.auto`),
+every image is decoded at those settings, and each split is written as a uint8 array.
+``report.json`` records the settings and why each ``auto`` one was chosen.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from taxonomist.data import auto
 from taxonomist.data.cache import write_labels, write_split
-from taxonomist.data.images import ImageSpec, InvalidImage, decode
-from taxonomist.data.manifest import SPLITS, RawImages, read_manifest, split_labels
-from taxonomist.data.split import assign_splits
+from taxonomist.data.images import ImageSpec, InvalidImage, decode, image_facts, phashes
+from taxonomist.data.manifest import COLUMNS, SPLITS, RawImages, read_manifest, split_labels
+from taxonomist.data.split import assign_splits, group_keys
 from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
 from taxonomist.stages.paths import PROCESSED_DIR, RAW_DIR
 from taxonomist.tasks import task_of
 
 log = logging.getLogger(__name__)
+# What :func:`inspect` learns about each image (besides its perceptual hash), with its dtype.
+FACTS = {"width": "int64", "height": "int64", "mode": "str", "gray": "bool", "blank": "bool"}
 
 
 def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -51,33 +57,57 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return kept, dropped.drop(columns="_rank")
 
 
-def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR) -> dict:
-    """Run the preprocess stage; return the report (also written to ``report.json``)."""
-    pre = cfg.preprocess
-    spec = ImageSpec(size=int(pre.image_size), channels=int(pre.channels), resize_mode=str(pre.resize_mode))
-    task = task_of(cfg)
-    manifest = read_manifest(raw_dir)
-    manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
-
-    pixels: list[np.ndarray | None] = []
+def inspect(manifest: pd.DataFrame, raw_dir: Path) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Look at every image once: the valid rows with their facts (size, mode, gray, blank,
+    perceptual hash) and the quarantined ones (with the reason)."""
+    facts: list[dict[str, object] | None] = []
+    thumbnails: list[np.ndarray] = []
     problems: list[dict[str, str]] = []
     with RawImages(raw_dir) as images:
-        rows = tqdm(manifest.itertuples(), total=len(manifest), desc="validate+decode", unit="img", mininterval=1)
+        rows = tqdm(manifest.itertuples(), total=len(manifest), desc="inspect", unit="img", mininterval=1)
         for row in rows:
             try:  # a missing image is quarantined too (the reason names it)
-                pixels.append(decode(images.read(row.path), spec))
+                row_facts, thumbnail = image_facts(images.read(row.path))
             except (InvalidImage, OSError) as err:
-                pixels.append(None)
+                facts.append(None)
                 problems.append(
                     {"path": row.path, "labels": row.labels, "source_id": row.source_id, "reason": str(err)}
                 )
                 log.warning("quarantined %s: %s", row.path, err)
-    ok = np.array([p is not None for p in pixels])
+                continue
+            facts.append(row_facts)
+            thumbnails.append(thumbnail)
+    ok = np.array([f is not None for f in facts], dtype=bool)
     valid = manifest[ok].copy()
-    valid["_pixel_index"] = np.flatnonzero(ok)
+    table = pd.DataFrame([f for f in facts if f is not None], index=valid.index, columns=list(FACTS))
+    valid = valid.join(table.astype(FACTS))
+    valid["phash"] = phashes(np.stack(thumbnails)) if thumbnails else []
+    return valid, problems
+
+
+def decode_all(frame: pd.DataFrame, raw_dir: Path, spec: ImageSpec) -> np.ndarray:
+    """The rows' images at ``spec``, as one (N, size, size, channels) uint8 array."""
+    out = np.zeros((len(frame), spec.size, spec.size, spec.channels), np.uint8)
+    with RawImages(raw_dir) as images:
+        rows = tqdm(frame["path"], total=len(frame), desc=f"decode {spec.size}px", unit="img", mininterval=1)
+        for i, path in enumerate(rows):
+            out[i] = decode(images.read(path), spec)
+    return out
+
+
+def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR) -> dict:
+    """Run the preprocess stage; return the report (also written to ``report.json``)."""
+    pre = cfg.preprocess
+    task = task_of(cfg)
+    manifest = read_manifest(raw_dir)
+    manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
+    valid, problems = inspect(manifest, raw_dir)
 
     kept, dropped = deduplicate(valid)
     kept["stratum"] = task.strata(kept["label"], int(pre.min_images_per_class))
+    groups = group_keys(kept, cfg.data.get("group_by"))  # data.group_by: a source column or a regex
+    if groups is not None:
+        kept["group"] = groups
     split_frame = assign_splits(
         kept,
         val_fraction=float(pre.val_fraction),
@@ -85,27 +115,31 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
         seed=int(cfg.seed),
         min_images_per_class=int(pre.min_images_per_class),
         by="stratum",
+        group=None if groups is None else "group",
     )
     space = task.from_labels(split_frame["labels"], cfg.task)
+
+    choice = auto.choose(cfg, split_frame[split_frame["split"] == "train"])
+    chosen = choice.preprocess
+    spec = ImageSpec(size=chosen["image_size"], channels=chosen["channels"], resize_mode=chosen["resize_mode"])
+    pixels = decode_all(split_frame, raw_dir, spec)
+    in_split = {split: (split_frame["split"] == split).to_numpy() for split in SPLITS}
+    auto.add_normalisation(choice, cfg, pixels[in_split["train"]])
+    for line in auto.describe(choice.to_dict()):
+        log.info("auto: %s", line)
 
     with atomic_directory(out_dir) as tmp:
         counts: dict[str, dict[str, int]] = {}
         sizes: dict[str, int] = {}
         for split in SPLITS:
-            part = split_frame[split_frame["split"] == split]
-            images = (
-                np.stack([pixels[i] for i in part["_pixel_index"]])
-                if len(part)
-                else np.zeros((0, spec.size, spec.size, spec.channels), np.uint8)
-            )
-            write_split(tmp, split, images, space.encode(part["labels"]))
+            part = split_frame[in_split[split]]
+            write_split(tmp, split, pixels[in_split[split]], space.encode(part["labels"]))
             sizes[split] = len(part)
             per_label = part["labels"].map(split_labels).explode().dropna()
             counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
         write_labels(tmp, space)
-        internal = ["_pixel_index", "label", "stratum"]
-        atomic_write_text(tmp / "splits.csv", split_frame.drop(columns=internal).to_csv(index=False))
-        atomic_write_text(tmp / "duplicates.csv", dropped.drop(columns=["_pixel_index", "label"]).to_csv(index=False))
+        atomic_write_text(tmp / "splits.csv", split_frame[list(COLUMNS)].to_csv(index=False))
+        atomic_write_text(tmp / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]].to_csv(index=False))
         atomic_write_text(
             tmp / "quarantine.csv",
             pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"]).to_csv(index=False),
@@ -119,6 +153,7 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
             "task": task.name,
             "classes": space.classes,
             "image_shape": [spec.size, spec.size, spec.channels],
+            "settings": choice.to_dict(),
             "per_split": sizes,  # images; per_split_per_class counts labels (several per multi-label image)
             "per_split_per_class": counts,
         }

@@ -17,6 +17,7 @@ training and evaluation call.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from taxonomist.data.manifest import Record, split_labels
+from taxonomist.data.manifest import PATH_SEP, Record, split_labels
 from taxonomist.errors import ConfigError, DataError, Problems
 
 if TYPE_CHECKING:
@@ -134,11 +135,12 @@ class Task:
 
     @classmethod
     def check_records(cls, records: list[Record], cfg: DictConfig) -> list[Record]:
-        """The ingested records with labels checked (and normalised) for this task; one
-        :class:`DataError` lists every problem."""
-        problems = Problems()
-        add_one_label_problems(problems, records, cls.name)
-        problems.raise_if_any()
+        """The ingested records with labels checked (and normalised) for this task.
+
+        The default is a single-label task's: one label per image that is not a label path
+        (:func:`check_single_labels`), and at least two classes.
+        """
+        check_single_labels(records, cls.name)
         require_two_classes(records)
         return records
 
@@ -286,6 +288,69 @@ def add_one_label_problems(problems: Problems, records: list[Record], task: str)
         "for several questions per image)",
         [f"{r.source_id}: {len(r.labels)} labels {list(r.labels)}" for r in records if len(r.labels) != 1],
     )
+
+
+def check_single_labels(records: list[Record], task: str) -> None:
+    """Raise a one-line :class:`DataError` naming the task to use when the records do not fit
+    a single-label task: images with several labels (task=multilabel), images without a label,
+    or labels that are paths of a label tree (task=hierarchical; see :func:`tree_labels`).
+    Each message gives the number of images and an example."""
+    several = [r for r in records if len(r.labels) > 1]
+    unlabelled = [r for r in records if not r.labels]
+    if several:
+        first = several[0]
+        also = f"; {len(unlabelled)} more have no label" if unlabelled else ""
+        raise DataError(
+            f"task {task}: images carry several labels (e.g. {first.source_id}: {', '.join(first.labels)}; "
+            f"{_images(len(several))}{also}): use task=multilabel (or task=multiattribute when each label answers "
+            "a separate question)"
+        )
+    if unlabelled:
+        raise DataError(
+            f"task {task}: images have no label (e.g. {unlabelled[0].source_id}; {_images(len(unlabelled))}): label "
+            "them or leave them out (task=multilabel with task.allow_empty=true takes images without labels)"
+        )
+    paths = tree_labels(r.labels[0] for r in records)
+    if paths:
+        hits = [r for r in records if r.labels[0] in paths]
+        raise DataError(
+            f"task {task}: labels are paths (e.g. {hits[0].labels[0]!r}, {_images(len(hits))}): use task=hierarchical "
+            "(or flatten the labels)"
+        )
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def is_path_label(label: str) -> bool:
+    """Whether ``label`` reads as a path of a label tree: two or more non-empty levels joined
+    with ``/`` and no space around a ``/`` (``Digits/Round/zero``, not ``AC / DC`` or ``a//b``)."""
+    levels = label.split(PATH_SEP)
+    return len(levels) > 1 and all(level and level == level.strip() for level in levels)
+
+
+def tree_labels(labels: Iterable[str]) -> set[str]:
+    """The labels that are paths of a label tree (nested class folders, Label Studio taxonomy
+    results), or none.
+
+    Path-like labels (:func:`is_path_label`) count when they form a tree: every label is one,
+    two of them share their first level, or an ancestor of one is a label too. A lone ``n/a``
+    or ``AC/DC`` among plain labels is a name, not a tree.
+    """
+    classes = set(labels)
+    paths = {label for label in classes if is_path_label(label)}
+    if not paths:
+        return set()
+    roots = Counter(label.split(PATH_SEP)[0] for label in paths)
+    has_ancestor = any(
+        PATH_SEP.join(label.split(PATH_SEP)[:depth]) in classes
+        for label in paths
+        for depth in range(1, label.count(PATH_SEP) + 1)
+    )
+    if paths == classes or max(roots.values()) > 1 or has_ancestor:
+        return paths
+    return set()
 
 
 def require_two_classes(records: list[Record]) -> None:

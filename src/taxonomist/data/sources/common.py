@@ -4,6 +4,8 @@
   name built from user text) and returns their records;
 * :func:`check_label` refuses label names the manifest cannot hold, :func:`clean_labels`
   tidies a label list;
+* :func:`group_by`, :func:`group_value` and :func:`missing_group_kind` read ``data.group_by``
+  when it names a column of the source (a manifest column, a Label Studio data field);
 * :func:`image_root` and :func:`resolve_image` resolve image references, and
   :func:`report_problems` reports every bad row in a single error (or adds them to a
   :class:`~taxonomist.errors.Problems` that collects every kind of problem of one reader).
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -31,12 +34,14 @@ _SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
 
 @dataclass(frozen=True)
 class SourceImage:
-    """An image file found by a reader, before it is copied: its labels, split and origin."""
+    """An image file found by a reader, before it is copied: its labels, split, origin and
+    group key (``data.group_by`` naming a column of the source; "" otherwise)."""
 
     src: Path
     labels: tuple[str, ...]
     split: str
     source_id: str
+    group: str = ""
 
 
 def is_hidden(name: str) -> bool:
@@ -78,7 +83,7 @@ def copy_images(images: Sequence[SourceImage], out_dir: Path, desc: str) -> list
     for i, image in enumerate(tqdm(images, desc=desc, unit="img", mininterval=1)):
         rel = f"images/{i:06d}{_safe_suffix(image.src)}"
         shutil.copyfile(image.src, out_dir / rel)
-        records.append(Record(rel, image.labels, image.split, sha256_file(out_dir / rel), image.source_id))
+        records.append(Record(rel, image.labels, image.split, sha256_file(out_dir / rel), image.source_id, image.group))
     return records
 
 
@@ -86,6 +91,31 @@ def image_root(cfg: DictConfig) -> Path | None:
     """``data.image_root``, where manifest and export image paths are resolved (None: not set)."""
     configured = OmegaConf.select(cfg, "data.image_root", default=None)
     return Path(str(configured)).expanduser() if configured else None
+
+
+def group_by(cfg: DictConfig) -> str | None:
+    """``data.group_by`` as set (None when unset or empty: groups are off)."""
+    value = OmegaConf.select(cfg, "data.group_by", default=None)
+    return str(value) if value is not None and str(value).strip() else None
+
+
+def group_value(value: object) -> str:
+    """A group cell as a key: stripped text, "" for an empty or missing cell; an integer
+    stored as a float (a Parquet integer column with nulls) loses its ``.0``."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):  # None, NaN, NA, NaT
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def missing_group_kind(key: str, where: str, what: str) -> str:
+    """The :class:`~taxonomist.errors.Problems` kind of images whose group ``what`` (a column,
+    a data field) is empty, naming ``data.group_by``."""
+    return (
+        f"image(s) of {where} have no value in {what}, which data.group_by={key!r} names; every image needs "
+        "a group (fill it in, or set data.group_by=null)"
+    )
 
 
 def resolve_image(ref: str, root: Path, inside: Path | None = None) -> tuple[Path, str | None]:

@@ -4,12 +4,16 @@ Layout: ``<root>/<label>/<image>``; images are found recursively under each firs
 folder. For ``task.name=hierarchical`` the nested folders are the hierarchy: an image's label
 is its folder path below ``root`` joined with ``/``, so ``root/Apparel/Footwear/Sneaker/x.jpg``
 is labelled ``Apparel/Footwear/Sneaker`` and ``root/Apparel/y.jpg`` is labelled ``Apparel``.
+For the other tasks an image is labelled by its first-level folder wherever it lies below it
+(nested folders are often just organisation); when images lie in nested folders a warning
+names ``task=hierarchical``, which would read the nesting as a label tree.
 Hidden files and folders (``.name``) and ``__MACOSX`` are skipped; so are images directly in
 ``root`` (they have no label).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -17,6 +21,8 @@ from omegaconf import DictConfig
 from taxonomist.data.manifest import PATH_SEP, Record
 from taxonomist.data.sources.common import IMAGE_SUFFIXES, SourceImage, check_label, copy_images, is_hidden
 from taxonomist.errors import DataError, Problems
+
+log = logging.getLogger(__name__)
 
 
 def _labels_are_paths(cfg: DictConfig) -> bool:
@@ -65,12 +71,30 @@ def scan_folder(root: Path, hierarchical: bool = False) -> dict[str, list[Path]]
                         check_label(name, f"folder {folder}")
             classes.setdefault(PATH_SEP.join(folders), []).append(path)
     problems.raise_if_any()
+    if not hierarchical:
+        warn_nested(root, classes)
     if not classes:
         raise DataError(f"data.source: {root} has no class folders (expected <root>/<label>/<image>)")
     if len(classes) < 2:
         only = next(iter(classes))
         raise DataError(f"data.source: {root} has one class ({only!r}); classification needs at least two")
     return dict(sorted(classes.items()))
+
+
+def warn_nested(root: Path, classes: dict[str, list[Path]]) -> None:
+    """Log a warning when images lie in folders nested in their class folder (labelled by the
+    first-level folder), naming ``task=hierarchical`` for a tree of nested class folders."""
+    nested = [path for files in classes.values() for path in files if len(path.relative_to(root).parts) > 2]
+    if nested:
+        example = nested[0].relative_to(root)
+        log.warning(
+            "data.source %s: %d image(s) lie in sub-folders of their class folder (e.g. %s), labelled by the "
+            "first-level folder (%r); if the nested folders are a label tree, use task=hierarchical",
+            root,
+            len(nested),
+            example.as_posix(),
+            example.parts[0],
+        )
 
 
 def materialise_folder(cfg: DictConfig, root: Path, out_dir: Path) -> list[Record]:

@@ -9,8 +9,10 @@
 
 Labels: a ``choices`` result gives its choices (several for a multi-choice control); a
 ``taxonomy`` result gives each selected path with its levels joined by ``/`` (a hierarchical
-label). Other result types (boxes, text, ...) are ignored. In JSON_MIN a single choice is
-plain text, several are ``{"choices": [...]}`` and taxonomies ``[{"taxonomy": [[...]]}]``.
+label; a single-label task refuses such paths at ingest and names ``task=hierarchical``, see
+:func:`taxonomist.tasks.base.check_single_labels`). Other result types (boxes, text, ...) are
+ignored. In JSON_MIN a single choice is plain text, several are ``{"choices": [...]}`` and
+taxonomies ``[{"taxonomy": [[...]]}]``.
 Tasks without a usable annotation are skipped with a warning.
 
 Several controls (e.g. ``<Choices name="weather">`` and ``<Choices name="quality">``): for a
@@ -28,15 +30,31 @@ controls' labels are merged into one list as before, except that a single-label 
 
 Image URLs, resolved against ``data.image_root`` (default: the export's folder):
 
-* ``/data/local-files/?d=<relative path>``: that path below the image root;
-* ``/data/upload/<project>/<8 hex>-<name>``: a file named ``<8 hex>-<name>`` (else ``<name>``)
-  anywhere below the image root (e.g. Label Studio's ``media/upload`` folder);
+* ``/data/local-files/?d=<relative path>``: a file of Label Studio's local storage; the path
+  is relative to the server's ``LOCAL_FILES_DOCUMENT_ROOT`` (the environment variable
+  ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``), so ``data.image_root`` should be that folder;
+* ``/data/upload/<project>/<8 hex>-<name>``: a file uploaded through the Label Studio UI,
+  which Label Studio keeps as ``<data dir>/media/upload/<project>/<8 hex>-<name>`` (the data
+  dir is ``~/.local/share/label-studio`` on Linux unless ``label-studio start --data-dir`` or
+  ``LABEL_STUDIO_BASE_DATA_DIR`` says otherwise); found by that name (else ``<name>``)
+  anywhere below the image root, so ``data.image_root`` is that ``media/upload/<project>``
+  folder (or any folder above it);
 * ``http(s)://``, ``s3://``, ... are not downloaded: download the images into a folder and
   set ``data.image_root`` to it, and they are then found by file name the same way;
 * any other text is a file path, absolute or relative to the image root.
 
+Every image that cannot be found is reported in one error, grouped by kind of reference, each
+kind saying where Label Studio keeps such files and which ``data.image_root`` to set, each
+image with the path that was tried.
+
 The image is the task data's ``image`` key, else its only value that looks like an image URL.
 Source ids and errors name tasks as ``export.json task 17``.
+
+``data.group_by`` may name a field of the task data (``{"data": {"image": ..., "patient":
+"p07"}}``; in JSON_MIN a key of the record, then not read as a control): its value, a single
+text or number, is the image's group key (``Record.group``), and every annotated task needs
+one. When no task has that field, ``data.group_by`` is a regular expression on the source id
+(see :func:`taxonomist.data.split.group_keys`).
 """
 
 from __future__ import annotations
@@ -47,7 +65,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlparse
 
 from omegaconf import DictConfig
@@ -58,8 +76,11 @@ from taxonomist.data.sources.common import (
     SourceImage,
     clean_labels,
     copy_images,
+    group_by,
+    group_value,
     image_root,
     is_hidden,
+    missing_group_kind,
     report_problems,
     resolve_image,
 )
@@ -76,6 +97,14 @@ MULTIATTRIBUTE_HINT = (
 )
 LOCAL_FILES_PATH = "/data/local-files"
 UPLOAD_PATH = "/data/upload/"
+# Where Label Studio keeps its files: the data dir (``label-studio start --data-dir``, else the
+# environment variable below, else the platform's user data folder: this one on Linux), whose
+# ``media/upload/<project>`` holds the uploads; local storage resolves below LOCAL_FILES_ROOT_ENV.
+DATA_DIR_ENV = "LABEL_STUDIO_BASE_DATA_DIR"
+DEFAULT_DATA_DIR = "~/.local/share/label-studio"
+LOCAL_FILES_ROOT_ENV = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
+# The kinds of image reference (``_Locator.locate``)
+UPLOAD, LOCAL_FILES, REMOTE, FILE_PATH = "upload", "local-files", "remote", "path"
 
 
 def _looks_like_image(value: Any) -> bool:
@@ -133,19 +162,26 @@ def _region_attributes(regions: list[Any], where: str, attributes: Sequence[str]
     return attribute_labels(values, where)
 
 
-def _full_task(
-    task: dict[str, Any], where: str, form: str, attributes: Sequence[str]
-) -> tuple[Any, tuple[str, ...] | None]:
+class _Task(NamedTuple):
+    """One task of an export: its image URL, its labels (None: not annotated) and its data
+    fields (the task ``data``; in JSON_MIN the record), where ``data.group_by`` may be one."""
+
+    url: Any
+    labels: tuple[str, ...] | None
+    fields: dict[str, Any]
+
+
+def _full_task(task: dict[str, Any], where: str, form: str, attributes: Sequence[str]) -> _Task:
     data = task.get("data")
     if not isinstance(data, dict):
         raise DataError(f"{where}: the task has no 'data' object")
     url = data[image_key(data, where)]
     annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
     if not annotations:
-        return url, None
+        return _Task(url, None, data)
     regions = _latest(annotations).get("result") or []
     if form == "attributes":
-        return url, _region_attributes(regions, where, attributes)
+        return _Task(url, _region_attributes(regions, where, attributes), data)
     labels, controls = [], []
     for region in regions:
         found = value_labels(region.get("value"), where)
@@ -157,7 +193,7 @@ def _full_task(
             f"{where}: the image is answered in several controls ({', '.join(map(str, controls))}); "
             f"{MULTIATTRIBUTE_HINT}"
         )
-    return url, clean_labels(labels, where)
+    return _Task(url, clean_labels(labels, where), data)
 
 
 def _min_labels(value: Any, where: str) -> list[str]:
@@ -185,30 +221,42 @@ def _min_attributes(record: dict[str, Any], keys: list[str], where: str, attribu
 
 
 def _min_task(
-    record: dict[str, Any], where: str, form: str, attributes: Sequence[str]
-) -> tuple[Any, tuple[str, ...] | None]:
+    record: dict[str, Any], where: str, form: str, attributes: Sequence[str], group_field: str | None
+) -> _Task:
     key = image_key(record, where)
-    label_keys = [k for k in record if k != key and k not in JSON_MIN_META]
+    label_keys = [k for k in record if k not in (key, group_field) and k not in JSON_MIN_META]
     if not label_keys:
-        return record[key], None
+        return _Task(record[key], None, record)
     if form == "attributes":
-        return record[key], _min_attributes(record, label_keys, where, attributes)
+        return _Task(record[key], _min_attributes(record, label_keys, where, attributes), record)
     if len(label_keys) > 1:
         hint = "; if each is a separate question about the image, use task=multiattribute" if form == "one" else ""
         raise DataError(
             f"{where}: cannot tell which of the keys {', '.join(label_keys)} holds the labels; "
             f"export the project as JSON (not JSON_MIN){hint}"
         )
-    return record[key], clean_labels(_min_labels(record[label_keys[0]], where), where)
+    return _Task(record[key], clean_labels(_min_labels(record[label_keys[0]], where), where), record)
+
+
+def _has_field(items: list[Any], field: str) -> bool:
+    """Whether any task of the export has the data field ``field`` (JSON: in its ``data``;
+    JSON_MIN: a key of the record)."""
+    for item in items:
+        if isinstance(item, dict):
+            fields = item["data"] if isinstance(item.get("data"), dict) else item
+            if field in fields:
+                return True
+    return False
 
 
 def _tasks(
-    items: list[Any], name: str, *, form: str, attributes: Sequence[str]
-) -> dict[str, tuple[Any, tuple[str, ...] | None]]:
-    """Task id -> (image URL, labels or None when unannotated), for either export format.
+    items: list[Any], name: str, *, form: str, attributes: Sequence[str], group_field: str | None = None
+) -> dict[str, _Task]:
+    """Task id -> its :class:`_Task` (image URL, labels or None when unannotated, data fields),
+    for either export format.
 
     ``form`` is the task's label form and ``attributes`` the keys of ``task.attributes`` (see the
-    module notes).
+    module notes); ``group_field`` (the data field ``data.group_by`` names) is not a control.
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for index, item in enumerate(items, start=1):
@@ -221,7 +269,7 @@ def _tasks(
         if "data" in group[0]:
             tasks[task_id] = _full_task(_latest(group), where, form, attributes)
         else:  # JSON_MIN: one record per annotation
-            tasks[task_id] = _min_task(_latest(group), where, form, attributes)
+            tasks[task_id] = _min_task(_latest(group), where, form, attributes, group_field)
     return tasks
 
 
@@ -252,20 +300,77 @@ class _Locator:
                 return hits[0], None
         return None, f"no file named {' or '.join(map(repr, names))} below {self.root}"
 
-    def locate(self, url: str) -> tuple[Path | None, str | None, bool]:
-        """The file of ``url``, or a problem; the flag says the URL is remote and cannot be used."""
+    def locate(self, url: str) -> tuple[Path | None, str | None, str]:
+        """The file of ``url`` or a problem (naming the path tried), and the kind of reference:
+        :data:`UPLOAD`, :data:`LOCAL_FILES`, :data:`REMOTE` or :data:`FILE_PATH`. A remote URL
+        without ``data.image_root`` gives neither file nor problem (it cannot be used)."""
         parsed = urlparse(url)
         basename = PurePosixPath(unquote(parsed.path)).name
         if "://" in url:
-            return (*self.by_name(basename), False) if self.remote_ok else (None, None, True)
+            return (*self.by_name(basename), REMOTE) if self.remote_ok else (None, None, REMOTE)
         if parsed.path.rstrip("/") == LOCAL_FILES_PATH:
             relative = (parse_qs(parsed.query).get("d") or [""])[0]
             if not relative:
-                return None, "no 'd=' path in the local-files URL", False
-            return (*resolve_image(relative, self.root, self.inside), False)
+                return None, "no 'd=' path in the local-files URL", LOCAL_FILES
+            return (*resolve_image(relative, self.root, self.inside), LOCAL_FILES)
         if parsed.path.startswith(UPLOAD_PATH):
-            return (*self.by_name(basename), False)
-        return (*resolve_image(url, self.root, self.inside), False)
+            return (*self.by_name(basename), UPLOAD)
+        return (*resolve_image(url, self.root, self.inside), FILE_PATH)
+
+
+def upload_project(url: str) -> str | None:
+    """The project id of an upload URL (``/data/upload/<project>/<file>``), if it has one."""
+    parts = urlparse(url).path[len(UPLOAD_PATH) :].split("/")
+    return parts[0] if len(parts) > 1 and parts[0] else None
+
+
+def missing_kind(kind: str, name: str, root: Path, configured: bool, projects: Sequence[str] = ()) -> str:
+    """The header of the missing images of one kind of reference: where Label Studio keeps such
+    files and the ``data.image_root`` to set (``projects``: the upload project ids seen)."""
+    looked = (
+        f"below data.image_root={root}"
+        if configured
+        else f"below the export's folder {root} (data.image_root is not set)"
+    )
+    if kind == UPLOAD:
+        data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+        folder = f"{data_dir}/media/upload" + (f"/{projects[0]}" if len(set(projects)) == 1 else "")
+        return (
+            f"task(s) of {name} name uploaded images (/data/upload/<project>/<file>) not found {looked}; Label "
+            "Studio keeps uploads in <Label Studio data dir>/media/upload/<project id>/ (the data dir is "
+            f"{DEFAULT_DATA_DIR}/ on Linux unless label-studio start --data-dir or {DATA_DIR_ENV} sets another): "
+            f"set data.image_root={folder}"
+        )
+    if kind == LOCAL_FILES:
+        document_root = os.environ.get(LOCAL_FILES_ROOT_ENV) or "<the server's LOCAL_FILES_DOCUMENT_ROOT>"
+        return (
+            f"task(s) of {name} name local-storage images (/data/local-files/?d=<path>) not found {looked}; the d= "
+            "path is relative to the Label Studio server's LOCAL_FILES_DOCUMENT_ROOT (its environment variable "
+            f"{LOCAL_FILES_ROOT_ENV}): set data.image_root={document_root}"
+        )
+    if kind == REMOTE:
+        return (
+            f"task(s) of {name} have remote image URLs whose files are not {looked} (downloaded images are found "
+            "by file name): download them into that folder, or set data.image_root to the folder holding them"
+        )
+    return (
+        f"task(s) of {name} name image files not found {looked}: set data.image_root to the folder the paths "
+        "are relative to (absolute paths are used as they are)"
+    )
+
+
+def _task_group(task: _Task, field: str, name: str, where: str, problems: Problems) -> str:
+    """The group key of an annotated task: its data field ``field`` (``data.group_by``), a
+    single text or number; a missing, empty or compound value is added to ``problems``."""
+    value = task.fields.get(field)
+    if isinstance(value, dict | list | bool):
+        kind = f"task(s) of {name} hold a list, object or true/false in data field {field!r}, not a group key"
+        problems.add(kind, where)
+        return ""
+    group = group_value(value)
+    if not group:
+        problems.add(missing_group_kind(field, name, f"data field {field!r}"), where)
+    return group
 
 
 def read_export(path: Path) -> list[Any]:
@@ -290,35 +395,52 @@ def materialise_label_studio(cfg: DictConfig, path: Path, out_dir: Path, *, insi
     """
     name = path.name
     configured = None if inside is not None else image_root(cfg)
-    locator = _Locator(configured or path.parent, inside, remote_ok=configured is not None)
+    root = configured or path.parent
+    locator = _Locator(root, inside, remote_ok=configured is not None)
     images: list[SourceImage] = []
-    missing: list[str] = []
+    missing: dict[str, list[str]] = {}  # reference kind -> "<task>: image <url>: <problem>"
+    projects: list[str] = []  # the upload projects of the missing uploads
     remote: list[str] = []
     unannotated = 0
     form = label_form(cfg)
     attributes = list(task_attributes(cfg)) if form == "attributes" else []
-    for task_id, (url, labels) in _tasks(read_export(path), name, form=form, attributes=attributes).items():
+    items = read_export(path)
+    group_key = group_by(cfg)
+    group_field = group_key if group_key and _has_field(items, group_key) else None
+    problems = Problems()
+    for task_id, task in _tasks(items, name, form=form, attributes=attributes, group_field=group_field).items():
         where = f"{name} task {task_id}"
-        if labels is None:
+        if task.labels is None:
             unannotated += 1
             continue
+        url = task.url
         if not isinstance(url, str) or not url:
             raise DataError(f"{where}: the image URL {url!r} is not text")
-        src, problem, is_remote = locator.locate(url)
-        if is_remote:
+        group = _task_group(task, group_field, name, where, problems) if group_field else ""
+        src, problem, kind = locator.locate(url)
+        if kind == REMOTE and src is None and problem is None:
             remote.append(f"{where}: {url!r}")
         elif src is None or problem:
-            missing.append(f"{where}: image {url!r}: {problem}")
+            missing.setdefault(kind, []).append(f"{where}: image {url!r}: {problem}")
+            if kind == UPLOAD and (project := upload_project(url)):
+                projects.append(project)
         else:
-            images.append(SourceImage(src, labels, "", where))
-    problems = Problems()
+            images.append(SourceImage(src, task.labels, "", where, group))
     report_problems(
         f"task(s) of {name} have remote image URLs, which are not downloaded; download the images into a folder "
         "and set data.image_root to it (they are then found by file name)",
         remote,
         into=problems,
     )
-    report_problems(f"task(s) of {name} name images that cannot be found", missing, into=problems)
+    for kind, found in missing.items():
+        if inside is not None:
+            header = (
+                f"task(s) of {name} name images that are not in the archive (data.image_root is not used for "
+                "archives: put the images in the archive beside the export)"
+            )
+        else:
+            header = missing_kind(kind, name, root, configured is not None, projects)
+        report_problems(header, found, into=problems)
     problems.raise_if_any()
     if unannotated:
         log.warning("%s: skipped %d task(s) without a (non-cancelled) annotation", name, unannotated)

@@ -11,6 +11,10 @@ Columns (names are matched case-insensitively):
   ``|``. An empty cell (or ``[]``) is zero labels.
 * ``split`` (optional): ``train``, ``val`` or ``test``, or empty (assigned later);
   ``training``, ``valid`` and ``validation`` are accepted too.
+* a group column (optional): when ``data.group_by`` names a column (case-insensitively), its
+  value is the image's group key (``Record.group``; preprocess keeps a group in one split).
+  Every row needs a value: empty cells are an error listing the rows. The column is not an
+  attribute of multi-attribute data.
 
 Rows are numbered from 1 for the first data row (the CSV header is not counted, so row N is
 on line N+1 of a CSV file without multi-line cells); errors and source ids name rows as
@@ -47,7 +51,10 @@ from taxonomist.data.sources.common import (
     check_label,
     clean_labels,
     copy_images,
+    group_by,
+    group_value,
     image_root,
+    missing_group_kind,
     resolve_image,
 )
 from taxonomist.errors import ConfigError, DataError, Problems
@@ -255,8 +262,18 @@ def materialise_table(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Pat
     path_column = next((c for c in PATH_COLUMNS if c in frame.columns), None)
     if path_column is None:
         raise DataError(f"{name}: no 'path' or 'image' column (found: {', '.join(frame.columns)})")
+    group_key = group_by(cfg)
+    group_column = group_key.strip().lower() if group_key else None
+    if group_column not in frame.columns:
+        group_column = None  # data.group_by is then a regex on the source id (see taxonomist.data.split)
+    elif group_column in ("label", "labels"):
+        raise ConfigError(
+            f"data.group_by={group_key!r} names {name}'s {group_column!r} column: each class would be one group, "
+            "in one split only; name a column that groups related images (a patient, a session, a source)"
+        )
     if label_form(cfg) == "attributes":
-        columns = attribute_columns(frame, name, list(task_attributes(cfg)))
+        candidates = frame.drop(columns=[group_column]) if group_column else frame
+        columns = attribute_columns(candidates, name, list(task_attributes(cfg)))
 
         def labels_of(record: dict[str, Any], where: str) -> tuple[str, ...]:
             return parse_attributes(record, columns, where)
@@ -281,10 +298,15 @@ def materialise_table(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Pat
         if not ref:
             problems.add(f"row(s) of {name} have no image", [f"{where}: empty {path_column!r} cell"])
             continue
+        group = ""
+        if group_column is not None:
+            group = group_value(record[group_column])
+            if not group:
+                problems.add(missing_group_kind(str(group_key), name, f"column {group_column!r}"), where)
         src, problem = resolve_image(ref, root, inside)
         if problem:
             problems.add(f"row(s) of {name} name images that cannot be used", [f"{where}: {problem}"])
         elif labels is not None and split is not None:
-            images.append(SourceImage(src, labels, split, where))
+            images.append(SourceImage(src, labels, split, where, group))
     problems.raise_if_any()
     return copy_images(images, out_dir, desc=f"ingest {name}")
