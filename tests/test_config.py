@@ -179,7 +179,8 @@ def test_a_hand_set_mean_needs_hand_set_channels(params):
     raw["preprocess"]["mean"] = [0.4, 0.5, 0.6]
     raw["preprocess"]["std"] = [0.2, 0.2, 0.2]
     assert raw["preprocess"]["channels"] == "auto"
-    with pytest.raises(ConfigError, match=r"preprocess\.channels=auto: set the channels too \(preprocess\.channels=3\)"):
+    message = r"preprocess\.channels=auto: set the channels too \(preprocess\.channels=3\)"
+    with pytest.raises(ConfigError, match=message):
         validate(raw)
 
 
@@ -189,7 +190,8 @@ def test_model_auto_takes_its_settings_from_the_candidates(params):
     assert params["model"]["auto"]["scratch"]["name"] == "resnet10_narrow"
     raw = copy.deepcopy(params)
     raw["model"]["drop_rate"] = 0.3
-    with pytest.raises(ConfigError, match=r"model\.drop_rate has no effect with model\.name=auto.*model\.auto\.transfer"):
+    message = r"model\.drop_rate has no effect with model\.name=auto.*model\.auto\.transfer"
+    with pytest.raises(ConfigError, match=message):
         validate(raw)
     raw = copy.deepcopy(params)
     raw["model"]["auto"]["scratch"]["min_image_size"] = 4

@@ -15,3 +15,9 @@ REPORTS_DIR = Path("reports/eval")  # evaluate -> package
 METRICS_FILE = Path("reports/metrics.json")  # evaluate -> package, dvc metrics
 DECISION_FILE = "decision.json"  # in REPORTS_DIR: the tuned decision the package ships
 DIST_DIR = Path("dist")  # package
+
+
+def health_dir_for(processed_dir: Path) -> Path:
+    """Where the health report of ``processed_dir`` goes: :data:`HEALTH_DIR` for the pipeline's
+    own ``data/processed``, else a ``health/`` folder beside it (sweeps, tests)."""
+    return HEALTH_DIR if Path(processed_dir) == PROCESSED_DIR else Path(processed_dir).parent / "health"

@@ -21,13 +21,14 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from taxonomist.data import auto
+from taxonomist.data import auto, health
 from taxonomist.data.cache import write_labels, write_split
-from taxonomist.data.images import ImageSpec, InvalidImage, decode, image_facts, phashes
+from taxonomist.data.images import PHASH_SIZE, ImageSpec, InvalidImage, decode, image_facts, phashes
 from taxonomist.data.manifest import COLUMNS, SPLITS, RawImages, read_manifest, split_labels
 from taxonomist.data.split import assign_splits, group_keys
+from taxonomist.errors import DataError
 from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
-from taxonomist.stages.paths import PROCESSED_DIR, RAW_DIR
+from taxonomist.stages.paths import PROCESSED_DIR, RAW_DIR, health_dir_for
 from taxonomist.tasks import task_of
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def inspect(manifest: pd.DataFrame, raw_dir: Path) -> tuple[pd.DataFrame, list[d
     table = pd.DataFrame([f for f in facts if f is not None], index=valid.index, columns=list(FACTS))
     valid = valid.join(table.astype(FACTS))
     valid["phash"] = phashes(np.stack(thumbnails)) if thumbnails else []
+    # pHash scales an image to 32x32: below that it compares outlines (a sneaker and a boot
+    # alike), so small images are left out of the near-duplicate search.
+    small = np.minimum(valid["width"], valid["height"]) < PHASH_SIZE
+    valid.loc[small, "phash"] = ""
     return valid, problems
 
 
@@ -95,11 +100,30 @@ def decode_all(frame: pd.DataFrame, raw_dir: Path, spec: ImageSpec) -> np.ndarra
     return out
 
 
-def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR) -> dict:
-    """Run the preprocess stage; return the report (also written to ``report.json``)."""
+def check_class_names(labels: pd.Series) -> None:
+    """Refuse class names that differ only by case or spaces ("Dog" and "dog "): they would be
+    trained as different classes."""
+    names = sorted({name for cell in labels.unique() for name in split_labels(cell)})
+    similar = health.similar_class_names(names)
+    if similar:
+        shown = "; ".join(" / ".join(repr(n) for n in group) for group in similar[:5])
+        raise DataError(
+            f"{len(similar)} group(s) of class names differ only by case or spaces: {shown}"
+            f"{' ...' if len(similar) > 5 else ''}; rename them to one spelling (e.g. merge the folders)"
+        )
+
+
+def run(
+    cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR, health_dir: Path | None = None
+) -> dict:
+    """Run the preprocess stage; return the report (also written to ``report.json``) and write the
+    data set health report (``health.md`` with plots and CSVs) into ``health_dir`` (default:
+    :func:`~taxonomist.stages.paths.health_dir_for` ``out_dir``)."""
+    health_dir = health_dir or health_dir_for(out_dir)
     pre = cfg.preprocess
     task = task_of(cfg)
     manifest = read_manifest(raw_dir)
+    check_class_names(manifest["labels"])
     manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
     valid, problems = inspect(manifest, raw_dir)
 
@@ -118,6 +142,12 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
         group=None if groups is None else "group",
     )
     space = task.from_labels(split_frame["labels"], cfg.task)
+    quarantined = pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"])
+    report_health = health.analyse(
+        split_frame, dropped, quarantined, int(pre.near_duplicate_distance), str(pre.near_duplicates)
+    )
+    if report_health.drop:
+        split_frame = split_frame[~split_frame["path"].isin(report_health.drop)]
 
     choice = auto.choose(cfg, split_frame[split_frame["split"] == "train"])
     chosen = choice.preprocess
@@ -154,10 +184,14 @@ def run(cfg: DictConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PROCESSED_DIR)
             "classes": space.classes,
             "image_shape": [spec.size, spec.size, spec.channels],
             "settings": choice.to_dict(),
+            "health": report_health.summary,
             "per_split": sizes,  # images; per_split_per_class counts labels (several per multi-label image)
             "per_split_per_class": counts,
         }
         atomic_write_json(tmp / "report.json", report)
+    row_of = {path: i for i, path in enumerate(split_frame["path"])}
+    report_health.write(health_dir, thumbnail=lambda path: pixels[row_of[path]] if path in row_of else None)
+    log.info("data health report: %s (%d warning(s))", health_dir / "health.md", len(report_health.warnings))
     log.info(
         "preprocess: %d in, %d quarantined, %d duplicates dropped, %s",
         len(manifest),

@@ -22,7 +22,7 @@ from taxonomist.errors import ConfigError, StageOrderError
 from taxonomist.files import atomic_write_json, read_json, sha256_file
 from taxonomist.models.callbacks import EpochHistory, build_callbacks, build_trainer
 from taxonomist.models.module import ClassifierModule
-from taxonomist.stages.paths import HEALTH_DIR, HISTORY_FILE, MODELS_DIR, PROCESSED_DIR
+from taxonomist.stages.paths import HISTORY_FILE, MODELS_DIR, PROCESSED_DIR, health_dir_for
 from taxonomist.tasks import task_of
 from taxonomist.tracking import runs
 
@@ -54,7 +54,7 @@ def run(
     processed_dir: Path = PROCESSED_DIR,
     models_dir: Path = MODELS_DIR,
     spec: runs.RunSpec | None = None,
-    health_dir: Path | None = HEALTH_DIR,
+    health_dir: Path | None = None,
 ) -> dict:
     """Train and write the best checkpoint; return the run id, the monitored metric, its best
     value, the epoch that reached it and that epoch's train/ and val/ metrics. ``spec`` names
@@ -74,7 +74,7 @@ def run(
     models_dir.mkdir(parents=True, exist_ok=True)
     digest = data_hash(processed_dir)
     run_id = runs.start_pipeline_run(cfg, tags={"data_hash": digest, "stage": "train"}, spec=spec)
-    runs.log_dataset(run_id, cfg, processed_dir, digest, report, health_dir)
+    runs.log_dataset(run_id, cfg, processed_dir, digest, report, health_dir or health_dir_for(processed_dir))
     ckpt_dir = models_dir / ".checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     monitor = task.val_metric(str(cfg.fit.monitor))

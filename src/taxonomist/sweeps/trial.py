@@ -64,7 +64,7 @@ def prepared_data(cfg: DictConfig, root: Path) -> Path:
         if not (processed / "report.json").is_file():
             log.info("preparing the data once for every trial that shares it: %s", folder)
             ingest.run(cfg, out_dir=folder / "raw")
-            preprocess.run(cfg, raw_dir=folder / "raw", out_dir=processed)
+            preprocess.run(cfg, raw_dir=folder / "raw", out_dir=processed)  # health report: beside it
     return processed
 
 
