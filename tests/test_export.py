@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,55 +208,40 @@ def test_tag_name():
     assert registry.tag_name("test/f1_macro") == "test_f1_macro"
 
 
-def test_promote_moves_champion_only_on_a_higher_score(mlflow_client):
+def test_promote_moves_champion_only_when_the_gate_promotes(mlflow_client):
     client, run_id = mlflow_client
     name = "promote-test"
     client.create_registered_model(name)
     assert registry.current_champion(client, name) is None
 
-    steps = [  # (score, champion version afterwards)
-        (0.50, "1"),  # no champion yet: the first version becomes champion
-        (0.40, "1"),  # worse: stays candidate
-        (0.70, "3"),  # better: new champion
-        (0.70, "3"),  # a tie does not move the champion
-        (0.71, "5"),
+    steps = [  # (the gate promoted it, champion version afterwards)
+        (True, "1"),  # the first version
+        (False, "1"),  # refused: stays candidate
+        (True, "3"),
+        (False, "3"),
     ]
-    previous_scores = [None, 0.50, 0.50, 0.70, 0.70]
-    for i, ((score, champion), previous) in enumerate(zip(steps, previous_scores, strict=True), start=1):
-        version = new_version(client, name, run_id, score)
+    for i, (promoted, champion) in enumerate(steps, start=1):
+        version = new_version(client, name, run_id, 0.5)
         assert str(version) == str(i)
-        result = registry.promote(client, name, version, "test/f1_macro", score)
+        result = registry.promote(client, name, version, promoted)
         assert aliases(client, name) == {"candidate": str(i), "champion": champion}
-        assert result["promoted"] is (champion == str(i))
-        assert str(result["champion_version"]) == champion
-        assert result["aliases"] == (["candidate", "champion"] if champion == str(i) else ["candidate"])
-        assert result["previous_champion_score"] == previous
+        assert result == {
+            "name": name,
+            "version": str(i),
+            "aliases": ["candidate", "champion"] if promoted else ["candidate"],
+            "champion_version": champion,
+            "promoted": promoted,
+        }
         assert str(registry.current_champion(client, name).version) == champion
 
 
-def test_champion_without_metric_tag_is_replaced(mlflow_client):
+def test_promote_without_a_champion_leaves_none(mlflow_client):
     client, run_id = mlflow_client
-    name = "untagged-champion"
+    name = "refused-first"
     client.create_registered_model(name)
-    first = new_version(client, name, run_id, score=None)
-    client.set_registered_model_alias(name, registry.CHAMPION, first)
-    second = new_version(client, name, run_id, score=0.1)
-    result = registry.promote(client, name, second, "test/f1_macro", 0.1)
-    assert result["promoted"] is True
-    assert result["previous_champion_score"] == -math.inf
-    assert aliases(client, name) == {"candidate": str(second), "champion": str(second)}
-
-
-def test_promote_uses_the_configured_metric(mlflow_client):
-    client, run_id = mlflow_client
-    name = "other-metric"
-    client.create_registered_model(name)
-    v1 = new_version(client, name, run_id, score=0.9, metric="test/acc")
-    registry.promote(client, name, v1, "test/acc", 0.9)
-    v2 = new_version(client, name, run_id, score=0.8, metric="test/acc")
-    client.set_model_version_tag(name, v2, "test_f1_macro", "0.99")  # not the champion metric
-    assert registry.promote(client, name, v2, "test/acc", 0.8)["promoted"] is False
-    assert aliases(client, name) == {"candidate": str(v2), "champion": str(v1)}
+    version = new_version(client, name, run_id, score=None)
+    result = registry.promote(client, name, version, promoted=False)
+    assert result["champion_version"] is None and aliases(client, name) == {"candidate": str(version)}
 
 
 def test_model_versions_point_at_the_logged_artifact(mlflow_client):

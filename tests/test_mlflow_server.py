@@ -143,13 +143,17 @@ def test_registry_has_both_versions_and_the_champion(pipeline: ServerPipeline) -
     by_run = {v["run_id"]: v for v in versions}
     assert set(by_run) == set(pipeline.run_ids)
     first, second = (by_run[run_id] for run_id in pipeline.run_ids)
-    f1 = {v["version"]: float({t["key"]: t["value"] for t in v["tags"]}["test_f1_macro"]) for v in versions}
-
-    # candidate = the newest version; champion moved to it only if its test macro-F1 is higher.
+    # candidate = the newest version; champion moved to it only if the champion gate (run on the
+    # second run's test images, the first version's artifacts fetched through the server) promoted it.
     candidate = server.api("registered-models/alias", name=MODEL, alias="candidate")["model_version"]
     champion = server.api("registered-models/alias", name=MODEL, alias="champion")["model_version"]
     assert candidate["version"] == second["version"] == aliases["candidate"]
-    expected = second["version"] if f1[second["version"]] > f1[first["version"]] else first["version"]
+    gate = {t["key"]: t["value"] for t in pipeline.run(pipeline.run_ids[1])["data"]["tags"]}
+    assert gate["gate_decision"] in ("promoted", "refused") and gate["gate_reason"]
+    assert {t["key"]: t["value"] for t in first["tags"]}["label_space"] == {
+        t["key"]: t["value"] for t in second["tags"]
+    }["label_space"]
+    expected = second["version"] if gate["gate_decision"] == "promoted" else first["version"]
     assert champion["version"] == expected == aliases["champion"]
     assert "champion" in champion["aliases"] and champion["status"] == "READY"
 

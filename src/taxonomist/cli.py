@@ -252,7 +252,9 @@ def _predict(cfg, images: list[str], model_uri: str | None) -> int:
     if missing:
         raise DataError(f"image file(s) not found: {', '.join(missing)}")
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    uri = model_uri or f"models:/{cfg.package.model_name}@champion"
+    from taxonomist.export.registry import model_name
+
+    uri = model_uri or f"models:/{model_name(cfg)}@champion"
     try:
         model = mlflow.pyfunc.load_model(uri)
     except MlflowException as err:

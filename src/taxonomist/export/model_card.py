@@ -8,6 +8,8 @@ import pandas as pd
 
 from taxonomist.tasks import Decision, Task
 
+GATE_ROWS = 20  # per-class rows of the champion gate's table (worst first)
+
 
 def render_model_card(
     *,
@@ -22,8 +24,10 @@ def render_model_card(
     verification: dict[str, Any],
     run_id: str,
     git_commit: str,
+    gate: dict[str, Any] | None = None,
 ) -> str:
-    """Markdown text of the model card."""
+    """Markdown text of the model card; ``gate`` (the champion gate's record, see
+    :mod:`taxonomist.export.gate`) adds a "Champion gate" section."""
     pre = cfg["preprocess"]
     classes = data_report["classes"]
     lines = [
@@ -51,7 +55,9 @@ def render_model_card(
         "conflicting copies dropped",
         "- Splits: " + ", ".join(f"{k} {v}" for k, v in data_report["per_split"].items()),
         f"- Labels: {', '.join(classes)}",
+        *_health_lines(data_report),
         "",
+        *_auto_lines(data_report),
         "## Training",
         f"- Optimizer: `{cfg['optimizer'].get('_target_')}` lr {cfg['optimizer'].get('lr')}, "
         f"scheduler `{cfg['scheduler'].get('_target_')}`",
@@ -72,6 +78,7 @@ def render_model_card(
             for _, r in per_class.iterrows()
         ],
         "",
+        *(gate_section(gate, task.unit) if gate else []),
         "## Provenance",
         f"- MLflow run: `{run_id}`",
         f"- Git commit: `{git_commit}`",
@@ -82,3 +89,54 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def gate_section(gate: dict[str, Any], unit: str) -> list[str]:
+    """The "Champion gate" section's lines: decision, reason, both scores on the same images,
+    the bootstrap interval, McNemar's p and the per-class F1 differences (worst first)."""
+    metric, n = gate["metric"], gate["images"]
+    lines = ["## Champion gate", f"- Decision: **{gate['decision']}**: {gate['reason']}"]
+    if gate.get("champion_score") is None:  # no champion, or one of another label space
+        return [*lines, f"- Candidate {metric} on {n} raw test images: {gate['candidate_score']:.4f}", ""]
+    low, high = gate["interval"]
+    mcnemar = gate["mcnemar"]
+    level = f"{100 * (1 - gate['alpha']):g}%"
+    rows = gate["per_class"][:GATE_ROWS]
+    hidden = len(gate["per_class"]) - len(rows)
+    return [
+        *lines,
+        f"- {metric} on the same {n} test images (each model with its own preprocessing): candidate "
+        f"v{gate['candidate_version']} {gate['candidate_score']:.4f}, champion v{gate['champion_version']} "
+        f"{gate['champion_score']:.4f}",
+        f"- Difference {gate['difference']:+.4f}; {level} paired bootstrap interval [{low:+.4f}, {high:+.4f}] "
+        f"({gate['bootstrap']['resamples']} resamples of the test images)",
+        f"- McNemar exact p = {mcnemar['p']:.4g} ({mcnemar['candidate_only_correct']} images right only for the "
+        f"candidate, {mcnemar['champion_only_correct']} only for the champion)",
+        f"- No {unit}'s F1 may be lower than the champion's by more than {gate['class_tolerance']:g}",
+        "",
+        f"| {unit} | candidate F1 | champion F1 | delta | support |",
+        "| --- | --- | --- | --- | --- |",
+        *[
+            f"| {r['class']} | {r['candidate_f1']:.4f} | {r['champion_f1']:.4f} | {r['delta']:+.4f} | {r['support']} |"
+            for r in rows
+        ],
+        *(["", f"({hidden} more rows, with smaller drops or gains)"] if hidden else []),
+        "",
+    ]
+
+
+def _auto_lines(data_report: dict[str, Any]) -> list[str]:
+    """The "Settings chosen from the data" section: each ``auto`` value preprocess resolved, and why."""
+    from taxonomist.data.auto import describe
+
+    settings = data_report.get("settings")
+    lines = describe(settings) if settings else []
+    if not lines:
+        return []
+    return ["## Settings chosen from the data (`auto`)", *[f"- {line}" for line in lines], ""]
+
+
+def _health_lines(data_report: dict[str, Any]) -> list[str]:
+    """The data health report's warnings (``reports/data/health.md`` has the whole page)."""
+    warnings = (data_report.get("health") or {}).get("warnings") or []
+    return [f"- Data health warning: {w}" for w in warnings]

@@ -1,22 +1,50 @@
-"""MLflow model registry: register a version, tag it, and move the aliases.
+"""MLflow model registry: the model's name, the champion gate's I/O, and the aliases.
 
-``candidate`` always points at the newest version; ``champion`` moves to it only when its
-champion metric (default test macro-F1) beats the current champion's.
+The registered model is ``package.model_name``; ``auto`` names it after the data and the task
+(:func:`model_name`), so data sets with other label spaces do not compete for one champion.
+``candidate`` always points at the newest version; ``champion`` moves to it only when the
+champion gate (:mod:`taxonomist.export.gate`) says so: the champion's MLflow model is downloaded
+(not loaded with ``mlflow.pyfunc.load_model``, which would put its copy of the taxonomist package
+on ``sys.path``) and both models classify the candidate's raw test images (:func:`run_gate`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
 
 from taxonomist.errors import RegistryError
+from taxonomist.export import gate
+from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel
+from taxonomist.tracking.runs import dataset_name
 
 log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+ARTIFACTS = ("onnx", "settings")  # the pyfunc model's artifacts: model.onnx and serving.json
+BATCH = 256  # images decoded and classified at once by the gate
+
+
+def model_name(cfg: DictConfig) -> str:
+    """The registered model's name: ``package.model_name``, or for ``auto``
+    ``taxonomist-<data set>-<task>`` (e.g. ``taxonomist-fashion-mnist-multiclass``), the data set
+    name lowercased with every run of characters other than ``a-z0-9`` made one ``-``."""
+    configured = str(cfg.package.model_name)
+    if configured != "auto":
+        return configured
+    data = re.sub(r"[^a-z0-9]+", "-", dataset_name(cfg).lower()).strip("-") or "data"
+    return f"taxonomist-{data}-{cfg.task.name}"
 
 
 def tag_name(metric: str) -> str:
@@ -32,6 +60,75 @@ def current_champion(client: MlflowClient, name: str):
         return None
 
 
+def served_model(artifacts: dict[str, str]) -> ImageClassifierModel:
+    """The serving model built from local ``onnx`` and ``settings`` files (as MLflow would,
+    without loading a logged model)."""
+    model = ImageClassifierModel()
+    model.load_context(SimpleNamespace(artifacts=artifacts))
+    return model
+
+
+def download_model(name: str, version: str, dst: Path) -> dict[str, str]:
+    """Download the ``onnx`` and ``settings`` artifacts of version ``version`` of model ``name``
+    (found through its ``MLmodel`` file; not the rest, such as its copy of the code) from the
+    registry in force into ``dst``; return their local paths. :class:`RegistryError` when the
+    version lacks them or cannot be downloaded."""
+    import mlflow
+    from mlflow.models import Model
+
+    uri = f"models:/{name}/{version}"
+    try:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(dst))
+        logged = Model.load(mlmodel).flavors.get("python_function", {}).get("artifacts", {})
+        missing = [key for key in ARTIFACTS if key not in logged]
+        if missing:
+            raise RegistryError(f"{uri} has no {' or '.join(missing)} artifact: it is not a Taxonomist model")
+        return {
+            key: mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{uri}/{logged[key]['path']}", dst_path=str(dst / key)
+            )
+            for key in ARTIFACTS
+        }
+    except (MlflowException, OSError) as err:
+        raise RegistryError(f"cannot download {uri} for the champion gate: {err}") from err
+
+
+def classify(model: ImageClassifierModel, images: Sequence[bytes]) -> np.ndarray:
+    """The model's probabilities (its task's layout) of encoded images, in batches."""
+    frames = [
+        model.predict(None, pd.DataFrame({IMAGE_COLUMN: list(images[start : start + BATCH])}))
+        for start in range(0, len(images), BATCH)
+    ]
+    return gate.probability_matrix(model.task, pd.concat(frames, ignore_index=True))
+
+
+def run_gate(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    candidate: ImageClassifierModel,
+    images: Sequence[bytes],
+    labels: Sequence[str],
+    metric: str,
+    settings: gate.GateSettings,
+) -> dict[str, Any]:
+    """The champion gate's record (see :mod:`taxonomist.export.gate`) for ``version``, the
+    ``candidate`` model: both it and the current champion classify the same encoded test
+    ``images`` (manifest ``labels`` cells), each with its own preprocessing and decision."""
+    task = candidate.task
+    target = task.encode(labels)
+    scored = gate.score(task, classify(candidate, images), target, candidate.decision)
+    champion = current_champion(client, name)
+    if champion is None:
+        return gate.first_version(task, scored, version, metric)
+    with tempfile.TemporaryDirectory(prefix="taxonomist-champion-") as tmp:
+        model = served_model(download_model(name, champion.version, Path(tmp)))
+        if gate.label_space(model.task.to_dict()) != gate.label_space(task.to_dict()):
+            return gate.other_label_space(task, scored, version, model.task, champion.version, metric)
+        rival = gate.score(task, classify(model, images), target, model.decision)
+    return gate.compare(task, target, scored, rival, version, champion.version, metric, settings)
+
+
 def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
     try:
         client.set_registered_model_alias(name, alias, version)
@@ -39,28 +136,18 @@ def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> Non
         raise RegistryError(f"the model registry refused alias @{alias} on {name} v{version}: {err}") from err
 
 
-def promote(client: MlflowClient, name: str, version: str, metric: str, score: float) -> dict[str, object]:
-    """Set ``candidate`` on ``version``; move ``champion`` if ``score`` beats the champion's.
+def promote(client: MlflowClient, name: str, version: str, promoted: bool) -> dict[str, object]:
+    """Set ``candidate`` on ``version``, and ``champion`` too when the gate ``promoted`` it.
 
     A registry that refuses an alias raises :class:`~taxonomist.errors.RegistryError`."""
     _set_alias(client, name, CANDIDATE, version)
-    champion = current_champion(client, name)
-    previous = None
-    if champion is not None and champion.version != version:
-        raw = champion.tags.get(tag_name(metric))
-        previous = float(raw) if raw is not None else -math.inf
-    promoted = champion is None or (previous is not None and score > previous)
     if promoted:
         _set_alias(client, name, CHAMPION, version)
-        log.info("%s v%s is the new champion (%s %.4f > %s)", name, version, metric, score, previous)
-    else:
-        log.info("%s v%s stays candidate (%s %.4f <= champion %s)", name, version, metric, score, previous)
-    aliases = [CANDIDATE] + ([CHAMPION] if promoted else [])
+    champion = current_champion(client, name)
     return {
         "name": name,
-        "version": version,
-        "aliases": aliases,
-        "champion_version": version if promoted else champion.version,  # type: ignore[union-attr]
-        "previous_champion_score": previous,
+        "version": str(version),
+        "aliases": [CANDIDATE, CHAMPION] if promoted else [CANDIDATE],
+        "champion_version": None if champion is None else str(champion.version),
         "promoted": promoted,
     }

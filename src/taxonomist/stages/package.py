@@ -1,11 +1,14 @@
 """Package: ONNX export (verified against PyTorch), model card, MLflow model, registry.
 
 Outputs under ``dist/``: ``model.onnx``, ``serving.json`` (preprocessing, label space and the
-tuned decision), ``model_card.md`` and ``package.json`` (registry name, version, aliases,
-verification). The MLflow model takes raw encoded images (preprocessing inside), answers in
-the task's form (one label, a set, or a path), carries a signature and an input example, and is
-registered as a new version with alias ``candidate``; ``champion`` moves to it only when its
-``package.champion_metric`` beats the current champion's.
+tuned decision), ``model_card.md``, ``gate.json`` (the champion gate's decision) and
+``package.json`` (registry name, version, aliases, verification, the gate's summary). The MLflow
+model takes raw encoded images (preprocessing inside), answers in the task's form (one label, a
+set, or a path), carries a signature and an input example, and is registered as a new version
+of :func:`~taxonomist.export.registry.model_name` (tagged with its task and label space) with
+alias ``candidate``; ``champion`` moves to it only when the champion gate
+(:mod:`taxonomist.export.gate`) promotes it: the same label space, and better than the champion
+on the candidate's raw test images (``data/raw``) by ``package.champion_metric``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import importlib.metadata as md
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -23,16 +27,26 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 import taxonomist
+from taxonomist.data import auto
 from taxonomist.data.cache import read_labels, read_split
+from taxonomist.data.manifest import RawImages
 from taxonomist.data.transforms import normalise, preprocess_settings
 from taxonomist.errors import ConfigError, ModelError, StageOrderError, missing_input
-from taxonomist.export import registry
+from taxonomist.export import gate, registry
 from taxonomist.export.model_card import render_model_card
 from taxonomist.export.onnx import export_onnx, verify_onnx
 from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel
 from taxonomist.files import atomic_write_json, atomic_write_text, read_json
 from taxonomist.models.module import load_classifier
-from taxonomist.stages.paths import DECISION_FILE, DIST_DIR, METRICS_FILE, MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
+from taxonomist.stages.paths import (
+    DECISION_FILE,
+    DIST_DIR,
+    METRICS_FILE,
+    MODELS_DIR,
+    PROCESSED_DIR,
+    RAW_DIR,
+    REPORTS_DIR,
+)
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -48,6 +62,37 @@ def example_images(processed_dir: Path, n: int = 2) -> list[bytes]:
         Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+def gate_images(processed_dir: Path, raw_dir: Path) -> tuple[list[bytes], list[str]]:
+    """The encoded bytes (from the raw data) and manifest labels of the test split's images
+    (``splits.csv``): what the champion gate runs both models on."""
+    path = processed_dir / "splits.csv"
+    if not path.is_file():
+        raise missing_input(path, "preprocess")
+    rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+    rows = rows[rows["split"] == "test"]
+    with RawImages(raw_dir) as raw:
+        return [raw.read(p) for p in rows["path"]], rows["labels"].tolist()
+
+
+def gate_summary(decided: dict[str, Any]) -> dict[str, Any]:
+    """The champion gate's decision in brief (``package.json``; ``gate.json`` has all of it)."""
+    keys = ("decision", "reason", "images", "candidate_score", "champion_score", "interval")
+    return {key: decided.get(key) for key in keys} | {"mcnemar_p": decided.get("mcnemar", {}).get("p")}
+
+
+def gate_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The gate's numbers logged to the MLflow run (those the decision has) from :func:`gate_summary`."""
+    low, high = summary["interval"] or (None, None)
+    values = {
+        "gate/candidate_score": summary["candidate_score"],
+        "gate/champion_score": summary["champion_score"],
+        "gate/diff_low": low,
+        "gate/diff_high": high,
+        "gate/mcnemar_p": summary["mcnemar_p"],
+    }
+    return {k: float(v) for k, v in values.items() if v is not None}
 
 
 def pinned_requirements() -> list[str]:
@@ -68,8 +113,11 @@ def run(
     reports_dir: Path = REPORTS_DIR,
     metrics_file: Path = METRICS_FILE,
     out_dir: Path = DIST_DIR,
+    raw_dir: Path = RAW_DIR,
 ) -> dict:
-    """Export, verify, document, log and register the trained model."""
+    """Export, verify, document, log and register the trained model; move ``@champion`` to it
+    when the champion gate promotes it."""
+    cfg = auto.resolve(cfg, processed_dir)  # the settings preprocess chose (they go into serving.json)
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
     task = read_labels(processed_dir)
     for needed in (reports_dir / DECISION_FILE, metrics_file):
@@ -107,23 +155,28 @@ def run(
 
     metrics = read_json(metrics_file)["test"]
     per_class = pd.read_csv(reports_dir / "per_class.csv")
-    name = str(cfg.package.model_name)
+    name = registry.model_name(cfg)
     metric_key = task.test_metric(str(cfg.package.champion_metric))
     short = metric_key.split("/", 1)[1] if metric_key.startswith("test/") else metric_key
     if short not in metrics:
         raise ConfigError(f"package.champion_metric={metric_key!r} is not a test metric; known: {sorted(metrics)}")
     score = float(metrics[short])
+    images, labels = gate_images(processed_dir, raw_dir)
+    gate_settings = gate.GateSettings(
+        alpha=float(cfg.package.gate.alpha),
+        bootstrap=int(cfg.package.gate.bootstrap),
+        class_tolerance=float(cfg.package.gate.class_tolerance),
+        seed=int(cfg.seed),
+    )
 
     with runs.resume_run(cfg) as active:
         run_id = active.info.run_id
         examples = pd.DataFrame({IMAGE_COLUMN: example_images(processed_dir)})
         artifacts = {"onnx": str(onnx_path), "settings": str(settings_path)}
         # Run the real model on the example to infer the output schema (a loaded instance
-        # holds an ONNX Runtime session, so a fresh one is logged).
-        context = type("Context", (), {"artifacts": artifacts})()
-        probe = ImageClassifierModel()
-        probe.load_context(context)
-        signature = infer_signature(examples, probe.predict(context, examples))
+        # holds an ONNX Runtime session, so a fresh one is logged); the gate runs it too.
+        probe = registry.served_model(artifacts)
+        signature = infer_signature(examples, probe.predict(None, examples))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=ImageClassifierModel(),
@@ -139,12 +192,24 @@ def run(
             "data_hash": active.data.tags.get("data_hash", ""),
             "git_commit": active.data.tags.get("git_commit", ""),
             "run_id": run_id,
+            "task": task.name,
+            "label_space": gate.label_space(task.to_dict()),
         }
         if active.data.tags.get("dvc_experiment"):
             tags["dvc_experiment"] = active.data.tags["dvc_experiment"]
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
-        promotion = registry.promote(client, name, version, metric_key, score)
+        decided = registry.run_gate(client, name, version, probe, images, labels, metric_key, gate_settings)
+        promotion = registry.promote(client, name, version, bool(decided["promoted"]))
+        if decided["promoted"]:
+            log.info("%s v%s is the champion: %s", name, version, decided["reason"])
+        else:
+            log.warning("%s v%s stays candidate: %s", name, version, decided["reason"])
+        atomic_write_json(out_dir / "gate.json", decided)
+        mlflow.log_artifact(str(out_dir / "gate.json"))
+        brief = gate_summary(decided)
+        runs.log_metrics(gate_metrics(brief))
+        mlflow.set_tags({"gate_decision": decided["decision"], "gate_reason": decided["reason"]})
 
         card = render_model_card(
             name=name,
@@ -158,6 +223,7 @@ def run(
             verification=verification,
             run_id=run_id,
             git_commit=active.data.tags.get("git_commit", "unknown"),
+            gate=decided,
         )
         atomic_write_text(out_dir / "model_card.md", card)
         mlflow.log_artifact(str(out_dir / "model_card.md"))
@@ -172,6 +238,7 @@ def run(
         **promotion,
         "champion_metric": metric_key,
         "score": score,
+        "gate": brief,
         "onnx_verification": verification,
     }
     atomic_write_json(out_dir / "package.json", summary)
