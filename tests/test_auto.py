@@ -168,12 +168,12 @@ def write_report(folder, cfg, train_facts, images):
 def test_resolve_fills_every_auto_value_and_the_augmentation_size(tmp_path):
     cfg = compose([], conf_dir=CONF)
     assert cfg.augment.train[1].transforms[1].height == "auto"  # ${preprocess.image_size}
-    write_report(tmp_path, cfg, facts([(64, 64, False)] * 30), np.full((30, 8, 8, 3), 128, np.uint8))
+    write_report(tmp_path, cfg, facts([(40, 40, False)] * 30), np.full((30, 8, 8, 3), 128, np.uint8))
     out = auto.resolve(cfg, tmp_path)
-    assert (out.preprocess.image_size, out.preprocess.channels, out.preprocess.resize_mode) == (96, 3, "squash")
+    assert (out.preprocess.image_size, out.preprocess.channels, out.preprocess.resize_mode) == (64, 3, "squash")
     assert list(out.preprocess.mean) == [0.502] * 3
     assert out.model.name == "tf_efficientnet_lite0"
-    assert out.augment.train[1].transforms[1].height == 96
+    assert out.augment.train[1].transforms[1].height == 64
     lines = auto.describe(json.loads((tmp_path / "report.json").read_text())["settings"])
     assert "preprocess.channels = 3 (30 of 30 images have colour)" in lines
     assert cfg.preprocess.image_size == "auto"  # the input config is left alone
@@ -184,8 +184,8 @@ def test_resolve_keeps_hand_set_normalisation_and_refuses_stale_data(tmp_path):
     write_report(tmp_path, cfg, facts([(28, 28, True)] * 30), np.zeros((30, 4, 4, 1), np.uint8))
     hand = compose(["preprocess.channels=1", "preprocess.mean=[0.3]", "preprocess.std=[0.2]"], conf_dir=CONF)
     assert list(auto.resolve(hand, tmp_path).preprocess.mean) == [0.3]
-    stale = compose(["preprocess.image_size=64"], conf_dir=CONF)
-    with pytest.raises(StageOrderError, match=r"preprocess\.image_size=64 but data/processed was made with 96"):
+    stale = compose(["preprocess.image_size=96"], conf_dir=CONF)
+    with pytest.raises(StageOrderError, match=r"preprocess\.image_size=96 but data/processed was made with 64"):
         auto.resolve(stale, tmp_path)
     (tmp_path / "report.json").write_text("{}")
     with pytest.raises(StageOrderError, match="records no settings"):

@@ -189,21 +189,23 @@ def test_model_auto_takes_its_settings_from_the_candidates(params):
     assert params["model"]["auto"]["transfer"]["name"] == "tf_efficientnet_lite0"
     assert params["model"]["auto"]["scratch"]["name"] == "resnet10_narrow"
     raw = copy.deepcopy(params)
-    raw["model"]["drop_rate"] = 0.3
-    message = r"model\.drop_rate has no effect with model\.name=auto.*model\.auto\.transfer"
-    with pytest.raises(ConfigError, match=message):
-        validate(raw)
-    raw = copy.deepcopy(params)
     raw["model"]["auto"]["scratch"]["min_image_size"] = 4
     with pytest.raises(ConfigError, match=r"model\.min_image_size \(4\) must be >= 8"):
         validate(raw)
+    raw = copy.deepcopy(params)
+    raw["model"]["auto"]["transfer"]["name"] = "auto"
+    with pytest.raises(ConfigError, match=r"model\.auto\.transfer needs a model name"):
+        validate(raw)
 
 
-def test_an_explicit_model_has_no_auto_block():
-    cfg = compose(["model=resnet18"], conf_dir=CONF)
-    assert cfg.model.auto is None and cfg.model.min_image_size == 64
-    with pytest.raises(ConfigError, match=r"model\.name='resnet18' replaced model=auto's name only; to pick a model"):
-        compose(["model.name=resnet18"], conf_dir=CONF)
+def test_a_timm_name_in_place_of_auto_is_that_model_from_random_weights():
+    """`dvc exp run -S model.name=resnet34` keeps working on the default model=auto."""
+    cfg = compose(["model.name=resnet18"], conf_dir=CONF)
+    assert cfg.model.name == "resnet18" and cfg.model.pretrained is False and cfg.model.checkpoint is None
+    explicit = compose(["model=resnet18"], conf_dir=CONF)
+    assert explicit.model.auto is None and explicit.model.min_image_size == 64
+    with pytest.raises(ConfigError, match=r"model\.drop_rate needs a value for model\.name='resnet18'; to pick"):
+        compose(["model=resnet18", "model.drop_rate=null"], conf_dir=CONF)
 
 
 def test_validate_error_names_origin(params):

@@ -114,7 +114,7 @@ def test_preprocess_before_ingest_is_one_line_without_traceback(project, capsys)
 def test_train_before_preprocess_names_the_preprocess_stage(project, capsys):
     assert cli.main(["train"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: data/processed/labels.json not found: run the preprocess stage first")
+    assert err.startswith("error: data/processed/report.json not found: run the preprocess stage first")
     assert "Traceback" not in err
 
 

@@ -271,7 +271,7 @@ def test_failed_ingest_keeps_previous_raw_data(staged):
         ingest.run(staged["cfg"], out_dir=raw)
     after = {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()}
     assert after == before
-    assert sorted(p.name for p in raw.parent.iterdir()) == ["processed", "raw"]  # no temp folders left
+    assert sorted(p.name for p in raw.parent.iterdir()) == ["health", "processed", "raw"]  # no temp folders left
 
 
 def test_preprocess_fails_on_a_class_that_is_too_small(tmp_path):

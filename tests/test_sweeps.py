@@ -49,9 +49,12 @@ def test_data_key_changes_only_with_what_ingest_and_preprocess_read() -> None:
     keys = trial.data_params(REPO)
     assert "preprocess.image_size" in keys and "data" in keys and "optimizer" not in keys
     base = compose([], conf_dir=REPO / "conf")
-    lr = compose(["optimizer.lr=0.01", "model.name=resnet18"], conf_dir=REPO / "conf")
+    lr = compose(["optimizer.lr=0.01", "fit.batch_size=32"], conf_dir=REPO / "conf")
     size = compose(["preprocess.image_size=64"], conf_dir=REPO / "conf")
     assert trial.data_key(base, keys) == trial.data_key(lr, keys) != trial.data_key(size, keys)
+    # image_size: auto (and model=auto) are chosen with the model: another model, other data.
+    model = compose(["model.name=resnet18"], conf_dir=REPO / "conf")
+    assert "model.name" in keys and trial.data_key(model, keys) != trial.data_key(base, keys)
 
 
 def test_objective_is_read_from_the_kept_epoch() -> None:

@@ -227,7 +227,7 @@ class PipelineConfig:
 RESIZE_MODES = ("squash", "center_crop", "pad")
 AUTO = "auto"  # a setting the preprocess stage resolves from the data (taxonomist.data.auto)
 NEAR_DUPLICATE_ACTIONS = ("warn", "drop", "fail")
-# With model.name=auto these keys come from the chosen candidate (model.auto.transfer / .scratch).
+# Keys of a model block (with model.name=auto the chosen candidate's are used).
 MODEL_KEYS = ("pretrained", "checkpoint", "drop_rate", "channels_last", "compile", "kwargs")
 TTA_MODES = ("none", "hflip")  # taxonomist.models.tta (not imported here: it needs torch)
 # Sections renamed in this version: an old params.yaml names them, and the error says the new name.
@@ -334,13 +334,6 @@ def _check_model(model: DictConfig, origin: str) -> None:
     if model.name == AUTO:
         if model.auto is None:
             raise ConfigError(f"{origin}: model.name=auto needs model.auto (use model=auto, conf/model/auto.yaml)")
-        set_keys = [k for k in MODEL_KEYS if model[k] is not None]
-        if set_keys:
-            key = set_keys[0]
-            raise ConfigError(
-                f"{origin}: model.{key} has no effect with model.name=auto: the chosen model's block is used; "
-                f"set model.auto.transfer.{key} or model.auto.scratch.{key}, or pick a model (model=resnet18)"
-            )
         for which in ("transfer", "scratch"):
             candidate = dict(model.auto[which])
             if candidate.get("name") in (None, AUTO):
@@ -350,11 +343,7 @@ def _check_model(model: DictConfig, origin: str) -> None:
             except (ValidationError, ConfigKeyError, ConfigAttributeError) as err:
                 raise ConfigError(f"{origin}: model.auto.{which}: {err}") from None
         return
-    if model.auto is not None:
-        raise ConfigError(
-            f"{origin}: model.name={model.name!r} replaced model=auto's name only; to pick a model, choose the model "
-            "group (model=resnet18, or model=resnet10_narrow model.name=<timm name>): it sets every key"
-        )
+    # A timm name in place of auto (`-S model.name=resnet34`) uses the other keys as they are.
     for key in (*[k for k in MODEL_KEYS if k != "checkpoint"], "min_image_size", "max_image_size"):
         if model[key] is None:
             raise ConfigError(

@@ -199,15 +199,16 @@ def resolve(cfg: DictConfig, processed_dir: str | Path) -> DictConfig:
     if is_auto(out.model.name):
         out.model = settings["model"]
     size = int(pre.image_size)
-    out.augment.train = [_fill_size(entry, size) for entry in OmegaConf.to_container(out.augment.train) or []]
+    out.augment.train = fill_size(OmegaConf.to_container(out.augment.train) or [], size)
     return out
 
 
-def _fill_size(entry: Any, size: int) -> Any:
+def fill_size(entry: Any, size: int) -> Any:
+    """``entry`` (augmentation entries) with every ``height``/``width``/``size: auto`` set to ``size``."""
     if isinstance(entry, dict):
-        return {k: size if k in SIZE_KEYS and is_auto(v) else _fill_size(v, size) for k, v in entry.items()}
+        return {k: size if k in SIZE_KEYS and is_auto(v) else fill_size(v, size) for k, v in entry.items()}
     if isinstance(entry, list):
-        return [_fill_size(v, size) for v in entry]
+        return [fill_size(v, size) for v in entry]
     return entry
 
 

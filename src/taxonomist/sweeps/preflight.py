@@ -37,6 +37,7 @@ def check_config(cfg: DictConfig, hydra_node: DictConfig | None = None) -> DictC
     import torch
     from hydra.utils import instantiate
 
+    from taxonomist.data.auto import fill_size
     from taxonomist.data.transforms import build_augment
     from taxonomist.models.backbone import check_model_name
     from taxonomist.models.module import OPTIMIZER_TARGETS, SCHEDULER_TARGETS
@@ -45,7 +46,9 @@ def check_config(cfg: DictConfig, hydra_node: DictConfig | None = None) -> DictC
     raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     raw.pop("hparams_search", None)
     pcfg = validate(raw, origin="sweep")
-    check_model_name(str(pcfg.model.name))
+    models = [pcfg.model.auto.transfer, pcfg.model.auto.scratch] if pcfg.model.name == "auto" else [pcfg.model]
+    for model in models:  # model=auto: both candidates must exist
+        check_model_name(str(model["name"]))
     opt = OmegaConf.to_container(pcfg.optimizer, resolve=True)
     try:
         instantiate(opt, _execution_whitelist_=list(OPTIMIZER_TARGETS))(params=[torch.nn.Parameter(torch.zeros(1))])
@@ -58,7 +61,9 @@ def check_config(cfg: DictConfig, hydra_node: DictConfig | None = None) -> DictC
             instantiate({**sched, "_partial_": True}, _execution_whitelist_=list(SCHEDULER_TARGETS))
         except Exception as err:
             raise ValueError(f"scheduler ({sched['_target_']}): {err}") from None
-    build_augment(pcfg.augment.train)
+    # image_size: auto is chosen by preprocess; any size checks the augmentation's own arguments.
+    size = 64 if pcfg.preprocess.image_size == "auto" else int(pcfg.preprocess.image_size)
+    build_augment(fill_size(OmegaConf.to_container(pcfg.augment.train, resolve=True), size))
     objective = task_of(pcfg).val_metric(str(pcfg.sweep.objective))
     if not objective.startswith("val/"):
         raise ValueError(f"sweep.objective: {objective!r} is not a validation metric (val/...)")
