@@ -368,3 +368,57 @@ def test_a_raw_folder_without_images_or_with_a_broken_zip_is_an_error(staged, tm
     with pytest.raises(StageOrderError, match=r"images\.zip: .*run the ingest stage again"):
         preprocess.run(staged["cfg"], raw_dir=raw, out_dir=tmp_path / "processed")
     assert not (tmp_path / "processed").exists()
+
+
+# --------------------------------------------------------------------------- your own images: bad input
+
+
+def test_class_names_that_differ_only_by_case_or_spaces_are_refused(tmp_path):
+    source = make_image_folder(tmp_path / "src", per_class=4, classes=("circle", "square"))
+    shutil.copytree(source / "circle", source / "Circle")
+    cfg = compose(tiny_overrides(source), conf_dir=REPO / "conf")
+    ingest.run(cfg, out_dir=tmp_path / "raw")
+    with pytest.raises(DataError, match=r"differ only by case or spaces: 'Circle' / 'circle'; rename them"):
+        preprocess.run(cfg, raw_dir=tmp_path / "raw", out_dir=tmp_path / "processed")
+    assert not (tmp_path / "processed").exists()
+
+
+def test_a_mixed_folder_gets_settings_from_its_images_and_a_health_report(tmp_path):
+    """Gray, RGBA, CMYK and 16-bit files, 10x10 to 600x400 px, in one folder: nothing is lost,
+    every `auto` is chosen from the training images, and the page says what it saw."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "mixed"
+    sizes = [(10, 10), (600, 400), (64, 48), (80, 60), (64, 48), (72, 54)]
+    modes = ["L", "RGBA", "CMYK", "I;16", "RGB", "P"]
+    for label, tint in (("red", 0), ("blue", 2)):
+        (source / label).mkdir(parents=True)
+        for i in range(12):
+            w, h = sizes[i % len(sizes)]
+            arr = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+            arr[..., tint] += 180
+            img = Image.fromarray(arr)
+            mode = modes[i % len(modes)]
+            if mode == "I;16":
+                img = Image.fromarray(arr[..., tint].astype(np.uint16) * 200)
+            elif mode == "P":
+                img = img.quantize(16)
+            else:
+                img = img.convert(mode)
+            img.save(source / label / f"{label}_{i:02d}.{'jpg' if mode == 'CMYK' else 'png'}")
+    hand_set = ("preprocess.image_size", "preprocess.channels", "preprocess.mean", "preprocess.std")
+    overrides = [o for o in tiny_overrides(source) if not o.startswith(hand_set)]
+    cfg = compose(overrides, conf_dir=REPO / "conf")
+    ingest.run(cfg, out_dir=tmp_path / "raw")
+    report = preprocess.run(cfg, raw_dir=tmp_path / "raw", out_dir=tmp_path / "processed")
+    assert report["images_out"] == 24 and report["quarantined"] == 0  # nothing lost
+    settings = report["settings"]
+    assert settings["preprocess"]["channels"] == 3  # colour images among gray ones
+    assert settings["preprocess"]["resize_mode"] == "center_crop"  # mostly 4:3
+    assert settings["preprocess"]["image_size"] == 56  # median short side 48-54 px, raised to the model's minimum
+    assert len(settings["preprocess"]["mean"]) == 3 and set(settings["auto"]) >= {"preprocess.mean"}
+    assert read_split(tmp_path / "processed", "train").images.shape[1:] == (56, 56, 3)
+    page = (tmp_path / "health" / "health.md").read_text()
+    assert "| CMYK" in page and "| I;16" in page
+    assert "4 tiny images (much smaller than the rest)" in report["health"]["warnings"]  # the 10x10 ones
