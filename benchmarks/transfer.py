@@ -87,6 +87,7 @@ def measure(data: list[str], model: list[str], epochs: int, workdir: Path) -> di
         f"tracking.artifact_location={workdir / 'mlartifacts'}",
     ]
     cfg = compose(overrides, conf_dir=ROOT / "conf")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exported the last run's store
     with inside(workdir):
         ingest.run(cfg)
         report = preprocess.run(cfg)

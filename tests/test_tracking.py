@@ -133,3 +133,19 @@ def test_parallel_stages_create_one_fresh_store(tmp_path: Path, monkeypatch: pyt
     assert outcomes == [("ok", outcomes[0][1])] * 3, outcomes
     assert experiments(tmp_path / "mlflow.db") == {"Default", "x"}
     assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]  # no store left aside
+
+
+def test_setup_leaves_the_tracking_variable_to_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow exports the URI it is set to; a second store in the same process must still be used."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    first, second = tmp_path / "a.db", tmp_path / "b.db"
+    setup(cfg(f"sqlite:///{first}"))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    setup(cfg(f"sqlite:///{second}"))
+    assert mlflow.get_tracking_uri() == f"sqlite:///{second}" and second.is_file()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{first}")
+    setup(cfg(f"sqlite:///{second}"))
+    assert mlflow.get_tracking_uri() == f"sqlite:///{first}" == os.environ["MLFLOW_TRACKING_URI"]

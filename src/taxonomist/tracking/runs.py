@@ -113,7 +113,14 @@ def setup(cfg: DictConfig) -> str:
         db = Path(uri[len(prefix) :])
         if not db.exists() and db.parent.is_dir():
             create_sqlite_store(db, cfg)
+    users = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow exports the URI it is given as MLFLOW_TRACKING_URI; keep that variable the user's,
+    # or a later setup() in this process (another project's store) would take this one.
+    if users is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users
     name = str(cfg.tracking.experiment)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
