@@ -115,16 +115,15 @@ def test_resize_mode_follows_the_aspect_ratios(shapes, mode):
     assert auto.choose_resize_mode(pd.Series(widths), pd.Series(heights))[0] == mode
 
 
-def test_model_auto_transfers_for_small_or_colour_data_and_trains_large_gray_sets_from_scratch():
+def test_model_auto_transfers_only_for_small_data_and_trains_the_rest_from_scratch():
     cfg = compose([], conf_dir=CONF)
-    chosen, why = auto.choose_model(cfg.model, train_images=1_500, colour=False)
+    chosen, why = auto.choose_model(cfg.model, train_images=136)
     assert chosen["name"] == "tf_efficientnet_lite0" and chosen["checkpoint"].startswith("package:")
-    assert "1,500 training images < 20,000" in why
-    assert auto.choose_model(cfg.model, train_images=50_000, colour=True)[0]["name"] == "tf_efficientnet_lite0"
-    chosen, why = auto.choose_model(cfg.model, train_images=54_000, colour=False)
-    assert chosen["name"] == "resnet10_narrow" and "from scratch" in why
+    assert "136 training images < 500" in why
+    chosen, why = auto.choose_model(cfg.model, train_images=1_222)
+    assert chosen["name"] == "resnet10_narrow" and chosen["checkpoint"] is None and "from scratch" in why
     explicit = compose(["model=resnet18"], conf_dir=CONF)
-    assert auto.choose_model(explicit.model, 10, True) == (dict(explicit.model), None)
+    assert auto.choose_model(explicit.model, 10) == (dict(explicit.model), None)
 
 
 def test_fashion_mnist_resolves_to_the_settings_it_was_tuned_with():
@@ -169,7 +168,7 @@ def test_resolve_fills_every_auto_value_and_the_augmentation_size(tmp_path):
     cfg = compose([], conf_dir=CONF)
     assert cfg.augment.train[1].transforms[1].height == "auto"  # ${preprocess.image_size}
     write_report(tmp_path, cfg, facts([(40, 40, False)] * 30), np.full((30, 8, 8, 3), 128, np.uint8))
-    out = auto.resolve(cfg, tmp_path)
+    out = auto.resolve(cfg, tmp_path)  # 30 images: transfer learning, at EfficientNet-Lite0's minimum size
     assert (out.preprocess.image_size, out.preprocess.channels, out.preprocess.resize_mode) == (64, 3, "squash")
     assert list(out.preprocess.mean) == [0.502] * 3
     assert out.model.name == "tf_efficientnet_lite0"
