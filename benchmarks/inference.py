@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from taxonomist.config import load_params
+from taxonomist.data import auto
 from taxonomist.data.cache import read_split
 from taxonomist.data.transforms import normalise
 from taxonomist.export.onnx import INPUT_NAME
@@ -42,7 +43,7 @@ def compare(root: Path, single: int = 300, batches: int = 10, batch_size: int = 
     """Batch-1 latency (p50, p95, ms) and batch-``batch_size`` throughput (images/s) of both."""
     import onnxruntime as ort
 
-    cfg = load_params(root / "params.yaml")
+    cfg = auto.resolve(load_params(root / "params.yaml"), root / "data/processed")  # numbers, not auto
     test = read_split(root / "data/processed", "test")
     x = normalise(test.images[: max(single, batch_size)], cfg.preprocess.mean, cfg.preprocess.std)
     ones = [x[i : i + 1] for i in range(single)]

@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from taxonomist.config import load_params
+from taxonomist.data import auto
 from taxonomist.data.cache import read_labels, read_split, write_labels, write_split
 from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.data.transforms import standardisation
@@ -40,7 +41,7 @@ PROCESSED = Path("data/processed")
 
 
 def default_config(root: Path) -> DictConfig:
-    cfg = load_params(root / "params.yaml")
+    cfg = auto.resolve(load_params(root / "params.yaml"), root / PROCESSED)  # the settings preprocess chose
     train.configure_torch(cfg)
     return cfg
 

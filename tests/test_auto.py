@@ -145,6 +145,13 @@ def test_explicit_values_win():
     assert choice.reasons == {}
 
 
+@pytest.mark.parametrize(
+    ("train_images", "batch"), [(54_000, 256), (4_096, 256), (1_448, 64), (1_222, 64), (136, 16), (3, 16)]
+)
+def test_batch_size_leaves_a_small_set_enough_steps(train_images, batch):
+    assert auto.choose_batch_size(train_images)[0] == batch
+
+
 def test_normalisation_is_measured_per_channel():
     images = np.zeros((10, 4, 4, 3), np.uint8)
     images[..., 0] = 255  # red: mean 1, constant
@@ -160,7 +167,7 @@ def test_normalisation_is_measured_per_channel():
 def write_report(folder, cfg, train_facts, images):
     choice = auto.choose(cfg, train_facts)
     auto.add_normalisation(choice, cfg, images)
-    (folder / "report.json").write_text(json.dumps({"settings": choice.to_dict()}))
+    (folder / "report.json").write_text(json.dumps({"settings": choice.to_dict(), "per_split": {"train": 30}}))
     return choice
 
 
@@ -173,6 +180,7 @@ def test_resolve_fills_every_auto_value_and_the_augmentation_size(tmp_path):
     assert list(out.preprocess.mean) == [0.502] * 3
     assert out.model.name == "tf_efficientnet_lite0"
     assert out.augment.train[1].transforms[1].height == 64
+    assert out.fit.batch_size == 16  # 30 training images
     lines = auto.describe(json.loads((tmp_path / "report.json").read_text())["settings"])
     assert "preprocess.channels = 3 (30 of 30 images have colour)" in lines
     assert cfg.preprocess.image_size == "auto"  # the input config is left alone

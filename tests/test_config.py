@@ -265,7 +265,7 @@ def test_flatten_plain_dict():
 def test_flatten_real_config():
     cfg = compose([], conf_dir=CONF)
     flat = flatten(cfg)
-    assert flat["fit.batch_size"] == 256
+    assert flat["fit.batch_size"] == "auto"
     assert flat["preprocess.mean"] == "auto"
     assert flat["model.auto.transfer.name"] == "tf_efficientnet_lite0"
     assert flat["scheduler.max_lr"] == flat["optimizer.lr"] == 0.003

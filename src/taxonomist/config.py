@@ -132,7 +132,7 @@ class MixupConfig:
 class FitConfig:
     """How the model is fitted (was ``train``); the Lightning Trainer's own arguments are ``trainer``."""
 
-    batch_size: int = MISSING
+    batch_size: Any = MISSING  # int | auto (taxonomist.data.auto.choose_batch_size)
     num_workers: int = MISSING
     num_threads: int = MISSING
     label_smoothing: float = MISSING
@@ -358,6 +358,9 @@ def _check_model(model: DictConfig, origin: str) -> None:
 
 
 def _check_training(cfg: DictConfig, mixup_ok: bool, origin: str) -> None:
+    batch = cfg.fit.batch_size
+    if batch != AUTO and (not isinstance(batch, int) or batch < 1):
+        raise ConfigError(f"{origin}: fit.batch_size must be a positive integer or auto, got {batch!r}")
     mix = cfg.fit.mixup
     ema = cfg.callbacks.get("ema")
     if ema is not None and "decay" in ema and not 0.0 < float(ema.decay) < 1.0:

@@ -12,6 +12,9 @@ then :func:`choose` resolves each ``auto`` value from the *training* split and s
 * ``resize_mode``: ``squash`` when 90% of the images are within 10% of square, ``center_crop``
   when they are within 2:1, else ``pad`` (cropping elongated images would cut off too much).
 * ``mean`` / ``std``: measured per channel on the training split at the chosen settings.
+* ``fit.batch_size`` (resolved by :func:`resolve`, from the training split's size): 256, or a
+  sixteenth of the training images for smaller sets (a power of two, at least 16), so a small
+  set still gets enough optimizer steps per epoch.
 
 Explicit values always win. The choices are recorded in ``data/processed/report.json``
 (``settings``); :func:`resolve` puts them into the config the later stages use, so training,
@@ -36,6 +39,7 @@ REPORT_FILE = "report.json"
 SQUARE_RATIO = 1.1  # squash when 90% of the images are within this aspect ratio of square...
 CROP_RATIO = 2.0  # ... center_crop when within this one, else pad
 SIZE_STEP = 8
+MAX_BATCH, MIN_BATCH, STEPS_PER_EPOCH = 256, 16, 16  # fit.batch_size: auto
 # Keys of an augmentation entry that follow the image size (conf/augment: height: ${preprocess.image_size}).
 SIZE_KEYS = ("height", "width", "size")
 
@@ -141,6 +145,15 @@ def choose(cfg: DictConfig, train_facts: pd.DataFrame) -> Choice:
     return choice
 
 
+def choose_batch_size(train_images: int) -> tuple[int, str]:
+    """``fit.batch_size: auto``: at most 256, and small enough for 16 steps an epoch (a power of two >= 16)."""
+    fits = max(train_images // STEPS_PER_EPOCH, 1)
+    size = max(MIN_BATCH, min(MAX_BATCH, 1 << (fits.bit_length() - 1)))
+    if size == MAX_BATCH:
+        return size, f"{train_images:,} training images"
+    return size, f"{train_images:,} training images: {STEPS_PER_EPOCH}+ steps an epoch"
+
+
 def measure_normalisation(train_images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (in [0, 1] units, 4 decimals) of uint8 (N, H, W, C) images."""
     channels = train_images.shape[-1]
@@ -193,6 +206,7 @@ def resolve(cfg: DictConfig, processed_dir: str | Path) -> DictConfig:
     """
     settings = read_settings(processed_dir)
     chosen = settings["preprocess"]
+    train_images = int(read_json(Path(processed_dir) / REPORT_FILE)["per_split"]["train"])
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     pre = out.preprocess
     for key in ("image_size", "resize_mode", "channels"):
@@ -205,6 +219,8 @@ def resolve(cfg: DictConfig, processed_dir: str | Path) -> DictConfig:
         pre.mean, pre.std = list(chosen["mean"]), list(chosen["std"])
     if is_auto(out.model.name):
         out.model = settings["model"]
+    if is_auto(out.fit.batch_size):
+        out.fit.batch_size = choose_batch_size(train_images)[0]
     size = int(pre.image_size)
     out.augment.train = fill_size(OmegaConf.to_container(out.augment.train) or [], size)
     return out
