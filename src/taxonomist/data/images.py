@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +87,26 @@ def phashes(thumbnails: np.ndarray) -> list[str]:
     return [row.tobytes().hex() for row in packed]
 
 
+@contextmanager
+def open_image(data: bytes) -> Iterator[Image.Image]:
+    """The decoded, upright (EXIF orientation applied) image of encoded ``data``; anything that
+    does not decode fully (truncated, corrupt, not an image, too large, empty) raises
+    :class:`InvalidImage` saying why."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            if img.width < 1 or img.height < 1:
+                raise InvalidImage(f"empty image ({img.width}x{img.height})")
+            yield img
+    except InvalidImage:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InvalidImage(f"too large: {err}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InvalidImage(f"cannot decode: {err}") from None
+
+
 def image_facts(data: bytes) -> tuple[dict[str, object], np.ndarray]:
     """What preprocess needs to know about one encoded image before choosing its settings:
     ``width``, ``height``, ``mode`` (the file's PIL mode), ``gray`` (every pixel has equal
@@ -93,21 +115,10 @@ def image_facts(data: bytes) -> tuple[dict[str, object], np.ndarray]:
 
     Raises :class:`InvalidImage` for data that does not decode fully.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            width, height, mode = img.width, img.height, img.mode
-            if width < 1 or height < 1:
-                raise InvalidImage(f"empty image ({width}x{height})")
-            gray = mode in GRAY_MODES
-            flat = to_mode(img, 1 if gray else 3)  # alpha flattened onto white, 16-bit scaled to 8
-    except InvalidImage:
-        raise
-    except Image.DecompressionBombError as err:
-        raise InvalidImage(f"too large: {err}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InvalidImage(f"cannot decode: {err}") from None
+    with open_image(data) as img:
+        width, height, mode = img.width, img.height, img.mode
+        gray = mode in GRAY_MODES
+        flat = to_mode(img, 1 if gray else 3)  # alpha flattened onto white, 16-bit scaled to 8
     if not gray:  # look at the pixels (of a copy at most 64 px wide) of colour-capable files
         small = flat if max(flat.size) <= 64 else flat.resize((min(width, 64), min(height, 64)), Image.Resampling.BOX)
         pixels = np.asarray(small, dtype=np.int16)
@@ -125,19 +136,8 @@ def decode(data: bytes, spec: ImageSpec) -> np.ndarray:
     Raises :class:`InvalidImage` for data that does not decode fully (truncated, corrupt,
     not an image, or too large).
     """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            if img.width < 1 or img.height < 1:
-                raise InvalidImage(f"empty image ({img.width}x{img.height})")
-            out = resize(to_mode(img, spec.channels), spec)
-    except InvalidImage:
-        raise
-    except Image.DecompressionBombError as err:
-        raise InvalidImage(f"too large: {err}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InvalidImage(f"cannot decode: {err}") from None
+    with open_image(data) as img:
+        out = resize(to_mode(img, spec.channels), spec)
     arr = np.asarray(out, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
