@@ -134,13 +134,24 @@ def staged(tmp_path):
     return {"source": source, "cfg": cfg, "raw": raw, "processed": processed, "summary": summary, "report": report}
 
 
-def run_cmd(args: list[str], cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cmd(
+    args: list[str], cwd: Path, env: Mapping[str, str] | None = None, log: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run a command with the environment's ``bin`` on PATH (as DVC stages need); fail with
     its output when it fails. ``MLFLOW_TRACKING_URI`` is not inherited (a project logs to its
-    own store); ``env`` adds or replaces variables, e.g. ``{"MLFLOW_TRACKING_URI": server.url}``."""
+    own store); ``env`` adds or replaces variables, e.g. ``{"MLFLOW_TRACKING_URI": server.url}``.
+    ``log``: write the output to that file instead of capturing it, for a command that leaves
+    daemons behind (``dvc queue start``): they inherit its output, and a captured pipe would stay
+    open, and the call blocked, for as long as one of them lives."""
     full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
     full.pop("MLFLOW_TRACKING_URI", None)
     full.update(env or {})
+    if log is not None:
+        with log.open("w") as out:
+            proc = subprocess.run(args, cwd=cwd, env=full, stdout=out, stderr=subprocess.STDOUT, timeout=1200)
+        output = log.read_text()
+        assert proc.returncode == 0, f"{args} failed:\n{output[-4000:]}"
+        return subprocess.CompletedProcess(args, proc.returncode, output, "")
     proc = subprocess.run(args, cwd=cwd, env=full, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc

@@ -81,7 +81,9 @@ def grid(project: Path) -> dict[str, float]:
     names = {name: float(value) for value, name in pairs}  # DVC writes 1e-3 as 0.001
     assert sorted(names.values()) == pytest.approx(sorted(GRID.values())), text
     try:
-        run_cmd([DVC, "queue", "start", "-j", "2"], project)
+        # The workers outlive `queue start`; one whose idle monitor died (a race in the celery
+        # filesystem broker, seen under load) never exits: the finally below stops them all.
+        run_cmd([DVC, "queue", "start", "-j", "2"], project, log=project.parent / "queue-start.log")
         statuses = wait_for_queue(project, list(names))
         failed = [name for name, status in statuses.items() if status != "Success"]
         logs = "\n".join(
