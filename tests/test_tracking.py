@@ -149,3 +149,39 @@ def test_setup_leaves_the_tracking_variable_to_the_user(tmp_path: Path, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{first}")
     setup(cfg(f"sqlite:///{second}"))
     assert mlflow.get_tracking_uri() == f"sqlite:///{first}" == os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_the_experiment_opens_on_training_runs_and_a_run_records_its_data_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow 3 opens an experiment of unset kind on its GenAI overview; the Dataset column shows
+    what log_input recorded: the data set's name, digest (the data hash) and source."""
+    import json
+
+    import mlflow
+
+    from taxonomist.tracking import runs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = OmegaConf.merge(
+        cfg(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art")),
+        {"data": {"source": "builtin:digits"}},
+    )
+    experiment_id = setup(config)
+    client = mlflow.MlflowClient()
+    assert client.get_experiment(experiment_id).tags[runs.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir(parents=True)
+    (processed / "splits.csv").write_text("path,labels,split\na.png,0,train\nb.png,1,test\n")
+    why = {"preprocess.channels": "all 2 images are grayscale"}
+    report = {"settings": {"preprocess": {"channels": 1}, "auto": why}}
+    (processed / "report.json").write_text(json.dumps(report))
+    run_id = client.create_run(experiment_id).info.run_id
+    runs.log_dataset(run_id, config, processed, "ab" * 32, report, health_dir=None)
+    run = client.get_run(run_id)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "digits" and dataset_input.dataset.digest == "ab" * 8
+    assert str(processed.parent / "raw") in dataset_input.dataset.source  # a built-in source: the ingested copy
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+    assert run.data.tags["auto_settings"] == "preprocess.channels = 1 (all 2 images are grayscale)"
