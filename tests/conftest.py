@@ -77,6 +77,19 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "shapes")
 
 
+@pytest.fixture(autouse=True)
+def _tracking_variable_restored():
+    """``mlflow.set_tracking_uri`` (a test pointing MLflow at its project) exports
+    ``MLFLOW_TRACKING_URI``, which the stages read as the user's store: it must not move the
+    next test's runs (and registry) into this test's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def tiny_overrides(source: Path) -> list[str]:
     """Overrides that make the default pipeline run in seconds on a tiny folder."""
     return [

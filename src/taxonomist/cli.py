@@ -246,12 +246,12 @@ def _predict(cfg, images: list[str], model_uri: str | None) -> int:
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from taxonomist.tracking.runs import tracking_uri
+    from taxonomist.tracking.runs import tracking_uri, use_store
 
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
         raise DataError(f"image file(s) not found: {', '.join(missing)}")
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    use_store(tracking_uri(cfg))
     from taxonomist.export.registry import model_name
 
     uri = model_uri or f"models:/{model_name(cfg)}@champion"

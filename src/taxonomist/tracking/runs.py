@@ -101,6 +101,22 @@ def artifact_location(cfg: DictConfig) -> str:
     return (store_base_dir() / loc).resolve().as_uri()
 
 
+def use_store(uri: str) -> None:
+    """``mlflow.set_tracking_uri(uri)``, leaving ``MLFLOW_TRACKING_URI`` as the user set it.
+
+    MLflow exports the URI it is given as ``MLFLOW_TRACKING_URI``, which :func:`tracking_uri`
+    reads as the user's choice: a later store in this process (another project's) would then
+    be ignored for this one."""
+    import mlflow
+
+    users = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if users is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users
+
+
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id. A local
     SQLite store that does not exist yet is created first (:func:`create_sqlite_store`), so
@@ -113,14 +129,7 @@ def setup(cfg: DictConfig) -> str:
         db = Path(uri[len(prefix) :])
         if not db.exists() and db.parent.is_dir():
             create_sqlite_store(db, cfg)
-    users = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    # MLflow exports the URI it is given as MLFLOW_TRACKING_URI; keep that variable the user's,
-    # or a later setup() in this process (another project's store) would take this one.
-    if users is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = users
+    use_store(uri)
     name = str(cfg.tracking.experiment)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
