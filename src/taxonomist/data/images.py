@@ -73,7 +73,8 @@ def phashes(thumbnails: np.ndarray) -> list[str]:
     """Perceptual hashes (16 hex digits) of (N, 32, 32) thumbnails from :func:`phash_thumbnail`.
 
     The same hash as ``str(imagehash.phash(img))`` (a test pins that), computed for the whole
-    batch at once: imagehash takes ~2 ms per image, this ~10 us.
+    batch at once: measured on 2 shared AMD EPYC cores, imagehash took 2.2 ms per image, this
+    3.9 s for 70,000 thumbnails (55 us each).
     """
     if len(thumbnails) == 0:
         return []
