@@ -59,9 +59,10 @@ def run(
     """Train and write the best checkpoint; return the run id, the monitored metric, its best
     value, the epoch that reached it and that epoch's train/ and val/ metrics. ``spec`` names
     and places the MLflow run (sweeps)."""
-    if auto.is_auto(cfg.fit.batch_size):
-        log.info("auto: fit.batch_size = %s", auto.resolve(cfg, processed_dir).fit.batch_size)
+    batch_auto = auto.is_auto(cfg.fit.batch_size)
     cfg = auto.resolve(cfg, processed_dir)  # the numbers preprocess chose for every `auto`
+    if batch_auto:
+        log.info("auto: fit.batch_size = %s", cfg.fit.batch_size)
     configure_torch(cfg)
     datamodule = ImageDataModule(cfg, processed_dir)
     report = read_json(processed_dir / "report.json")
