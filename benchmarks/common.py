@@ -63,7 +63,18 @@ def machine() -> str:
         mem = f", {kib / 2**20:.0f} GiB RAM"
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}, torch {torch.__version__}"
+    from taxonomist.data.auto import choose_precision
+
+    caps = torch.cpu.get_capabilities()
+    flags = [f for f in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16") if caps.get(f)]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA device)"
+    precision, _ = choose_precision()
+    return (
+        f"{cpu} ({', '.join(flags) or 'no AVX2'}; bf16 instructions: "
+        f"{'yes' if {'avx512_bf16', 'amx_bf16'} & set(flags) else 'no'}), {os.cpu_count()} cores{mem}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}; device: {device}, "
+        f"precision auto = {precision}"
+    )
 
 
 def table(rows: list[Row]) -> str:

@@ -21,7 +21,7 @@ from taxonomist.data import auto
 from taxonomist.data.cache import read_split
 from taxonomist.data.transforms import normalise
 from taxonomist.export.onnx import INPUT_NAME
-from taxonomist.models.module import load_classifier
+from taxonomist.models.inference import load_classifier
 
 
 def _latencies(fn: Callable[[np.ndarray], object], inputs: list[np.ndarray], warmup: int) -> list[float]:

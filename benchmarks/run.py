@@ -5,13 +5,15 @@
 2. a no-op ``dvc repro`` and an evaluate-only param change;
 3. the packaged ONNX model against PyTorch eager (batch-1 latency, batch-256 throughput);
 4. the training loop against a minimal raw PyTorch loop, the data loader against what a step
-   consumes, and time per epoch at 10k / 30k / 60k images.
+   consumes, and time per epoch at 10k / 30k / 60k images;
+5. stage start-up: the import time of the evaluate and package stages;
+6. the spread of test accuracy over training seeds (``--seeds``; the first is the repro's).
 
 Prints a table (each figure, its target or anchor, the ratio) and writes it, with the date and
 the machine, to ``reports/benchmark.md`` and into README.md's ``benchmark`` block.
 
 Usage: ``make bench`` (sets up the environment first), or inside the environment
-``python benchmarks/run.py [--skip-repro] [--steps N]``.
+``python benchmarks/run.py [--skip-repro] [--steps N] [--seeds N]``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import datetime as dt
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -34,6 +37,12 @@ MARKERS = ("<!-- benchmark:start -->", "<!-- benchmark:end -->")
 GIB = 2**30
 # Fashion-MNIST's own benchmark table (README of the dataset): test accuracy.
 AUTOML, RESNET18 = 0.939, 0.949
+REPRODUCIBLE = (
+    "Reproducible: on the same machine, the same commit and `dvc repro` give bit-identical "
+    "weights and metrics (seeded, deterministic algorithms, fp32 on CPUs without bfloat16 "
+    "instructions). On another CPU, kernels differ in the last bits and training diverges from the "
+    "first epoch: expect the seed spread above, not the same digits."
+)
 
 
 def pipeline_rows(args: argparse.Namespace) -> list[Row]:
@@ -53,9 +62,10 @@ def pipeline_rows(args: argparse.Namespace) -> list[Row]:
             Row("test accuracy (official 10k test set)", acc, target=args.min_accuracy, digits=4),
             Row("  against Google AutoML Vision (24 compute h)", acc, anchor=AUTOML, label="93.9 %", digits=4),
             Row("  against ResNet18", acc, anchor=RESNET18, label="94.9 %", digits=4),
-            Row("  stretch goal", acc, target=0.95, digits=4),
             Row("test macro-F1", float(metrics["f1_macro"]), digits=4),
         ]
+        startup = sum(run.stages.get(name, 0.0) for name in ("evaluate", "package"))
+        rows.append(Row("stages evaluate + package", startup, "s", target=15.0, higher_is_better=False))
         if "train" in run.peak_rss:
             rows.append(
                 Row(
@@ -133,7 +143,7 @@ def training_rows(args: argparse.Namespace) -> list[Row]:
             label="raw loop",
             digits=0,
         ),
-        Row("  pipeline ÷ raw loop", fit / raw, "×", target=0.90, digits=2),
+        Row("  pipeline ÷ raw loop", fit / raw, "×", target=0.95, digits=2),
         Row(
             f"  with model.compile={compiled_cfg.model.compile} (compile time excluded)",
             compiled,
@@ -164,21 +174,59 @@ def training_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def import_seconds(module: str, runs: int = 3) -> float:
+    """Median wall time of a fresh ``python -c 'import <module>'`` (interpreter start included)."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=ROOT)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def startup_rows() -> list[Row]:
+    rows = [Row("start-up: `import torch` alone", import_seconds("torch"), "s", digits=2)]
+    for stage in ("train", "evaluate", "package"):
+        rows.append(
+            Row(f"start-up: import of the {stage} stage", import_seconds(f"taxonomist.stages.{stage}"), "s", digits=2)
+        )
+    return rows
+
+
+def seed_rows(args: argparse.Namespace) -> list[Row]:
+    """Test accuracy over ``args.seeds`` training seeds: the repro's, then 1, 2, ..."""
+    if args.seeds < 2 or args.skip_repro:
+        return []
+    first = float(json.loads((ROOT / "reports/metrics.json").read_text())["test"]["acc"])
+    accs = [first] + [training.seed_accuracy(ROOT, seed) for seed in range(1, args.seeds)]
+    mean, spread = statistics.mean(accs), max(accs) - min(accs)
+    listed = ", ".join(f"{a:.4f}" for a in accs)
+    return [
+        Row(f"test accuracy over {len(accs)} seeds: mean", mean, target=args.min_accuracy, digits=4, label=listed),
+        Row("  spread (max - min) over those seeds", spread, digits=4),
+        Row("  standard deviation", statistics.stdev(accs), digits=4),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-repro", action="store_true", help="use the current pipeline outputs (no --force run)")
     parser.add_argument("--steps", type=int, default=100, help="training steps timed per loop")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved raw/pipeline rounds (medians)")
     parser.add_argument("--max-minutes", type=float, default=15.0, help="target for the whole dvc repro")
-    parser.add_argument("--min-accuracy", type=float, default=0.94, help="target test accuracy")
+    parser.add_argument("--min-accuracy", type=float, default=0.95, help="target test accuracy")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds for the accuracy spread (1: none)")
     args = parser.parse_args()
     os.chdir(ROOT)
 
     started = time.perf_counter()
-    rows = pipeline_rows(args) + inference_rows() + training_rows(args)
+    rows = pipeline_rows(args) + seed_rows(args) + startup_rows() + inference_rows() + training_rows(args)
     minutes = (time.perf_counter() - started) / 60
     stamp = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    body = f"Generated by `make bench` on {stamp} in {minutes:.0f} min.\nMachine: {machine()}.\n\n{table(rows)}\n"
+    body = (
+        f"Generated by `make bench` on {stamp} in {minutes:.0f} min.\nMachine: {machine()}.\n\n{table(rows)}\n\n"
+        f"{REPRODUCIBLE}\n"
+    )
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(f"# Benchmark: default pipeline\n\n{body}")
     show_in_readme(body.strip(), MARKERS)

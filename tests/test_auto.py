@@ -92,6 +92,7 @@ def test_channels_are_gray_only_when_every_image_is():
         ([28] * 5, 56, "raised to resnet10_narrow's minimum 56 px"),  # Fashion-MNIST
         ([100, 120, 130], 120, "median short side 120 px"),
         ([4000, 3000, 3500], 160, "lowered to resnet10_narrow's maximum 160 px"),
+        ([130, 133, 140], 136, "median short side 133 px"),  # multiples of 8 above 64 px
     ],
 )
 def test_image_size_is_the_median_within_the_models_range(sides, expected, words):
@@ -99,6 +100,13 @@ def test_image_size_is_the_median_within_the_models_range(sides, expected, words
     size, why = auto.choose_image_size(pd.Series(sides), model)
     assert size == expected
     assert words in why
+
+
+@pytest.mark.parametrize(("sides", "expected"), [([28] * 5, 28), ([8] * 3, 28), ([25, 25], 28), ([43, 45], 44)])
+def test_small_images_keep_their_own_size_on_the_native_model(sides, expected):
+    """Multiples of 4 up to 64 px: 28 px Fashion-MNIST is not upsampled to 32 px."""
+    model = {"name": "resnet10_native", "min_image_size": 28, "max_image_size": 64}
+    assert auto.choose_image_size(pd.Series(sides), model)[0] == expected
 
 
 @pytest.mark.parametrize(
@@ -122,16 +130,21 @@ def test_model_auto_transfers_only_for_small_data_and_trains_the_rest_from_scrat
     assert "136 training images < 500" in why
     chosen, why = auto.choose_model(cfg.model, train_images=1_222)
     assert chosen["name"] == "resnet10_narrow" and chosen["checkpoint"] is None and "from scratch" in why
+    chosen, why = auto.choose_model(cfg.model, train_images=1_222, short_side=64)
+    assert chosen["name"] == "resnet10_narrow"
+    chosen, why = auto.choose_model(cfg.model, train_images=1_222, short_side=28)
+    assert chosen["name"] == "resnet10_native" and "own resolution (median short side 28 px <= 48 px)" in why
+    assert auto.choose_model(cfg.model, train_images=136, short_side=28)[0]["name"] == "tf_efficientnet_lite0"
     explicit = compose(["model=resnet18"], conf_dir=CONF)
     assert auto.choose_model(explicit.model, 10) == (dict(explicit.model), None)
 
 
-def test_fashion_mnist_resolves_to_the_settings_it_was_tuned_with():
-    """The default config on 28x28 grayscale data: 56 px, 1 channel, squash, the scratch model."""
+def test_fashion_mnist_resolves_to_its_own_resolution():
+    """The default config on 28x28 grayscale data: 28 px, 1 channel, squash, the native-resolution model."""
     cfg = compose([], conf_dir=CONF)
     choice = auto.choose(cfg, facts([(28, 28, True)] * 54_000))
-    assert choice.preprocess == {"image_size": 56, "resize_mode": "squash", "channels": 1}
-    assert choice.model["name"] == "resnet10_narrow"
+    assert choice.preprocess == {"image_size": 28, "resize_mode": "squash", "channels": 1}
+    assert choice.model["name"] == "resnet10_native"
     assert set(choice.reasons) == {"model", "preprocess.channels", "preprocess.image_size", "preprocess.resize_mode"}
 
 
@@ -197,3 +210,41 @@ def test_resolve_keeps_hand_set_normalisation_and_refuses_stale_data(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     with pytest.raises(StageOrderError, match="records no settings"):
         auto.resolve(cfg, tmp_path)
+
+
+def test_padding_auto_follows_the_image_size():
+    entries = [{"_target_": "Pad", "padding": "auto"}, {"_target_": "Crop", "height": "auto", "width": 7, "padding": 3}]
+    assert auto.fill_size(entries, 28) == [
+        {"_target_": "Pad", "padding": 2},
+        {"_target_": "Crop", "height": 28, "width": 7, "padding": 3},
+    ]
+    assert auto.fill_size(entries, 224)[0]["padding"] == 16
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected", "words"),
+    [
+        ({"cpu_name": "AMD EPYC", "avx2": True}, "32-true", "AMD EPYC has no bfloat16 instructions"),
+        ({"cpu_name": "Intel Xeon", "amx_bf16": True, "avx512_bf16": True}, "bf16-mixed", "amx_bf16 and avx512_bf16"),
+        ({"cpu_name": "AMD EPYC", "avx512_bf16": True}, "bf16-mixed", "has avx512_bf16"),
+    ],
+)
+def test_precision_auto_uses_bf16_only_where_the_cpu_computes_it(monkeypatch, caps, expected, words):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    precision, why = auto.choose_precision("auto")
+    assert precision == expected and words in why
+    assert auto.choose_precision("mps") == ("32-true", "accelerator mps")
+
+
+def test_precision_auto_on_a_cuda_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert auto.choose_precision("auto")[0] == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert auto.choose_precision("gpu")[0] == "bf16-mixed"
+    assert auto.choose_precision("cpu")[0] in ("32-true", "bf16-mixed")  # the CPU asked for: its own rule

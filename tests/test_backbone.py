@@ -40,6 +40,28 @@ def test_resnet10_narrow_is_registered_in_timm():
     assert sum(p.numel() for p in built.parameters()) == n_params
 
 
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_resnet10_native_reaches_a_14px_grid_from_28px_without_upsampling(in_chans):
+    model = timm.create_model("resnet10_native", num_classes=10, in_chans=in_chans).eval()
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (2, 2) and model.conv1.in_channels == in_chans
+    assert isinstance(model.maxpool, torch.nn.Identity) and model.layer1[0].downsample is None
+    with torch.no_grad():
+        stem = model.act1(model.bn1(model.conv1(torch.randn(2, in_chans, 28, 28))))
+        assert stem.shape == (2, 32, 14, 14)  # the grid resnet10_narrow makes of 56 px
+        assert model(torch.randn(2, in_chans, 28, 28)).shape == (2, 10)
+    assert [f["reduction"] for f in model.feature_info] == [2, 2, 4, 8, 16]
+    features = timm.create_model("resnet10_native", in_chans=in_chans, features_only=True)
+    assert [tuple(f.shape[1:]) for f in features(torch.randn(1, in_chans, 28, 28))] == [
+        (32, 14, 14),
+        (32, 14, 14),
+        (64, 7, 7),
+        (128, 4, 4),
+        (256, 2, 2),
+    ]
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1.1e6 < n_params < 1.3e6, n_params
+
+
 def model_cfg(name: str = "resnet18", checkpoint: str | None = None, **extra) -> object:
     return OmegaConf.create(
         {"name": name, "pretrained": False, "checkpoint": checkpoint, "drop_rate": 0.0, "kwargs": {}, **extra}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +16,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from taxonomist.config import compose
-from taxonomist.models.module import ClassifierModule, load_classifier
+from taxonomist.errors import ModelError
+from taxonomist.models.inference import load_classifier
+from taxonomist.models.module import ClassifierModule
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -140,7 +144,7 @@ def test_load_classifier_round_trip(tmp_path):
     assert not loaded.training
     assert loaded.classes == CLASSES
     assert loaded.cfg.model.checkpoint is None
-    trained = module.eval().state_dict()
+    trained = {k: v for k, v in module.eval().state_dict().items() if k.startswith("model.")}  # not the losses
     restored = loaded.state_dict()
     assert trained.keys() == restored.keys()
     assert all(torch.equal(trained[k], restored[k]) for k in trained)
@@ -221,3 +225,29 @@ def test_a_pretrained_body_warms_up_frozen_then_trains_at_a_lower_lr(tmp_path):
     assert peaks[0.1] == pytest.approx(0.1 * peaks[1.0])
     conv = next(n for n in module.body_names if n.endswith("conv1.weight"))
     assert not torch.equal(before[conv], dict(module.model.named_parameters())[conv])  # trained in epoch 2
+
+
+class _Payload:  # a pickled object: loading it would run code of the file's choosing
+    pass
+
+
+def test_load_classifier_refuses_files_that_are_not_checkpoints(tmp_path):
+    pickled = tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": _Payload(), "state_dict": {}}, pickled)
+    with pytest.raises(ModelError, match=r"evil.ckpt is not a Taxonomist training checkpoint \(UnpicklingError"):
+        load_classifier(pickled)
+    other = tmp_path / "weights.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, other)
+    with pytest.raises(ModelError, match="KeyError"):
+        load_classifier(other)
+
+
+def test_inference_stages_start_without_lightning_or_albumentations():
+    """evaluate and package only run the network forward: their imports leave out the
+    training libraries (Lightning and albumentations took ~4 s of each stage's start-up)."""
+    code = (
+        "import sys, taxonomist.stages.evaluate, taxonomist.stages.package, taxonomist.models.inference; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'albumentations'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

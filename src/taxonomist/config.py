@@ -66,11 +66,13 @@ class TaskConfig:
 
 @dataclass
 class AutoModelConfig:
-    """``model=auto``: the two candidates (full model blocks) and the rule between them."""
+    """``model=auto``: the candidates (full model blocks) and the rules between them."""
 
     transfer: dict[str, Any] = MISSING
     scratch: dict[str, Any] = MISSING
+    small: dict[str, Any] | None = None
     transfer_below_images: int = MISSING
+    small_below_px: int | None = None
 
 
 @dataclass
@@ -334,7 +336,9 @@ def _check_model(model: DictConfig, origin: str) -> None:
     if model.name == AUTO:
         if model.auto is None:
             raise ConfigError(f"{origin}: model.name=auto needs model.auto (use model=auto, conf/model/auto.yaml)")
-        for which in ("transfer", "scratch"):
+        for which in ("transfer", "scratch", "small"):
+            if model.auto.get(which) is None and which == "small":
+                continue
             candidate = dict(model.auto[which])
             if candidate.get("name") in (None, AUTO):
                 raise ConfigError(f"{origin}: model.auto.{which} needs a model name")

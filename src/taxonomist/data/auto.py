@@ -5,13 +5,16 @@ then :func:`choose` resolves each ``auto`` value from the *training* split and s
 
 * ``model`` (``model.name=auto``): transfer learning (``model.auto.transfer``, pretrained
   weights) for fewer than ``model.auto.transfer_below_images`` training images, otherwise
-  ``model.auto.scratch`` from random weights (:func:`choose_model` says why).
+  ``model.auto.small`` (small images) or ``model.auto.scratch`` from random weights
+  (:func:`choose_model` says why).
 * ``channels``: 1 only when every image is gray (a gray mode, or equal channels), else 3.
-* ``image_size``: the median short side, rounded to a multiple of 8 and kept within the
+* ``image_size``: the median short side, rounded to a multiple of 8 (of 4 up to 64 px) and kept within the
   model's ``[min_image_size, max_image_size]``.
 * ``resize_mode``: ``squash`` when 90% of the images are within 10% of square, ``center_crop``
   when they are within 2:1, else ``pad`` (cropping elongated images would cut off too much).
 * ``mean`` / ``std``: measured per channel on the training split at the chosen settings.
+* ``trainer.precision`` (resolved by :func:`resolve`, from the machine, not the data):
+  :func:`choose_precision`.
 * ``fit.batch_size`` (resolved by :func:`resolve`, from the training split's size): 256, or a
   sixteenth of the training images for smaller sets (a power of two, at least 16), so a small
   set still gets enough optimizer steps per epoch.
@@ -38,10 +41,12 @@ from taxonomist.files import read_json
 REPORT_FILE = "report.json"
 SQUARE_RATIO = 1.1  # squash when 90% of the images are within this aspect ratio of square...
 CROP_RATIO = 2.0  # ... center_crop when within this one, else pad
-SIZE_STEP = 8
+SIZE_STEP = 8  # image sizes are multiples of 8 ...
+SMALL_SIZE_STEP, SMALL_SIZE = 4, 64  # ... or of 4 up to 64 px (28 px Fashion-MNIST stays 28 px)
 MAX_BATCH, MIN_BATCH, STEPS_PER_EPOCH = 256, 16, 16  # fit.batch_size: auto
 # Keys of an augmentation entry that follow the image size (conf/augment: height: ${preprocess.image_size}).
 SIZE_KEYS = ("height", "width", "size")
+PAD_KEY, PAD_PER_PX = "padding", 14  # padding: auto = 1 px per 14 px of image (2 at 28 px, 4 at 56 px)
 
 
 @dataclass
@@ -62,14 +67,19 @@ def is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == AUTO
 
 
-def choose_model(model_cfg: DictConfig, train_images: int) -> tuple[dict[str, Any], str | None]:
-    """The model block to train (``model.auto``'s transfer or scratch candidate, or the
-    configured model as it is) and the reason when it was chosen.
+def choose_model(
+    model_cfg: DictConfig, train_images: int, short_side: float | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """The model block to train (one of ``model.auto``'s candidates, or the configured model
+    as it is) and the reason when it was chosen.
 
-    Transfer learning below ``model.auto.transfer_below_images`` training images, else the
-    small network from scratch: measured with ``benchmarks/transfer.py`` (README), ImageNet
-    weights won on 136 face crops and lost on 1,222 digits and 1,095 colour emoji, where
-    ``resnet10_narrow`` from scratch was best by far.
+    Transfer learning below ``model.auto.transfer_below_images`` training images, else a small
+    network from scratch: measured with ``benchmarks/transfer.py`` (README), ImageNet weights
+    won on 136 face crops and lost on 1,222 digits and 1,095 colour emoji, where
+    ``resnet10_narrow`` from scratch was best by far. From scratch, images whose median short
+    side (``short_side``) is at most ``model.auto.small_below_px`` get ``model.auto.small``,
+    a network for their own resolution (``resnet10_native``: 28 px Fashion-MNIST is not
+    upsampled to 56 px), the others ``model.auto.scratch``.
     """
     block = OmegaConf.to_container(model_cfg, resolve=True)
     assert isinstance(block, dict)
@@ -77,9 +87,16 @@ def choose_model(model_cfg: DictConfig, train_images: int) -> tuple[dict[str, An
         return block, None
     auto = block["auto"]
     limit = int(auto["transfer_below_images"])
+    small = auto.get("small_below_px")
     if train_images < limit:
         chosen = auto["transfer"]
         reason = f"transfer learning from pretrained weights ({train_images:,} training images < {limit:,})"
+    elif small is not None and short_side is not None and short_side <= float(small):
+        chosen = auto["small"]
+        reason = (
+            f"from scratch ({train_images:,} training images >= {limit:,}), at the images' own resolution "
+            f"(median short side {short_side:g} px <= {small} px)"
+        )
     else:
         chosen = auto["scratch"]
         reason = f"from scratch ({train_images:,} training images >= {limit:,})"
@@ -95,10 +112,11 @@ def choose_channels(gray: pd.Series) -> tuple[int, str]:
 
 
 def choose_image_size(short_sides: pd.Series, model: dict[str, Any]) -> tuple[int, str]:
-    """The median short side, rounded to a multiple of 8, within the model's size range."""
+    """The median short side, rounded to a multiple of 8 (of 4 up to 64 px), within the model's size range."""
     median = float(np.median(short_sides))
     low, high = int(model["min_image_size"]), int(model["max_image_size"])
-    rounded = max(SIZE_STEP, SIZE_STEP * round(median / SIZE_STEP))
+    step = SMALL_SIZE_STEP if median <= SMALL_SIZE else SIZE_STEP
+    rounded = max(step, step * round(median / step))
     size = min(max(rounded, low), high)
     why = f"median short side {median:g} px"
     if size != rounded:
@@ -128,12 +146,12 @@ def choose(cfg: DictConfig, train_facts: pd.DataFrame) -> Choice:
         channels, choice.reasons["preprocess.channels"] = choose_channels(train_facts["gray"])
     else:
         channels = int(pre.channels)
-    model, why = choose_model(cfg.model, len(train_facts))
+    short = np.minimum(train_facts["width"], train_facts["height"])
+    model, why = choose_model(cfg.model, len(train_facts), float(np.median(short)) if len(short) else None)
     if why:
         choice.reasons["model"] = why
     choice.model = model
     if is_auto(pre.image_size):
-        short = np.minimum(train_facts["width"], train_facts["height"])
         size, choice.reasons["preprocess.image_size"] = choose_image_size(short, model)
     else:
         size = int(pre.image_size)
@@ -152,6 +170,32 @@ def choose_batch_size(train_images: int) -> tuple[int, str]:
     if size == MAX_BATCH:
         return size, f"{train_images:,} training images"
     return size, f"{train_images:,} training images: {STEPS_PER_EPOCH}+ steps an epoch"
+
+
+def choose_precision(accelerator: str = "auto") -> tuple[str, str]:
+    """``trainer.precision: auto``: mixed precision where the hardware computes it natively,
+    else full precision; with the reason.
+
+    CUDA: ``bf16-mixed`` where the GPU supports bfloat16, else ``16-mixed``. CPU: ``bf16-mixed``
+    on CPUs with bfloat16 instructions (AMX or AVX-512 BF16), else ``32-true``: without them
+    bfloat16 is emulated, and bf16 autocast trained 8x slower than fp32 on an AVX2-only AMD
+    EPYC (``benchmarks/training.py``, README). Other accelerators (MPS, ...) get ``32-true``.
+    """
+    import torch
+
+    wants_gpu = accelerator in ("auto", "gpu", "cuda")
+    if wants_gpu and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "a CUDA GPU with bfloat16"
+        return "16-mixed", "a CUDA GPU without bfloat16"
+    if accelerator not in ("auto", "cpu"):
+        return "32-true", f"accelerator {accelerator}"
+    caps = torch.cpu.get_capabilities()
+    native = [flag for flag in ("amx_bf16", "avx512_bf16") if caps.get(flag)]
+    name = caps.get("cpu_name") or "this CPU"
+    if native:
+        return "bf16-mixed", f"{name} has {' and '.join(native)}"
+    return "32-true", f"{name} has no bfloat16 instructions (no AMX, no AVX-512 BF16): fp32 is faster"
 
 
 def measure_normalisation(train_images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -221,18 +265,31 @@ def resolve(cfg: DictConfig, processed_dir: str | Path) -> DictConfig:
         out.model = settings["model"]
     if is_auto(out.fit.batch_size):
         out.fit.batch_size = choose_batch_size(train_images)[0]
+    if is_auto(out.trainer.get("precision")):
+        out.trainer.precision = choose_precision(str(out.trainer.accelerator))[0]
     size = int(pre.image_size)
     out.augment.train = fill_size(OmegaConf.to_container(out.augment.train) or [], size)
     return out
 
 
 def fill_size(entry: Any, size: int) -> Any:
-    """``entry`` (augmentation entries) with every ``height``/``width``/``size: auto`` set to ``size``."""
+    """``entry`` (augmentation entries) with every ``height``/``width``/``size: auto`` set to
+    ``size`` and every ``padding: auto`` to ``size / 14`` (a shift of up to 7% of the image)."""
     if isinstance(entry, dict):
-        return {k: size if k in SIZE_KEYS and is_auto(v) else fill_size(v, size) for k, v in entry.items()}
+        return {k: _filled(k, v, size) for k, v in entry.items()}
     if isinstance(entry, list):
         return [fill_size(v, size) for v in entry]
     return entry
+
+
+def _filled(key: str, value: Any, size: int) -> Any:
+    if not is_auto(value):
+        return fill_size(value, size)
+    if key in SIZE_KEYS:
+        return size
+    if key == PAD_KEY:
+        return max(1, round(size / PAD_PER_PX))
+    return value
 
 
 def describe(settings: dict[str, Any]) -> list[str]:

@@ -7,79 +7,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from taxonomist.data.cache import SplitArrays, read_labels, read_split
-from taxonomist.data.transforms import build_augment, standardisation
-
-
-class Batch(list):
-    """A fetched batch: a list of ``(image, target)`` samples, as any ``collate_fn`` expects,
-    that also keeps the stacked ``x`` (N, C, H, W; channels-last memory) and ``y`` it came from."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        super().__init__(zip(x, y, strict=True))
-        self.x, self.y = x, y
-
-
-def collate_batch(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """``collate_fn`` that takes a :class:`Batch` as it is (no second stacking of its images)."""
-    if isinstance(samples, Batch):
-        return samples.x, samples.y
-    return default_collate(samples)
-
-
-class CachedImageDataset(Dataset):
-    """Items of one cached split: (float CHW tensor, target), augmented when ``augment`` is set.
-
-    Targets are class/node indices (long), or float multi-hot rows for multi-label data.
-    A :class:`~torch.utils.data.DataLoader` fetches whole batches through
-    :meth:`__getitems__`: the images are augmented one by one (albumentations), then
-    standardised together (one multiply-add) as a channels-last batch; with
-    :func:`collate_batch` as the loader's ``collate_fn`` that batch is used as it is.
-    """
-
-    def __init__(self, arrays: SplitArrays, mean: list[float], std: list[float], augment=None):
-        self.images = arrays.images
-        labels = np.asarray(arrays.labels)
-        self.labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
-        self.augment = augment
-        scale, shift = standardisation(mean, std)
-        self.scale, self.shift = torch.from_numpy(scale), torch.from_numpy(shift)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def pixels(self, idx: int) -> np.ndarray:
-        """One image as uint8 (H, W, C), augmented when the dataset augments."""
-        image = np.array(self.images[idx])  # a writable copy (the array may be a read-only mmap)
-        if self.augment is not None:
-            image = self.augment(image=image)["image"]
-            if image.ndim == 2:
-                image = image[:, :, None]
-        return image
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        if self.augment is None:
-            pixels = np.asarray(self.images[np.asarray(indices)])
-        else:
-            pixels = np.stack([self.pixels(i) for i in indices])
-        x = torch.from_numpy(pixels).to(torch.float32).mul_(self.scale).add_(self.shift)
-        return Batch(x.permute(0, 3, 1, 2), self.labels[indices])
-
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.__getitems__([idx])[0]
-
-
-def seed_worker_augment(worker_id: int) -> None:
-    """Give each loader worker's copy of the augmentation its own seed, derived from the
-    worker's torch seed (itself derived from the seeded main process): reproducible, and not
-    the same augmentations in every worker."""
-    info = torch.utils.data.get_worker_info()
-    augment = getattr(info.dataset, "augment", None) if info is not None else None
-    if augment is not None:
-        augment.set_random_seed(info.seed % 2**32)
+from taxonomist.data.auto import fill_size
+from taxonomist.data.cache import read_labels, read_split
+from taxonomist.data.dataset import CachedImageDataset, collate_batch, seed_worker_augment
+from taxonomist.data.transforms import build_augment
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -116,9 +50,14 @@ class ImageDataModule(L.LightningDataModule):
         for split in splits:
             if split in self.datasets:
                 continue
-            augment = build_augment(self.cfg.augment.train, seed=int(self.cfg.seed)) if split == "train" else None
             # Training reads random rows: load it into memory; the others stream from the mmap.
             arrays = read_split(self.processed_dir, split, mmap=split != "train")
+            augment = None
+            if split == "train":  # sizes and paddings left at `auto` follow the cached images' size
+                entries = fill_size(
+                    OmegaConf.to_container(self.cfg.augment.train, resolve=True), arrays.images.shape[1]
+                )
+                augment = build_augment(entries, seed=int(self.cfg.seed))
             self.datasets[split] = CachedImageDataset(arrays, mean, std, augment)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over the network
 
-import albumentations as A
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 # Config-controlled ``_target_`` values an ``augment.train`` entry may name.
 AUGMENT_TARGETS = ("albumentations.*",)
@@ -32,6 +34,8 @@ def build_augment(entries: ListConfig | Sequence[Any] | None, seed: int | None =
             transforms.append(instantiate(entry, _execution_whitelist_=list(AUGMENT_TARGETS)))
         except Exception as err:
             raise ValueError(f"augment.train[{i}] ({entry.get('_target_')}): {err}") from err
+    import albumentations as A  # imported by the stages that augment only (it takes seconds)
+
     return A.Compose(transforms, seed=seed)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,31 @@ class _Exportable(torch.nn.Module):
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int = 18) -> Path:
-    """Write ``model`` as ONNX with a dynamic batch axis; torch.export first, TorchScript fallback."""
+    """Write ``model`` as ONNX with a dynamic batch axis; :func:`verify_onnx` checks it after.
+
+    The TorchScript-based exporter goes first while PyTorch still has it: on the default model
+    it took 0.35 s against ~11 s for the torch.export-based one (2 CPU cores), most of the
+    package stage. Where it is gone or fails, the torch.export-based exporter takes over.
+    """
     wrapped = _Exportable(model).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export"
+            warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+    except Exception as err:
+        log.info("TorchScript-based ONNX export unavailable (%s); using the torch.export-based exporter", err)
         program = torch.onnx.export(
             wrapped,
             (example,),
@@ -41,18 +62,6 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
             verbose=False,
         )
         program.save(str(tmp))
-    except Exception as err:
-        log.warning("torch.export-based ONNX export failed (%s); using the TorchScript exporter", err)
-        torch.onnx.export(
-            wrapped,
-            (example,),
-            str(tmp),
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
     tmp.replace(path)
     # Keep a single self-contained file (the exporter may write weights beside it).
     stray = tmp.with_suffix(".onnx.data")

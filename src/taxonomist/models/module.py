@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,9 +12,7 @@ from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.optim import param_groups_weight_decay
 
-from taxonomist.errors import missing_input
 from taxonomist.models.backbone import create_backbone
-from taxonomist.models.tta import with_tta
 from taxonomist.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -32,7 +29,8 @@ class ClassifierModule(L.LightningModule):
     :func:`load_classifier` rebuilds the same model. The task supplies the loss, the metrics and
     the probabilities. ``class_weights`` are the loss weights of ``task.class_weights: balanced``
     (see :meth:`Task.class_weights`). ``initial_weights=False`` skips the config's weight sources
-    (timm pretrained, ``model.checkpoint``): :func:`load_classifier` loads trained weights.
+    (timm pretrained, ``model.checkpoint``). Inference rebuilds the network without Lightning:
+    :func:`taxonomist.models.inference.load_classifier`.
     """
 
     def __init__(
@@ -202,19 +200,3 @@ def build_mixup(cfg: Any, num_classes: int) -> Mixup | None:
         label_smoothing=float(cfg.fit.label_smoothing),
         num_classes=num_classes,
     )
-
-
-def load_classifier(path: str | Path, map_location: str = "cpu", tta: str = "none") -> ClassifierModule:
-    """Rebuild a trained :class:`ClassifierModule` from a checkpoint for inference.
-
-    Weight sources of the original config (timm pretrained, ``model.checkpoint``) are not
-    touched again: the checkpoint holds the trained weights. ``tta`` wraps the backbone for
-    test-time augmentation (see :mod:`taxonomist.models.tta`).
-    """
-    if not Path(path).is_file():
-        raise missing_input(path, "train")
-    module = ClassifierModule.load_from_checkpoint(
-        path, map_location=map_location, weights_only=False, initial_weights=False
-    )
-    module.model = with_tta(module.model, tta)
-    return module.eval()

@@ -14,45 +14,51 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 import mlflow
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from taxonomist.data import auto
 from taxonomist.data.cache import read_labels, read_split
-from taxonomist.data.datamodule import CachedImageDataset, collate_batch
+from taxonomist.data.dataset import CachedImageDataset, collate_batch
 from taxonomist.errors import DataError, StageOrderError
 from taxonomist.evaluation.report import write_reports
 from taxonomist.files import atomic_write_json
-from taxonomist.models.module import load_classifier
+from taxonomist.models.inference import Classifier, load_classifier
 from taxonomist.stages.paths import DECISION_FILE, HISTORY_FILE, METRICS_FILE, MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The first CUDA device when there is one (the model is moved there), else the CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    return device
+
+
+@torch.inference_mode()
 def predict_split(
-    module: L.LightningModule, processed_dir: Path, split: str, batch_size: int, mean, std
+    model: Classifier, processed_dir: Path, split: str, batch_size: int, mean, std
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and targets of one cached split, through ``Trainer.predict``."""
+    """Logits (float32) and targets of one cached split, in batches with a progress bar."""
     arrays = read_split(processed_dir, split)
     if len(arrays) == 0:
-        return np.zeros((0, module.task.num_outputs), np.float32), np.asarray(arrays.labels)
+        return np.zeros((0, model.task.num_outputs), np.float32), np.asarray(arrays.labels)
     dataset = CachedImageDataset(arrays, list(mean), list(std))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
-    trainer = L.Trainer(
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=True,
+    device = device_of(model)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch, pin_memory=device.type == "cuda"
     )
-    logits = torch.cat(trainer.predict(module, dataloaders=loader))  # type: ignore[arg-type]
-    return logits.float().numpy(), np.asarray(arrays.labels)
+    logits = [
+        model(x.to(device, non_blocking=True)).float().cpu()
+        for x, _ in tqdm(loader, desc=f"predict {split}", unit="batch", mininterval=1, leave=False)
+    ]
+    return torch.cat(logits).numpy(), np.asarray(arrays.labels)
 
 
 def run(
@@ -64,7 +70,7 @@ def run(
 ) -> dict[str, float]:
     """Tune the decision on val, evaluate ``models/best.ckpt`` on test; return the metrics."""
     cfg = auto.resolve(cfg, processed_dir)
-    L.seed_everything(int(cfg.seed), verbose=False)
+    torch.manual_seed(int(cfg.seed))
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
     trained_on = module.task
     task = read_labels(processed_dir)

@@ -37,7 +37,7 @@ from taxonomist.export.model_card import render_model_card
 from taxonomist.export.onnx import export_onnx, verify_onnx
 from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel
 from taxonomist.files import atomic_write_json, atomic_write_text, read_json
-from taxonomist.models.module import load_classifier
+from taxonomist.models.inference import load_classifier
 from taxonomist.stages.paths import (
     DECISION_FILE,
     DIST_DIR,

@@ -55,14 +55,18 @@ def run(
     models_dir: Path = MODELS_DIR,
     spec: runs.RunSpec | None = None,
     health_dir: Path | None = None,
+    history_file: Path = HISTORY_FILE,
 ) -> dict:
     """Train and write the best checkpoint; return the run id, the monitored metric, its best
     value, the epoch that reached it and that epoch's train/ and val/ metrics. ``spec`` names
     and places the MLflow run (sweeps)."""
     batch_auto = auto.is_auto(cfg.fit.batch_size)
+    precision_auto = auto.is_auto(cfg.trainer.precision)
     cfg = auto.resolve(cfg, processed_dir)  # the numbers preprocess chose for every `auto`
     if batch_auto:
         log.info("auto: fit.batch_size = %s", cfg.fit.batch_size)
+    if precision_auto:
+        log.info("auto: trainer.precision = %s (%s)", *auto.choose_precision(str(cfg.trainer.accelerator)))
     configure_torch(cfg)
     datamodule = ImageDataModule(cfg, processed_dir)
     report = read_json(processed_dir / "report.json")
@@ -86,7 +90,7 @@ def run(
     if not isinstance(checkpoint, ModelCheckpoint):
         raise ConfigError("callbacks.checkpoint must be a ModelCheckpoint: the train stage keeps its best epoch")
     # Epoch-level train/ and val/ metrics (and train/lr) go to MLflow with the epoch as the step.
-    history = EpochHistory(HISTORY_FILE, on_row=runs.epoch_logger(run_id))
+    history = EpochHistory(history_file, on_row=runs.epoch_logger(run_id))
     trainer = build_trainer(cfg, [*configured.values(), history], default_root_dir=models_dir)
     trainer.fit(module, datamodule=datamodule)
     if not checkpoint.best_model_path:
