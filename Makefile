@@ -8,4 +8,4 @@ test:  ## set up and run the test suite
 	bash scripts/run_tests.sh
 
 bench:  ## set up and run every benchmark; writes reports/benchmark.md and README's table
-	bash scripts/bench.sh
+	bash scripts/bench.sh $(ARGS)
