@@ -176,8 +176,8 @@ def scaling(cfg: DictConfig, processed: Path, sizes: tuple[int, ...]) -> dict[in
 def seed_accuracy(root: Path, seed: int) -> float:
     """Test accuracy of the default config trained (the train stage, in a temporary folder,
     logged to a temporary MLflow store) with ``seed`` on the current ``data/processed``."""
-    from taxonomist.data.dataset import CachedImageDataset, collate_batch
     from taxonomist.models.inference import load_classifier
+    from taxonomist.stages.evaluate import predict_split
 
     params = load_params(root / "params.yaml")
     params.seed = seed
@@ -188,9 +188,6 @@ def seed_accuracy(root: Path, seed: int) -> float:
         train.run(params, processed, models_dir=Path(tmp) / "models", history_file=Path(tmp) / "history.csv")
         cfg = auto.resolve(params, processed)
         model = load_classifier(Path(tmp) / "models/best.ckpt", tta=str(cfg.augment.tta))
-    test = read_split(processed, "test")
-    dataset = CachedImageDataset(test, list(cfg.preprocess.mean), list(cfg.preprocess.std))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=512, collate_fn=collate_batch)
-    with torch.inference_mode():
-        predicted = torch.cat([model(x).argmax(1) for x, _ in loader])
-    return float((predicted.numpy() == np.asarray(test.labels)).mean())
+    pre = cfg.preprocess
+    logits, target = predict_split(model, processed, "test", 512, pre.mean, pre.std)
+    return float((logits.argmax(1) == target).mean())

@@ -1,8 +1,8 @@
 """A trained classifier for inference, rebuilt from a training checkpoint without Lightning.
 
-Evaluate, package, the benchmarks and ``predict`` only run the network forward: they load
-``models/best.ckpt`` here, with torch and timm alone, and start in a fraction of the time
-the Lightning + torchmetrics import chain costs (README, "Stage start-up").
+Evaluate, package and the benchmarks only run the network forward: they load
+``models/best.ckpt`` here, with torch and timm alone, without the Lightning import chain
+(README, benchmark: "Start-up").
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ MODEL_PREFIX = "model."  # the network's keys in the training module's state_dic
 
 
 class Classifier(torch.nn.Module):
-    """The trained network (``model``: the task's wrapping of the timm backbone, with
-    test-time augmentation) with the pipeline config (``cfg``) and the task (``task``) it was
-    trained with. ``forward`` returns logits."""
+    """The trained network (``model``: the task's wrapping of the timm backbone;
+    :func:`load_classifier` adds test-time augmentation) with the pipeline config (``cfg``)
+    and the task (``task``) it was trained with. ``forward`` returns logits."""
 
-    def __init__(self, cfg: dict[str, Any], space: dict[str, Any], in_chans: int, tta: str = "none"):
+    def __init__(self, cfg: dict[str, Any], space: dict[str, Any], in_chans: int):
         super().__init__()
         self.cfg = OmegaConf.create(cfg)
         self.cfg.model.pretrained = False  # the checkpoint holds the trained weights:
@@ -34,7 +34,6 @@ class Classifier(torch.nn.Module):
         self.task = load_task(space)
         backbone = create_backbone(self.cfg.model, num_classes=self.task.num_backbone_outputs, in_chans=in_chans)
         self.model = self.task.wrap_model(backbone)
-        self.tta = tta
         self.channels_last = bool(self.cfg.model.channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -65,7 +64,7 @@ def load_classifier(path: str | Path, map_location: str = "cpu", tta: str = "non
         state = checkpoint["state_dict"]
     except Exception as err:
         raise ModelError(f"{path} is not a Taxonomist training checkpoint ({type(err).__name__}: {err})") from None
-    classifier = Classifier(hparams["cfg"], hparams["space"], int(hparams["in_chans"]), tta)
+    classifier = Classifier(hparams["cfg"], hparams["space"], int(hparams["in_chans"]))
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     classifier.model.load_state_dict(weights)
     classifier.model = with_tta(classifier.model, tta)
