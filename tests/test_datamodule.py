@@ -10,7 +10,7 @@ import torch
 
 from taxonomist.data.cache import SplitArrays, read_split
 from taxonomist.data.datamodule import ImageDataModule
-from taxonomist.data.dataset import CachedImageDataset, seed_worker_augment
+from taxonomist.data.dataset import BlockRows, BlockShuffleSampler, CachedImageDataset, seed_worker_augment
 from taxonomist.data.transforms import build_augment
 from taxonomist.models.callbacks import ema_update
 from taxonomist.models.inference import load_classifier
@@ -152,3 +152,20 @@ def test_loaders_use_the_fetched_batch_as_it_is(staged):
     plain_x, plain_y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(y))))
     torch.testing.assert_close(plain_x, x)
     assert torch.equal(plain_y, y)
+
+
+def test_blocks_loading_reads_every_training_image_once_an_epoch(staged):
+    cfg = staged["cfg"].copy()
+    cfg.fit.loading = "blocks"
+    module = ImageDataModule(cfg, staged["processed"])
+    module.setup("fit")
+    assert isinstance(module.datasets["train"].images, BlockRows)
+    loader = module.train_dataloader()
+    assert isinstance(loader.sampler, BlockShuffleSampler)
+    cfg.fit.loading = "memory"
+    memory = ImageDataModule(cfg, staged["processed"])
+    memory.setup("fit")
+    expected = np.sort(memory.datasets["train"].images.reshape(len(memory.datasets["train"]), -1), axis=0)
+    for _ in range(2):  # two epochs, each a different order of the same images
+        seen = np.concatenate([module.datasets["train"].images[idx] for idx in loader.batch_sampler])
+        np.testing.assert_array_equal(np.sort(seen.reshape(len(seen), -1), axis=0), expected)

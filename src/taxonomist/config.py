@@ -112,6 +112,7 @@ class PreprocessConfig:
     std: Any = MISSING  # list[float] | auto
     near_duplicates: str = MISSING  # warn | drop | fail (near-duplicates across splits)
     near_duplicate_distance: int = MISSING  # perceptual-hash bits that may differ
+    workers: Any = "auto"  # int | auto: decode processes (not a DVC param: the output does not depend on it)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class FitConfig:
     batch_size: Any = MISSING  # int | auto (taxonomist.data.auto.choose_batch_size)
     num_workers: int = MISSING
     num_threads: int = MISSING
+    loading: str = "auto"  # auto | memory | blocks (how the training split is read)
     label_smoothing: float = MISSING
     monitor: str = MISSING
     mixup: MixupConfig = MISSING

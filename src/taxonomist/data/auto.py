@@ -198,32 +198,71 @@ def choose_precision(accelerator: str = "auto") -> tuple[str, str]:
     return "32-true", f"{name} has no bfloat16 instructions (no AMX, no AVX-512 BF16): fp32 is faster"
 
 
+class PixelStats:
+    """Per-channel sums of the pixel values and of their squares (exact integers), added up
+    batch by batch, or across processes with ``+``: the measured normalisation of a split
+    that never sits in memory at once."""
+
+    def __init__(self, channels: int) -> None:
+        self.total = np.zeros(channels, np.int64)
+        self.squares = np.zeros(channels, np.int64)
+        self.count = 0  # pixels per channel
+
+    def add(self, images: np.ndarray) -> PixelStats:
+        """Add uint8 images (..., C); return self."""
+        flat = np.asarray(images, dtype=np.uint8).reshape(-1, len(self.total))
+        levels = np.arange(256, dtype=np.int64)
+        for c in range(len(self.total)):  # a histogram per channel: exact, and no int64 copy of the pixels
+            counts = np.bincount(flat[:, c], minlength=256)
+            self.total[c] += counts @ levels
+            self.squares[c] += counts @ (levels * levels)
+        self.count += len(flat)
+        return self
+
+    def __add__(self, other: PixelStats) -> PixelStats:
+        out = PixelStats(len(self.total))
+        out.total, out.squares, out.count = (
+            self.total + other.total,
+            self.squares + other.squares,
+            self.count + other.count,
+        )
+        return out
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std in [0, 1] units, 4 decimals (0.5 each when empty)."""
+        channels = len(self.total)
+        if self.count == 0:
+            return [0.5] * channels, [0.5] * channels
+        mean = self.total / (255.0 * self.count)
+        std = np.sqrt(np.maximum(self.squares / (255.0**2 * self.count) - np.square(mean), 0.0))
+        std = np.where(std < 1e-3, 1.0, std)  # a constant channel: leave its scale alone
+        return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
 def measure_normalisation(train_images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (in [0, 1] units, 4 decimals) of uint8 (N, H, W, C) images."""
-    channels = train_images.shape[-1]
-    total = np.zeros(channels)
-    squares = np.zeros(channels)
-    count = 0
+    stats = PixelStats(train_images.shape[-1])
     for start in range(0, len(train_images), chunk):
-        part = np.asarray(train_images[start : start + chunk], dtype=np.float64).reshape(-1, channels) / 255.0
-        total += part.sum(axis=0)
-        squares += np.square(part).sum(axis=0)
-        count += len(part)
-    if count == 0:
-        return [0.5] * channels, [0.5] * channels
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
-    std = np.where(std < 1e-3, 1.0, std)  # a constant channel: leave its scale alone
-    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+        stats.add(train_images[start : start + chunk])
+    return stats.mean_std()
 
 
-def add_normalisation(choice: Choice, cfg: DictConfig, train_images: np.ndarray) -> None:
-    """Record the measured mean/std (used where ``preprocess.mean/std`` are ``auto``)."""
-    mean, std = measure_normalisation(train_images)
+def add_normalisation(
+    choice: Choice, cfg: DictConfig, train_images: np.ndarray | PixelStats, images: int | None = None
+) -> None:
+    """Record the measured mean/std (used where ``preprocess.mean/std`` are ``auto``) of the
+    training images, given as an array or as their :class:`PixelStats` (then ``images`` is
+    how many there were)."""
+    if isinstance(train_images, PixelStats):
+        mean, std = train_images.mean_std()
+        count = int(images or 0)
+    else:
+        mean, std = measure_normalisation(train_images)
+        count = len(train_images)
     choice.preprocess["measured_mean"], choice.preprocess["measured_std"] = mean, std
     if is_auto(cfg.preprocess.mean):
         choice.preprocess["mean"], choice.preprocess["std"] = mean, std
-        choice.reasons["preprocess.mean"] = f"measured on the {len(train_images):,} training images"
+        choice.reasons["preprocess.mean"] = f"measured on the {count:,} training images"
     else:
         choice.preprocess["mean"] = [float(v) for v in cfg.preprocess.mean]
         choice.preprocess["std"] = [float(v) for v in cfg.preprocess.std]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -11,9 +12,42 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from taxonomist.data.auto import fill_size
-from taxonomist.data.cache import read_labels, read_split
-from taxonomist.data.dataset import CachedImageDataset, collate_batch, seed_worker_augment
+from taxonomist.data.cache import SplitArrays, images_path, read_labels, read_split
+from taxonomist.data.dataset import (
+    BlockRows,
+    BlockShuffleSampler,
+    CachedImageDataset,
+    collate_batch,
+    seed_worker_augment,
+)
 from taxonomist.data.transforms import build_augment
+
+log = logging.getLogger(__name__)
+MEMORY_SHARE = 0.5  # loading: auto reads the training split into memory up to this share of the RAM
+BLOCK_BATCHES = 8  # a block holds at least this many batches (how well a batch is mixed) ...
+BLOCK_BYTES = 256 * 2**20  # ... and at least this many bytes (one sequential read)
+
+
+def choose_loading(setting: str, split_bytes: int, total_memory: int | None = None) -> tuple[str, str]:
+    """``fit.loading`` resolved: ``memory`` or ``blocks``, and why."""
+    if setting in ("memory", "blocks"):
+        return setting, "set in fit.loading"
+    if setting != "auto":
+        raise ValueError(f"fit.loading={setting!r}: expected auto, memory or blocks")
+    if total_memory is None:
+        import psutil
+
+        total_memory = psutil.virtual_memory().total
+    gib = 2**30
+    if split_bytes <= MEMORY_SHARE * total_memory:
+        return (
+            "memory",
+            f"the training images ({split_bytes / gib:.1f} GiB) fit in half the RAM ({total_memory / gib:.0f} GiB)",
+        )
+    return (
+        "blocks",
+        f"the training images ({split_bytes / gib:.1f} GiB) exceed half the RAM ({total_memory / gib:.0f} GiB)",
+    )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -25,6 +59,7 @@ class ImageDataModule(L.LightningDataModule):
         self.processed_dir = Path(processed_dir)
         self.task = read_labels(self.processed_dir)
         self.datasets: dict[str, CachedImageDataset] = {}
+        self.block = 0  # rows per block when the training split is read in blocks (0: in memory)
 
     @property
     def classes(self) -> list[str]:
@@ -50,8 +85,11 @@ class ImageDataModule(L.LightningDataModule):
         for split in splits:
             if split in self.datasets:
                 continue
-            # Training reads random rows: load it into memory; the others stream from the mmap.
-            arrays = read_split(self.processed_dir, split, mmap=split != "train")
+            # Training reads random rows: into memory when it fits, else a block at a time; the
+            # others stream from the mmap.
+            arrays = read_split(self.processed_dir, split, mmap=True)
+            if split == "train":
+                arrays = self._training_arrays(arrays)
             augment = None
             if split == "train":  # sizes and paddings left at `auto` follow the cached images' size
                 entries = fill_size(
@@ -60,9 +98,27 @@ class ImageDataModule(L.LightningDataModule):
                 augment = build_augment(entries, seed=int(self.cfg.seed))
             self.datasets[split] = CachedImageDataset(arrays, mean, std, augment)
 
+    def _training_arrays(self, arrays: SplitArrays) -> SplitArrays:
+        """The training split in memory, or as :class:`BlockRows` (``fit.loading``)."""
+        images = arrays.images
+        split_bytes = int(images.size) * images.itemsize
+        loading, why = choose_loading(str(self.cfg.fit.get("loading", "auto")), split_bytes)
+        log.info("fit.loading: %s (%s)", loading, why)
+        if loading == "memory":
+            return SplitArrays(np.array(images), arrays.labels)
+        if bool(self.cfg.task.balanced_sampling):  # weighted draws jump between blocks
+            log.warning("task.balanced_sampling reads random rows of the memory-mapped split, not blocks")
+            return arrays
+        row_bytes = max(1, split_bytes // max(1, len(images)))
+        batch = int(self.cfg.fit.batch_size) if str(self.cfg.fit.batch_size).isdigit() else 256
+        self.block = max(BLOCK_BATCHES * batch, -(-BLOCK_BYTES // row_bytes))
+        return SplitArrays(BlockRows(images_path(self.processed_dir, "train"), self.block), arrays.labels)
+
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         workers = int(self.cfg.fit.num_workers)
         sampler = self.balanced_sampler() if shuffle and bool(self.cfg.task.balanced_sampling) else None
+        if shuffle and sampler is None and self.block:
+            sampler = BlockShuffleSampler(len(self.datasets[split]), self.block, int(self.cfg.seed))
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,

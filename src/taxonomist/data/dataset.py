@@ -6,11 +6,14 @@ package and the benchmarks read the cache without importing Lightning.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 
-from taxonomist.data.cache import SplitArrays
+from taxonomist.data.cache import NpyRows, SplitArrays
 from taxonomist.data.transforms import standardisation
 
 
@@ -70,6 +73,73 @@ class CachedImageDataset(Dataset):
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.__getitems__([idx])[0]
+
+
+class BlockRows:
+    """A split's image file read one block of consecutive rows at a time.
+
+    For a split larger than memory: each block is one sequential read (``pread``, not a
+    memory map, so the pages go to the page cache and not into the process), kept until a row
+    of another block is asked for. With :class:`BlockShuffleSampler` every block is read once
+    an epoch. Indexes like the array it stands for (an int, or an array of ints).
+    """
+
+    def __init__(self, path: str | Path, block: int) -> None:
+        self.path, self.block = Path(path), max(1, int(block))
+        with NpyRows(self.path) as rows:  # the header only; each process opens its own below
+            self.shape = rows.shape
+        self._rows: NpyRows | None = None
+        self._block_id, self._data = -1, np.zeros((0, *self.shape[1:]), np.uint8)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:  # a loader worker opens the file anew
+        return {**self.__dict__, "_rows": None, "_block_id": -1, "_data": self._data[:0]}
+
+    def _row(self, idx: int) -> np.ndarray:
+        block_id = int(idx) // self.block
+        if block_id != self._block_id:
+            if self._rows is None:
+                self._rows = NpyRows(self.path)
+            self._data = self._rows.read(block_id * self.block, self.block)
+            self._block_id = block_id
+        return self._data[int(idx) - block_id * self.block]
+
+    def __getitem__(self, idx: int | np.ndarray) -> np.ndarray:
+        if np.ndim(idx) == 0:
+            return self._row(int(idx))
+        return np.stack([self._row(i) for i in np.asarray(idx)])
+
+
+class BlockShuffleSampler(Sampler[int]):
+    """Random order at two levels: the blocks of ``block`` consecutive rows in a random order,
+    and the rows of each block in a random order; new orders each epoch (seeded).
+
+    Meant for :class:`BlockRows` over a split preprocess stored in a seeded random order, so
+    each block is already a random sample of the split: a batch drawn from one block is as
+    mixed as a fully shuffled one, and every block is read once, sequentially, per epoch.
+    """
+
+    def __init__(self, length: int, block: int, seed: int) -> None:
+        self.length, self.block, self.seed = int(length), max(1, int(block)), int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` (Lightning calls this; otherwise each pass advances it)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        blocks = -(-self.length // self.block)
+        for block_id in rng.permutation(blocks):
+            start = int(block_id) * self.block
+            rows = np.arange(start, min(start + self.block, self.length))
+            yield from rng.permutation(rows).tolist()
 
 
 def seed_worker_augment(worker_id: int) -> None:

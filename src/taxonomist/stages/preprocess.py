@@ -9,11 +9,31 @@ training pool is split (seeded, stratified) into train/val (and test when the so
 Then the ``auto`` settings are chosen from the training split (:mod:`taxonomist.data.auto`),
 every image is decoded at those settings, and each split is written as a uint8 array.
 ``report.json`` records the settings and why each ``auto`` one was chosen.
+
+At scale (see ``docs/design.md``, "Data at scale"):
+
+* Inspection and decoding run on every core (:func:`taxonomist.data.parallel.map_chunks`),
+  JPEGs in draft mode (decoded at a reduced DCT scale that still covers the target).
+* The decoders write their rows straight into the split files (:class:`~taxonomist.data.cache.NpyRows`),
+  so memory does not grow with the number of images; the normalisation is summed as they go.
+* The training split is stored in a seeded random order, so any contiguous block of it is a
+  random sample (the loader reads blocks when the split does not fit in memory).
+* Incremental: what the previous run left in ``data/processed`` (kept by DVC: ``persist``)
+  is reused by content hash: the facts of every image it inspected (``facts.csv``) and the
+  pixels of every image it decoded at the same settings and decoder version. Adding images
+  decodes only the new ones; changing a decode setting decodes everything.
+* Before writing, the free disk space is checked; a disk that fills anyway fails with one
+  line naming the folder and the space needed, and the previous ``data/processed`` stays.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +42,22 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from taxonomist.data import auto, health
-from taxonomist.data.cache import write_labels, write_split
-from taxonomist.data.images import PHASH_SIZE, ImageSpec, InvalidImage, decode, image_facts, phashes
+from taxonomist.data.cache import NpyRows, images_path, write_labels
+from taxonomist.data.images import DECODE_VERSION, PHASH_SIZE, ImageSpec, InvalidImage, decode, image_facts, phashes
 from taxonomist.data.manifest import COLUMNS, SPLITS, RawImages, read_manifest, split_labels
+from taxonomist.data.parallel import local, map_chunks, resolve_workers
 from taxonomist.data.split import assign_splits, group_keys
 from taxonomist.errors import DataError
-from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text
+from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text, read_json
 from taxonomist.stages.paths import PROCESSED_DIR, RAW_DIR, health_dir_for
 from taxonomist.tasks import task_of
 
 log = logging.getLogger(__name__)
 # What :func:`inspect` learns about each image (besides its perceptual hash), with its dtype.
 FACTS = {"width": "int64", "height": "int64", "mode": "str", "gray": "bool", "blank": "bool"}
+FACTS_FILE = "facts.csv"  # every inspected image's facts (or why it was quarantined), by content hash
+FACT_COLUMNS = ["sha256", *FACTS, "phash", "reason"]
+GB = 1e9
 
 
 def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -58,46 +82,224 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return kept, dropped.drop(columns="_rank")
 
 
-def inspect(manifest: pd.DataFrame, raw_dir: Path) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """Look at every image once: the valid rows with their facts (size, mode, gray, blank,
-    perceptual hash) and the quarantined ones (with the reason)."""
-    facts: list[dict[str, object] | None] = []
+def _raw_images(raw_dir: str) -> RawImages:
+    """The raw images, opened once per process (and kept open for its other chunks)."""
+    return local(("raw", raw_dir), lambda: RawImages(raw_dir))
+
+
+def _rows_file(path: str) -> NpyRows:
+    """An image array being written, opened once per process."""
+    return local(("rows", path), lambda: NpyRows(path, writable=True))
+
+
+def _inspect_chunk(raw_dir: str, paths: Sequence[str]) -> list[dict[str, object]]:
+    """:func:`~taxonomist.data.images.image_facts` of each image (with its perceptual hash),
+    or its quarantine ``reason``. Runs in a worker process."""
+    images = _raw_images(raw_dir)
+    out: list[dict[str, object]] = []
     thumbnails: list[np.ndarray] = []
-    problems: list[dict[str, str]] = []
-    with RawImages(raw_dir) as images:
-        rows = tqdm(manifest.itertuples(), total=len(manifest), desc="inspect", unit="img", mininterval=1)
-        for row in rows:
-            try:  # a missing image is quarantined too (the reason names it)
-                row_facts, thumbnail = image_facts(images.read(row.path))
-            except (InvalidImage, OSError) as err:
-                facts.append(None)
-                problems.append(
-                    {"path": row.path, "labels": row.labels, "source_id": row.source_id, "reason": str(err)}
-                )
-                log.warning("quarantined %s: %s", row.path, err)
-                continue
-            facts.append(row_facts)
-            thumbnails.append(thumbnail)
-    ok = np.array([f is not None for f in facts], dtype=bool)
-    valid = manifest[ok].copy()
-    table = pd.DataFrame([f for f in facts if f is not None], index=valid.index, columns=list(FACTS))
-    valid = valid.join(table.astype(FACTS))
-    valid["phash"] = phashes(np.stack(thumbnails)) if thumbnails else []
-    # pHash scales an image to 32x32: below that it compares outlines (a sneaker and a boot
-    # alike), so small images are left out of the near-duplicate search.
-    small = np.minimum(valid["width"], valid["height"]) < PHASH_SIZE
-    valid.loc[small, "phash"] = ""
-    return valid, problems
-
-
-def decode_all(frame: pd.DataFrame, raw_dir: Path, spec: ImageSpec) -> np.ndarray:
-    """The rows' images at ``spec``, as one (N, size, size, channels) uint8 array."""
-    out = np.zeros((len(frame), spec.size, spec.size, spec.channels), np.uint8)
-    with RawImages(raw_dir) as images:
-        rows = tqdm(frame["path"], total=len(frame), desc=f"decode {spec.size}px", unit="img", mininterval=1)
-        for i, path in enumerate(rows):
-            out[i] = decode(images.read(path), spec)
+    for path in paths:
+        try:  # a missing image is quarantined too (the reason names it)
+            facts, thumbnail = image_facts(images.read(path))
+        except (InvalidImage, OSError) as err:
+            out.append({"reason": str(err)})
+            continue
+        out.append({**facts, "reason": ""})
+        thumbnails.append(thumbnail)
+    hashes = iter(phashes(np.stack(thumbnails)) if thumbnails else [])
+    for facts in out:
+        if not facts["reason"]:
+            small = min(int(facts["width"]), int(facts["height"])) < PHASH_SIZE
+            # pHash scales an image to 32x32: below that it compares outlines (a sneaker and a
+            # boot alike), so small images are left out of the near-duplicate search.
+            facts["phash"] = "" if small else next(hashes)
+            if small:
+                next(hashes)
     return out
+
+
+def inspect(
+    manifest: pd.DataFrame, raw_dir: Path, workers: int = 1, known: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, list[dict[str, str]], pd.DataFrame]:
+    """Look at every image once: the valid rows with their facts (size, mode, gray, blank,
+    perceptual hash), the quarantined ones (with the reason), and the facts table of every
+    image by content hash (:data:`FACT_COLUMNS`, written as ``facts.csv``).
+
+    Images whose content hash is in ``known`` (an earlier run's facts table) are not read again.
+    """
+    table = pd.DataFrame(columns=FACT_COLUMNS) if known is None else known
+    table = table.drop_duplicates("sha256").set_index("sha256")
+    todo = manifest.loc[~manifest["sha256"].isin(table.index)].drop_duplicates("sha256")
+    if len(table):
+        log.info("inspect: %d image(s) known from the previous run, %d new", len(manifest) - len(todo), len(todo))
+    found: list[dict[str, object]] = [{}] * len(todo)
+    paths = todo["path"].tolist()
+    source_of = dict(zip(todo["path"], todo["source_id"], strict=True))
+    for start, results in map_chunks(
+        functools.partial(_inspect_chunk, str(raw_dir)), paths, workers=workers, desc="inspect", name=source_of.get
+    ):
+        found[start : start + len(results)] = results
+    new = typed_facts(pd.DataFrame(found, index=pd.Index(todo["sha256"], name="sha256"), columns=FACT_COLUMNS[1:]))
+    table = pd.concat([table[FACT_COLUMNS[1:]], new]) if len(table) else new
+    table = table.loc[table.index.isin(manifest["sha256"])]  # only what this data set has
+    facts = table.loc[manifest["sha256"]].set_axis(manifest.index)
+    bad = facts["reason"] != ""
+    problems = [
+        {"path": row.path, "labels": row.labels, "source_id": row.source_id, "reason": reason}
+        for row, reason in zip(manifest[bad].itertuples(), facts.loc[bad, "reason"], strict=True)
+    ]
+    for problem in problems[:20]:
+        log.warning("quarantined %s: %s", problem["path"], problem["reason"])
+    if len(problems) > 20:
+        log.warning("... and %d more quarantined (data/processed/quarantine.csv lists them)", len(problems) - 20)
+    valid = manifest[~bad].join(facts.loc[~bad, [*FACTS, "phash"]].astype(FACTS))
+    out = table.reset_index()[FACT_COLUMNS].sort_values("sha256", kind="stable")
+    return valid, problems, out
+
+
+def typed_facts(table: pd.DataFrame) -> pd.DataFrame:
+    """A facts table (new, or read from ``facts.csv``) with text where text is missing and
+    ``gray``/``blank`` as booleans; the numbers of quarantined rows stay missing."""
+    table = table.copy()
+    for column in ("mode", "phash", "reason"):
+        table[column] = table[column].fillna("").astype(str)
+    for column in ("gray", "blank"):
+        table[column] = table[column].map({True: True, False: False, "True": True, "False": False})
+    return table
+
+
+@dataclass
+class Previous:
+    """What the previous run left in ``data/processed`` that this one can reuse."""
+
+    folder: Path
+    facts: pd.DataFrame | None  # the facts table (None: none, or from another decoder version)
+    rows: pd.DataFrame | None  # sha256 -> split, row of its decoded pixels (None: other settings)
+
+
+def decode_key(spec: ImageSpec) -> dict[str, object]:
+    """What decides the pixels of a decoded image besides its content."""
+    return {
+        "image_shape": [spec.size, spec.size, spec.channels],
+        "resize_mode": spec.resize_mode,
+        "decoder": DECODE_VERSION,
+    }
+
+
+def previous_run(out_dir: Path) -> Previous:
+    """What an earlier preprocess left in ``out_dir`` (nothing when it is missing or unreadable)."""
+    try:
+        report = read_json(out_dir / "report.json")
+        if report.get("decode", {}).get("decoder") != DECODE_VERSION:
+            return Previous(out_dir, None, None)
+        facts = pd.read_csv(out_dir / FACTS_FILE, dtype={"sha256": str, "mode": str, "phash": str, "reason": str})
+        facts = typed_facts(facts)
+        facts = facts[facts["reason"] == ""]  # quarantined images are looked at again (a missing file may be back)
+        splits = pd.read_csv(out_dir / "splits.csv", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, KeyError) as err:
+        if out_dir.exists():
+            log.info("nothing reused from %s: %s", out_dir, err)
+        return Previous(out_dir, None, None)
+    splits["row"] = splits.groupby("split").cumcount()
+    rows = splits.drop_duplicates("sha256").set_index("sha256")[["split", "row"]]
+    return Previous(out_dir, facts[FACT_COLUMNS], rows if report["decode"] else None)
+
+
+def _decode_chunk(raw_dir: str, out_dir: str, spec: ImageSpec, jobs: Sequence[tuple[str, int, str]]) -> list[object]:
+    """Decode ``(split, row, path)`` jobs into the split files; per job its pixel sums
+    (:class:`~taxonomist.data.auto.PixelStats`) or, when it does not decode, the reason.
+    Runs in a worker process."""
+    images = _raw_images(raw_dir)
+    out: list[object] = []
+    for split, row, path in jobs:
+        try:
+            pixels = decode(images.read(path), spec)
+        except (InvalidImage, FileNotFoundError) as err:
+            out.append(str(err))
+            continue
+        _rows_file(str(images_path(out_dir, split))).write(row, pixels[None])
+        out.append(auto.PixelStats(spec.channels).add(pixels) if split == "train" else None)
+    return out
+
+
+def write_images(
+    frame: pd.DataFrame, raw_dir: Path, out_dir: Path, spec: ImageSpec, workers: int, previous: Previous
+) -> tuple[auto.PixelStats, int]:
+    """Write each split's images (``<split>_images.npy``, rows in ``frame`` order) into
+    ``out_dir``: copied from ``previous`` when it decoded the same content at ``spec``, else
+    decoded on ``workers`` processes. Returns the training images' pixel sums and how many
+    images were decoded (not reused)."""
+    stats = auto.PixelStats(spec.channels)
+    source_of = dict(zip(frame["path"], frame["source_id"], strict=True))  # what messages name
+    jobs: list[tuple[str, int, str]] = []
+    reuse: list[tuple[str, int, str, int]] = []  # (split, row, old split, old row)
+    files = {}
+    for split in SPLITS:
+        part = frame[frame["split"] == split]
+        files[split] = NpyRows.create(images_path(out_dir, split), (len(part), spec.size, spec.size, spec.channels))
+        known = previous.rows.reindex(part["sha256"]) if previous.rows is not None else None
+        for row, path in enumerate(part["path"]):
+            if known is not None and isinstance(known["split"].iat[row], str):
+                reuse.append((split, row, known["split"].iat[row], int(known["row"].iat[row])))
+            else:
+                jobs.append((split, row, path))
+    try:
+        if reuse:
+            old = {split: NpyRows(images_path(previous.folder, split)) for split in SPLITS}
+            try:
+                for split, row, old_split, old_row in tqdm(reuse, desc="reuse", unit="img", mininterval=1):
+                    pixels = old[old_split].read(old_row)
+                    files[split].write(row, pixels)
+                    if split == "train":
+                        stats.add(pixels)
+            finally:
+                for rows in old.values():
+                    rows.close()
+        failed: list[str] = []
+        decode_chunk = functools.partial(_decode_chunk, str(raw_dir), str(out_dir), spec)
+        for start, results in map_chunks(
+            decode_chunk, jobs, workers=workers, desc=f"decode {spec.size}px", name=lambda job: source_of[job[2]]
+        ):
+            for job, result in zip(jobs[start : start + len(results)], results, strict=True):
+                if isinstance(result, str):
+                    failed.append(f"{source_of[job[2]]} ({result})")
+                elif result is not None:
+                    stats = stats + result
+        if failed:  # inspection decoded them: a file that changed since, or a decoder quirk
+            raise DataError(
+                f"{len(failed)} image(s) passed inspection but did not decode at {spec.size}px: "
+                f"{'; '.join(failed[:5])}; run the ingest stage again"
+            )
+    finally:
+        for rows in files.values():
+            rows.close()
+    log.info("images: %d decoded, %d reused from the previous run", len(jobs), len(reuse))
+    return stats, len(jobs)
+
+
+def check_space(out_dir: Path, needed: int) -> None:
+    """Refuse to start writing ``needed`` bytes when the disk under ``out_dir`` has less free."""
+    free = shutil.disk_usage(out_dir.parent if not out_dir.exists() else out_dir).free
+    if needed > free:
+        raise DataError(no_space(out_dir, needed, free))
+
+
+def no_space(out_dir: Path, needed: int, free: int | None = None) -> str:
+    """The one line for a disk too full to write the cache."""
+    if free is None:
+        free = shutil.disk_usage(out_dir.parent).free
+    return (
+        f"not enough disk space for {out_dir}: the decoded images need {needed / GB:.2f} GB, "
+        f"{free / GB:.2f} GB free there; free some space and run again (the previous {out_dir.name} is unchanged)"
+    )
+
+
+def thumbnail(out_dir: Path, where: tuple[str, int] | None) -> np.ndarray | None:
+    """The cached pixels of one image (``(split, row)``; None: not cached)."""
+    if where is None:
+        return None
+    with NpyRows(images_path(out_dir, where[0])) as rows:
+        return rows.read(where[1])[0]
 
 
 def check_class_names(labels: pd.Series) -> None:
@@ -125,7 +327,9 @@ def run(
     manifest = read_manifest(raw_dir)
     check_class_names(manifest["labels"])
     manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
-    valid, problems = inspect(manifest, raw_dir)
+    workers = resolve_workers(pre.get("workers", "auto"))
+    previous = previous_run(out_dir)
+    valid, problems, facts_table = inspect(manifest, raw_dir, workers, previous.facts)
 
     kept, dropped = deduplicate(valid)
     kept["stratum"] = task.strata(kept["label"], int(pre.min_images_per_class))
@@ -149,48 +353,68 @@ def run(
     if report_health.drop:
         split_frame = split_frame[~split_frame["path"].isin(report_health.drop)]
 
-    choice = auto.choose(cfg, split_frame[split_frame["split"] == "train"])
+    # The training split in a seeded random order (any block of it is a random sample); the
+    # others in manifest order.
+    parts = {split: split_frame[split_frame["split"] == split] for split in SPLITS}
+    parts["train"] = parts["train"].sample(frac=1.0, random_state=int(cfg.seed))
+    split_frame = pd.concat(parts.values())
+
+    choice = auto.choose(cfg, parts["train"])
     chosen = choice.preprocess
     spec = ImageSpec(size=chosen["image_size"], channels=chosen["channels"], resize_mode=chosen["resize_mode"])
-    pixels = decode_all(split_frame, raw_dir, spec)
-    in_split = {split: (split_frame["split"] == split).to_numpy() for split in SPLITS}
-    auto.add_normalisation(choice, cfg, pixels[in_split["train"]])
-    for line in auto.describe(choice.to_dict()):
-        log.info("auto: %s", line)
+    needed = len(split_frame) * spec.size * spec.size * spec.channels
+    check_space(out_dir, needed)
+    if previous.rows is not None and read_json(out_dir / "report.json")["decode"] != decode_key(spec):
+        previous.rows = None  # decoded at other settings: everything is decoded again
 
-    with atomic_directory(out_dir) as tmp:
-        counts: dict[str, dict[str, int]] = {}
-        sizes: dict[str, int] = {}
-        for split in SPLITS:
-            part = split_frame[in_split[split]]
-            write_split(tmp, split, pixels[in_split[split]], space.encode(part["labels"]))
-            sizes[split] = len(part)
-            per_label = part["labels"].map(split_labels).explode().dropna()
-            counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
-        write_labels(tmp, space)
-        atomic_write_text(tmp / "splits.csv", split_frame[list(COLUMNS)].to_csv(index=False))
-        atomic_write_text(tmp / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]].to_csv(index=False))
-        atomic_write_text(
-            tmp / "quarantine.csv",
-            pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"]).to_csv(index=False),
-        )
-        report = {
-            "images_in": len(manifest),
-            "quarantined": len(problems),
-            "duplicates_dropped": int((dropped["reason"] == "duplicate").sum()),
-            "conflicting_dropped": int((dropped["reason"] != "duplicate").sum()),
-            "images_out": len(split_frame),
-            "task": task.name,
-            "classes": space.classes,
-            "image_shape": [spec.size, spec.size, spec.channels],
-            "settings": choice.to_dict(),
-            "health": report_health.summary,
-            "per_split": sizes,  # images; per_split_per_class counts labels (several per multi-label image)
-            "per_split_per_class": counts,
-        }
-        atomic_write_json(tmp / "report.json", report)
-    row_of = {path: i for i, path in enumerate(split_frame["path"])}
-    report_health.write(health_dir, thumbnail=lambda path: pixels[row_of[path]] if path in row_of else None)
+    try:
+        with atomic_directory(out_dir) as tmp:
+            stats, _ = write_images(split_frame, raw_dir, tmp, spec, workers, previous)
+            auto.add_normalisation(choice, cfg, stats, images=len(parts["train"]))
+            for line in auto.describe(choice.to_dict()):
+                log.info("auto: %s", line)
+            counts: dict[str, dict[str, int]] = {}
+            sizes: dict[str, int] = {}
+            for split in SPLITS:
+                part = parts[split]
+                np.save(tmp / f"{split}_labels.npy", np.asarray(space.encode(part["labels"])))
+                sizes[split] = len(part)
+                per_label = part["labels"].map(split_labels).explode().dropna()
+                counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
+            write_labels(tmp, space)
+            atomic_write_text(tmp / "splits.csv", split_frame[list(COLUMNS)].to_csv(index=False))
+            atomic_write_text(tmp / FACTS_FILE, facts_table.to_csv(index=False))
+            atomic_write_text(tmp / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]].to_csv(index=False))
+            atomic_write_text(
+                tmp / "quarantine.csv",
+                pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"]).to_csv(index=False),
+            )
+            report = {
+                "images_in": len(manifest),
+                "quarantined": len(problems),
+                "duplicates_dropped": int((dropped["reason"] == "duplicate").sum()),
+                "conflicting_dropped": int((dropped["reason"] != "duplicate").sum()),
+                "images_out": len(split_frame),
+                "task": task.name,
+                "classes": space.classes,
+                "image_shape": [spec.size, spec.size, spec.channels],
+                "decode": decode_key(spec),
+                "settings": choice.to_dict(),
+                "health": report_health.summary,
+                "per_split": sizes,  # images; per_split_per_class counts labels (several per multi-label image)
+                "per_split_per_class": counts,
+            }
+            atomic_write_json(tmp / "report.json", report)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DataError(no_space(out_dir, needed)) from None
+        raise
+    row_of = {
+        path: (split, row)
+        for split in SPLITS
+        for row, path in enumerate(split_frame.loc[split_frame["split"] == split, "path"])
+    }
+    report_health.write(health_dir, thumbnail=lambda path: thumbnail(out_dir, row_of.get(path)))
     log.info("data health report: %s (%d warning(s))", health_dir / "health.md", len(report_health.warnings))
     log.info(
         "preprocess: %d in, %d quarantined, %d duplicates dropped, %s",
