@@ -1,5 +1,5 @@
 # Shortcuts for the project's scripts (each sets up the environment first).
-.PHONY: pipeline test bench
+.PHONY: pipeline test bench bench-scale
 
 pipeline:  ## set up and run the default pipeline (dvc repro)
 	bash scripts/run_pipeline.sh
@@ -7,5 +7,8 @@ pipeline:  ## set up and run the default pipeline (dvc repro)
 test:  ## set up and run the test suite
 	bash scripts/run_tests.sh
 
-bench:  ## set up and run every benchmark; writes reports/benchmark.md and README's table
-	bash scripts/bench.sh $(ARGS)
+bench:  ## set up and run every benchmark; writes reports/benchmark*.md and README's tables
+	bash scripts/bench.sh $(ARGS); a=$$?; bash scripts/bench.sh --scale $(SCALE_ARGS); b=$$?; exit $$((a || b))
+
+bench-scale:  ## only the data-at-scale benchmark (photo folders up to 100k images)
+	bash scripts/bench.sh --scale $(SCALE_ARGS)

@@ -64,7 +64,7 @@ def test_draft_mode_decodes_less_and_stays_within_a_grey_level_of_the_full_decod
     spec = ImageSpec(64, 3, "squash")
     draft, full = decode(data, spec), decode(data, spec, draft=False)
     diff = np.abs(draft.astype(int) - full.astype(int))
-    assert diff.mean() < 1.5 and diff.max() <= 24  # the tolerance docs/design.md states
+    assert diff.mean() < 1.5 and diff.max() <= 24  # the tolerance the README states
     assert not np.array_equal(draft, full)  # draft mode did change the decode
 
 

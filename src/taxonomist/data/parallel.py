@@ -75,18 +75,18 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def map_chunks(
-    fn: Callable[[Sequence[Item]], Sequence[Result]],
+    fn: Callable[[Sequence[Item]], Result],
     items: Sequence[Item],
     *,
     workers: int,
     desc: str,
     name: Callable[[Item], str] = str,
     chunk: int = CHUNK,
-) -> Iterator[tuple[int, Sequence[Result]]]:
+) -> Iterator[tuple[int, Result]]:
     """Apply ``fn`` to consecutive chunks of ``items`` on ``workers`` processes.
 
-    Yields ``(start, results)`` as chunks finish (in any order): ``results[k]`` belongs to
-    ``items[start + k]``. ``fn`` must be picklable (a module-level function or a
+    Yields ``(start, result)`` as chunks finish (in any order): ``result`` is what ``fn``
+    returned for ``items[start : start + chunk]``. ``fn`` must be picklable (a module-level function or a
     :func:`functools.partial` of one). With one worker, or no more items than one chunk, the
     work runs in this process. When a worker process dies, raises :class:`WorkerDied` naming
     (with ``name``) the item that kills its process, or the items that were in flight.
@@ -97,7 +97,7 @@ def map_chunks(
         if workers <= 1 or len(items) <= chunk:
             for start in starts:
                 results = fn(items[start : start + chunk])
-                bar.update(len(results))
+                bar.update(min(chunk, len(items) - start))
                 yield start, results
             return
         pending = iter(starts)
@@ -116,7 +116,7 @@ def map_chunks(
                     for future in done:
                         results = future.result()  # a dead worker raises here, with the chunk still in `running`
                         start = running.pop(future)
-                        bar.update(len(results))
+                        bar.update(min(chunk, len(items) - start))
                         yield start, results
             except BrokenProcessPool:
                 in_flight = [items[s + k] for s in sorted(running.values()) for k in range(min(chunk, len(items) - s))]
@@ -127,7 +127,7 @@ def map_chunks(
 
 
 def _died(
-    fn: Callable[[Sequence[Item]], Sequence[Result]], in_flight: Sequence[Item], name: Callable[[Item], str]
+    fn: Callable[[Sequence[Item]], Result], in_flight: Sequence[Item], name: Callable[[Item], str]
 ) -> WorkerDied:
     """The error for a dead worker: rerun each in-flight item alone to find the one that kills."""
     log.warning("a worker process died; rerunning the %d images it may have held, one at a time", len(in_flight))

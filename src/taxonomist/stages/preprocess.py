@@ -10,7 +10,7 @@ Then the ``auto`` settings are chosen from the training split (:mod:`taxonomist.
 every image is decoded at those settings, and each split is written as a uint8 array.
 ``report.json`` records the settings and why each ``auto`` one was chosen.
 
-At scale (see ``docs/design.md``, "Data at scale"):
+At scale (README, "Large data sets"):
 
 * Inspection and decoding run on every core (:func:`taxonomist.data.parallel.map_chunks`),
   JPEGs in draft mode (decoded at a reduced DCT scale that still covers the target).
@@ -205,21 +205,37 @@ def previous_run(out_dir: Path) -> Previous:
     return Previous(out_dir, facts[FACT_COLUMNS], rows if report["decode"] else None)
 
 
-def _decode_chunk(raw_dir: str, out_dir: str, spec: ImageSpec, jobs: Sequence[tuple[str, int, str]]) -> list[object]:
-    """Decode ``(split, row, path)`` jobs into the split files; per job its pixel sums
-    (:class:`~taxonomist.data.auto.PixelStats`) or, when it does not decode, the reason.
-    Runs in a worker process."""
+def _decode_chunk(
+    raw_dir: str, out_dir: str, spec: ImageSpec, jobs: Sequence[tuple[str, int, str]]
+) -> tuple[auto.PixelStats, list[tuple[int, str]]]:
+    """Decode ``(split, row, path)`` jobs into the split files (a run of consecutive rows in
+    one write); return the pixel sums of the training images among them and, for each job
+    that did not decode, its index in ``jobs`` and the reason. Runs in a worker process."""
     images = _raw_images(raw_dir)
-    out: list[object] = []
-    for split, row, path in jobs:
+    stats = auto.PixelStats(spec.channels)
+    failed: list[tuple[int, str]] = []
+    run: list[np.ndarray] = []  # decoded rows waiting to be written, from row `first` of `split`
+    split, first = "", 0
+
+    def flush() -> None:
+        if run:
+            _rows_file(str(images_path(out_dir, split))).write(first, np.stack(run))
+            if split == "train":
+                stats.add(np.stack(run))
+            run.clear()
+
+    for k, (job_split, row, path) in enumerate(jobs):
         try:
             pixels = decode(images.read(path), spec)
         except (InvalidImage, FileNotFoundError) as err:
-            out.append(str(err))
+            failed.append((k, str(err)))
             continue
-        _rows_file(str(images_path(out_dir, split))).write(row, pixels[None])
-        out.append(auto.PixelStats(spec.channels).add(pixels) if split == "train" else None)
-    return out
+        if not run or job_split != split or row != first + len(run):
+            flush()
+            split, first = job_split, row
+        run.append(pixels)
+    flush()
+    return stats, failed
 
 
 def write_images(
@@ -257,14 +273,11 @@ def write_images(
                     rows.close()
         failed: list[str] = []
         decode_chunk = functools.partial(_decode_chunk, str(raw_dir), str(out_dir), spec)
-        for start, results in map_chunks(
+        for start, (chunk_stats, chunk_failed) in map_chunks(
             decode_chunk, jobs, workers=workers, desc=f"decode {spec.size}px", name=lambda job: source_of[job[2]]
         ):
-            for job, result in zip(jobs[start : start + len(results)], results, strict=True):
-                if isinstance(result, str):
-                    failed.append(f"{source_of[job[2]]} ({result})")
-                elif result is not None:
-                    stats = stats + result
+            stats = stats + chunk_stats
+            failed += [f"{source_of[jobs[start + k][2]]} ({reason})" for k, reason in chunk_failed]
         if failed:  # inspection decoded them: a file that changed since, or a decoder quirk
             raise DataError(
                 f"{len(failed)} image(s) passed inspection but did not decode at {spec.size}px: "
