@@ -55,3 +55,22 @@ def test_scaling_times_one_epoch_per_size(staged, tiny_cfg):
     assert set(seconds) == {8, 16} and all(s > 0 for s in seconds.values())
     with pytest.raises(SystemExit, match="images asked for"):
         training.scaling(tiny_cfg, staged["processed"], (10**6,))
+
+
+def test_benchmark_photos_are_distinct_photo_sized_jpegs_the_same_every_time(tmp_path):
+    import hashlib
+    import io
+
+    import photos
+    from PIL import Image
+
+    made = [photos.photo(i) for i in range(8)]
+    assert [label for label, _ in made] == list(photos.CLASSES) * 2
+    assert len({hashlib.sha256(data).hexdigest() for _, data in made}) == 8
+    assert photos.photo(5) == made[5]
+    with Image.open(io.BytesIO(made[0][1])) as img:
+        assert (img.format, img.size) == ("JPEG", photos.SIZE)
+    pool = photos.make(tmp_path / "pool", 6, workers=1)
+    view = photos.view(pool, tmp_path / "view", 4)
+    assert sorted(p.name for p in view.rglob("*.jpg")) == [f"{i:07d}.jpg" for i in range(4)]
+    assert photos.path_of(view, 3).read_bytes() == made[3][1]
