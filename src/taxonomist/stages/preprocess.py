@@ -165,6 +165,8 @@ def typed_facts(table: pd.DataFrame) -> pd.DataFrame:
         table[column] = table[column].fillna("").astype(str)
     for column in ("gray", "blank"):
         table[column] = table[column].map({True: True, False: False, "True": True, "False": False})
+    for column in ("width", "height"):
+        table[column] = pd.to_numeric(table[column]).astype("Int64")
     return table
 
 
