@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from taxonomist.data.manifest import LABEL_SEP, Record
 from taxonomist.errors import DataError, Problems
-from taxonomist.files import sha256_file
+from taxonomist.files import sha256_bytes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IGNORED_NAMES = frozenset({"__MACOSX"})  # macOS zip resource forks
@@ -82,8 +81,9 @@ def copy_images(images: Sequence[SourceImage], out_dir: Path, desc: str) -> list
     records: list[Record] = []
     for i, image in enumerate(tqdm(images, desc=desc, unit="img", mininterval=1)):
         rel = f"images/{i:06d}{_safe_suffix(image.src)}"
-        shutil.copyfile(image.src, out_dir / rel)
-        records.append(Record(rel, image.labels, image.split, sha256_file(out_dir / rel), image.source_id, image.group))
+        data = Path(image.src).read_bytes()  # read once: copied and hashed from memory
+        (out_dir / rel).write_bytes(data)
+        records.append(Record(rel, image.labels, image.split, sha256_bytes(data), image.source_id, image.group))
     return records
 
 
