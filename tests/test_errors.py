@@ -111,6 +111,26 @@ def test_preprocess_before_ingest_is_one_line_without_traceback(project, capsys)
     assert "Traceback" in log_text and "StageOrderError" in log_text  # the details are kept in the log
 
 
+def test_a_full_disk_in_any_stage_is_one_line_and_other_os_errors_keep_their_traceback(capsys):
+    import errno
+
+    def full() -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "data/.raw.x.tmp/images.zip")
+
+    assert cli._reported(full, debug=False) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on the device writing data/.raw.x.tmp/images.zip: free some space")
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(OSError):
+        cli._reported(full, debug=True)
+
+    def denied() -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", "x")
+
+    with pytest.raises(PermissionError):
+        cli._reported(denied, debug=False)
+
+
 def test_train_before_preprocess_names_the_preprocess_stage(project, capsys):
     assert cli.main(["train"]) == 2
     err = capsys.readouterr().err

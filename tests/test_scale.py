@@ -227,7 +227,7 @@ def test_a_disk_without_room_fails_before_writing_in_one_line(photos, monkeypatc
     message = str(err.value)
     assert "\n" not in message
     assert f"not enough disk space for {photos['processed']}" in message
-    assert "GB free" in message and "the previous processed is unchanged" in message
+    assert "MB free" in message and f"the previous {photos['processed']} is unchanged" in message
     assert (photos["processed"] / "train_images.npy").read_bytes() == before
 
 

@@ -23,6 +23,7 @@ Heavy libraries are imported only by the command that needs them.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -176,7 +177,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _reported(run: Callable[[], int], debug: bool) -> int:
     """Run a command; a :class:`TaxonomistError` prints ``error: <message>`` and gives 2 (with
-    ``debug``: raised, with its traceback). Other exceptions are bugs and keep their traceback."""
+    ``debug``: raised, with its traceback), and so does a full disk (one line, whatever stage
+    it stopped). Other exceptions are bugs and keep their traceback."""
     try:
         return run()
     except TaxonomistError as err:
@@ -184,6 +186,19 @@ def _reported(run: Callable[[], int], debug: bool) -> int:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.debug("%s", err, exc_info=True)
+        if debug:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(
+            f"error: no space left on the device{where}: free some space and run again (a stage builds its "
+            "output beside the previous one, which stays as it was until the new one is complete)",
+            file=sys.stderr,
+        )
         return 2
 
 

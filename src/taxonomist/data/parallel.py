@@ -126,9 +126,7 @@ def map_chunks(
         close_local()
 
 
-def _died(
-    fn: Callable[[Sequence[Item]], Result], in_flight: Sequence[Item], name: Callable[[Item], str]
-) -> WorkerDied:
+def _died(fn: Callable[[Sequence[Item]], Result], in_flight: Sequence[Item], name: Callable[[Item], str]) -> WorkerDied:
     """The error for a dead worker: rerun each in-flight item alone to find the one that kills."""
     log.warning("a worker process died; rerunning the %d images it may have held, one at a time", len(in_flight))
     for item in in_flight:

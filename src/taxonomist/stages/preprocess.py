@@ -304,9 +304,14 @@ def no_space(out_dir: Path, needed: int, free: int | None = None) -> str:
     if free is None:
         free = shutil.disk_usage(out_dir.parent).free
     return (
-        f"not enough disk space for {out_dir}: the decoded images need {needed / GB:.2f} GB, "
-        f"{free / GB:.2f} GB free there; free some space and run again (the previous {out_dir.name} is unchanged)"
+        f"not enough disk space for {out_dir}: the decoded images need {_size(needed)}, {_size(free)} free "
+        f"there; free some space and run again (the previous {out_dir} is unchanged)"
     )
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for people: MB below a gigabyte, GB with two decimals above."""
+    return f"{nbytes / 1e6:.1f} MB" if nbytes < GB else f"{nbytes / GB:.2f} GB"
 
 
 def thumbnail(out_dir: Path, where: tuple[str, int] | None) -> np.ndarray | None:
