@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -35,9 +36,7 @@ def choose_loading(setting: str, split_bytes: int, total_memory: int | None = No
     if setting != "auto":
         raise ValueError(f"fit.loading={setting!r}: expected auto, memory or blocks")
     if total_memory is None:
-        import psutil
-
-        total_memory = psutil.virtual_memory().total
+        total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gib = 2**30
     if split_bytes <= MEMORY_SHARE * total_memory:
         return (
