@@ -176,7 +176,8 @@ class Previous:
 
     folder: Path
     facts: pd.DataFrame | None  # the facts table (None: none, or from another decoder version)
-    rows: pd.DataFrame | None  # sha256 -> split, row of its decoded pixels (None: other settings)
+    rows: pd.DataFrame | None  # sha256 -> split, row of its decoded pixels
+    decode: dict | None = None  # the decode key those pixels were made with (:func:`decode_key`)
 
 
 def decode_key(spec: ImageSpec) -> dict[str, object]:
@@ -204,7 +205,7 @@ def previous_run(out_dir: Path) -> Previous:
         return Previous(out_dir, None, None)
     splits["row"] = splits.groupby("split").cumcount()
     rows = splits.drop_duplicates("sha256").set_index("sha256")[["split", "row"]]
-    return Previous(out_dir, facts[FACT_COLUMNS], rows if report["decode"] else None)
+    return Previous(out_dir, facts[FACT_COLUMNS], rows, report["decode"])
 
 
 def _decode_chunk(
@@ -384,8 +385,8 @@ def run(
     spec = ImageSpec(size=chosen["image_size"], channels=chosen["channels"], resize_mode=chosen["resize_mode"])
     needed = len(split_frame) * spec.size * spec.size * spec.channels
     check_space(out_dir, needed)
-    if previous.rows is not None and read_json(out_dir / "report.json")["decode"] != decode_key(spec):
-        previous.rows = None  # decoded at other settings: everything is decoded again
+    if previous.decode != decode_key(spec):
+        previous.rows = None  # decoded at other settings (or nothing to reuse): everything is decoded
 
     try:
         with atomic_directory(out_dir) as tmp:
