@@ -20,6 +20,7 @@ from taxonomist.data.images import ImageSpec, decode
 from taxonomist.data.manifest import RawImages, pack_images, read_manifest
 from taxonomist.data.split import assign_splits
 from taxonomist.errors import DataError, StageOrderError
+from taxonomist.files import sha256_bytes
 from taxonomist.stages import ingest, preprocess
 from taxonomist.stages.preprocess import deduplicate
 from taxonomist.tasks import get_task
@@ -195,6 +196,8 @@ def test_ingest_summary(staged):
     assert sorted(p.name for p in staged["raw"].iterdir()) == ["images.zip", "ingest.json", "manifest.csv"]
     with zipfile.ZipFile(staged["raw"] / "images.zip") as zf:
         assert len(zf.namelist()) == 38
+        manifest = read_manifest(staged["raw"])
+        assert all(sha256_bytes(zf.read(row.path)) == row.sha256 for row in manifest.itertuples())
 
 
 def test_preprocess_quarantines_the_truncated_file(staged):

@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from taxonomist.data.cache import NpyRows, read_split
 from taxonomist.data.datamodule import choose_loading
 from taxonomist.data.dataset import BlockRows, BlockShuffleSampler
 from taxonomist.data.images import ImageSpec, InvalidImage, decode, image_facts, open_image
+from taxonomist.data.manifest import RawImages, read_manifest
 from taxonomist.errors import DataError
 from taxonomist.stages import ingest, preprocess
 
@@ -145,6 +147,37 @@ def test_map_chunks_gives_every_result_once_on_several_workers():
     assert out == {i: 2 * i for i in range(100)}
 
 
+def test_rows_give_plain_tuples_from_columns():
+    rows = parallel.Rows(np.array(["a", "b", "c"], dtype=object), np.arange(3), np.array([[1, 2], [3, 4], [-1, 0]]))
+    assert len(rows) == 3
+    assert rows[1:] == [("b", 1, (3, 4)), ("c", 2, (-1, 0))]
+    assert rows[-1] == ("c", 2, (-1, 0)) and type(rows[0][1]) is int
+    with pytest.raises(IndexError):
+        rows[3]
+    with pytest.raises(ValueError, match="different lengths"):
+        parallel.Rows([1, 2], [1])
+
+
+def test_a_workers_pool_starts_its_processes_at_once_and_serves_every_map():
+    """A stage makes its pool before loading its tables (so forked workers copy none of them):
+    the processes exist when the pool does, and later maps run on those same processes."""
+    with parallel.Workers(2) as pool:
+        started = {p.pid for p in pool.executor._processes.values()}
+        assert len(started) == 2
+        for _ in range(2):
+            used = {
+                value
+                for _, results in parallel.map_chunks(pids_of, list(range(40)), workers=pool, desc="t", chunk=2)
+                for value in results
+            }
+            assert used <= started
+    assert pool.executor is None
+
+
+def pids_of(items: list[int]) -> list[int]:
+    return [os.getpid() for _ in items]
+
+
 def test_a_worker_that_dies_fails_the_map_naming_the_item():
     with pytest.raises(parallel.WorkerDied, match="image 13: the process decoding this image died"):
         list(parallel.map_chunks(die_on_13, list(range(64)), workers=2, desc="t", name=lambda i: f"image {i}", chunk=4))
@@ -181,6 +214,28 @@ def counting(monkeypatch, name: str) -> list[int]:
 
     monkeypatch.setattr(preprocess, name, counted)
     return calls
+
+
+def test_workers_read_images_by_span_exactly_as_by_name(photos, tmp_path):
+    """Workers read the archive at each member's span (no zip directory in memory): the same
+    bytes as a read by name; a compressed or missing member is read by name."""
+    manifest = read_manifest(photos["raw"])
+    paths = manifest["path"].tolist()
+    with RawImages(photos["raw"]) as raw:
+        spans = raw.spans(paths)
+        assert all(offset >= 0 for offset, _ in spans)
+        assert all(raw.read_span(path, span) == raw.read(path) for path, span in zip(paths, spans, strict=True))
+    deflated = tmp_path / "raw"
+    deflated.mkdir()
+    with RawImages(photos["raw"]) as raw, zipfile.ZipFile(deflated / "images.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in paths[1:]:
+            zf.writestr(path, raw.read(path))
+    with RawImages(deflated) as raw:
+        assert raw.spans(paths[:2]).tolist() == [[-1, 0], [-1, 0]]
+        with RawImages(photos["raw"]) as packed:
+            assert raw.read_span(paths[1], (-1, 0)) == packed.read(paths[1])
+        with pytest.raises(FileNotFoundError, match=r"not in .*images\.zip"):
+            raw.read_span(paths[0], (-1, 0))
 
 
 def test_two_workers_write_what_one_writes(photos):

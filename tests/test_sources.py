@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import shutil
 import threading
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from conftest import make_image_folder
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from taxonomist.data.manifest import COLUMNS, join_labels, read_manifest, write_manifest
+from taxonomist.data.manifest import COLUMNS, IMAGES_ARCHIVE, join_labels, pack_images, read_manifest, write_manifest
 from taxonomist.data.sources import fashion_mnist as fm
 from taxonomist.data.sources import materialise
 from taxonomist.data.sources.folder import materialise_folder, scan_folder
@@ -104,10 +105,13 @@ def test_folder_scan_ignores_hidden_folders_and_non_images(tmp_path):
     assert nested / "deep.PNG" in classes["b"]
 
 
-def test_materialise_folder_copies_images_with_matching_hashes(tmp_path):
+def test_materialise_folder_stages_links_and_packing_hashes_them(tmp_path):
+    """Staging reads nothing (each generated name links to the user's file); packing reads
+    each image once and returns the hash of its bytes."""
     root = make_image_folder(tmp_path / "src", per_class=6)
     out = tmp_path / "raw"
     records = materialise(source_cfg(root), out)
+    hashes = pack_images(out, [r.path for r in records])
     assert len(records) == 18
     assert Counter(r.labels for r in records) == {("circle",): 6, ("square",): 6, ("triangle",): 6}
     assert {r.split for r in records} == {""}  # splits are assigned later, in preprocess
@@ -117,9 +121,12 @@ def test_materialise_folder_copies_images_with_matching_hashes(tmp_path):
         assert r.path.startswith("images/")  # generated names, never built from labels
         assert r.labels == (Path(r.source_id).parts[0],)
         assert copied.suffix == original.suffix.lower()
-        assert copied.read_bytes() == original.read_bytes()
-        assert r.sha256 == sha256_file(copied) == sha256_file(original)
+        assert copied.is_symlink() and copied.resolve() == original.resolve()
+        assert r.sha256 == ""  # filled in by ingest from the packing
+        assert hashes[r.path] == sha256_file(original)
     assert len({r.path for r in records}) == len(records)
+    with zipfile.ZipFile(out / IMAGES_ARCHIVE) as zf:
+        assert zf.read(records[0].path) == (root / records[0].source_id).read_bytes()
 
 
 def test_manifest_round_trip(tmp_path):

@@ -30,15 +30,20 @@ written before the column existed read with empty groups.
 
 from __future__ import annotations
 
+import os
+import struct
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from taxonomist.errors import StageOrderError, missing_input, stale_input
-from taxonomist.files import atomic_write_text
+from taxonomist.files import atomic_write_text, sha256_bytes
 
 COLUMNS = ["path", "labels", "split", "sha256", "source_id", "group"]
 OPTIONAL_COLUMNS = {"group": ""}  # added later: an older manifest without them reads with this value
@@ -109,9 +114,12 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     return frame
 
 
-def pack_images(folder: Path, paths: Iterable[str]) -> Path:
-    """Pack the files at ``paths`` (relative to ``folder``) into ``folder/images.zip``; return it.
+def pack_images(folder: Path, paths: Iterable[str], desc: str = "pack") -> dict[str, str]:
+    """Pack the files at ``paths`` (relative to ``folder``) into ``folder/images.zip``; return
+    the sha256 of each, by path.
 
+    Each file is read once, then written to the archive and hashed from memory (a staged file
+    may be a link to the user's image: see :func:`~taxonomist.data.sources.common.copy_images`).
     Members are stored uncompressed under their ``path``, sorted by path, with a fixed date,
     permissions and host system, so the same images always give a byte-identical archive.
     The loose files are left in place (the caller removes them). Meant for a folder being
@@ -120,61 +128,120 @@ def pack_images(folder: Path, paths: Iterable[str]) -> Path:
     """
     folder = Path(folder)
     target = folder / IMAGES_ARCHIVE
+    hashes: dict[str, str] = {}
+    ordered = sorted(set(paths))
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
-        for path in sorted(set(paths)):
+        for path in tqdm(ordered, desc=desc, unit="img", mininterval=1, disable=not ordered):
             info = zipfile.ZipInfo(path, date_time=ZIP_DATE_TIME)
             info.compress_type = zipfile.ZIP_STORED
             info.create_system = 3  # unix, whatever the platform (it is in the bytes)
             info.external_attr = 0o644 << 16
-            zf.writestr(info, (folder / path).read_bytes())
-    return target
+            data = (folder / path).read_bytes()
+            zf.writestr(info, data)
+            hashes[path] = sha256_bytes(data)
+    return hashes
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip member's local header: signature ... name and extra lengths
+_LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
 class RawImages:
     """The encoded bytes of the images in a raw folder, by manifest ``path``.
 
-    Reads ``images.zip`` when the folder has one (opened once, for all reads), else the loose
-    files of folders ingested before the archive existed. Use as a context manager::
+    Reads ``images.zip`` when the folder has one, else the loose files of folders ingested
+    before the archive existed. Use as a context manager::
 
         with RawImages(raw_dir) as images:
             data = images.read(row.path)
+
+    :meth:`read` opens the archive's directory (a few hundred bytes of memory per member) on
+    first use. Code that reads many images on many processes instead asks once for each
+    image's :meth:`spans` and reads with :meth:`read_span`, which needs nothing but an open
+    file, so every process holds only the spans of the images it is given.
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.archive = self.folder / IMAGES_ARCHIVE
         self._zip: zipfile.ZipFile | None = None
-        if self.archive.is_file():
-            try:
-                self._zip = zipfile.ZipFile(self.archive)
-            except zipfile.BadZipFile as err:
-                raise stale_input(f"{self.archive}: {err}", "ingest") from None
-        elif not (self.folder / IMAGES_DIR).is_dir():
+        self._file: BinaryIO | None = None
+        self.packed = self.archive.is_file()  # True when the images are read from ``images.zip``
+        if not self.packed and not (self.folder / IMAGES_DIR).is_dir():
             raise StageOrderError(
                 f"{self.folder}: neither {IMAGES_ARCHIVE} nor {IMAGES_DIR}/ found: run the ingest stage first"
             )
 
-    @property
-    def packed(self) -> bool:
-        """True when the images are read from ``images.zip``."""
-        return self._zip is not None
+    def _archive(self) -> zipfile.ZipFile:
+        if self._zip is None:
+            try:
+                self._zip = zipfile.ZipFile(self.archive)
+            except (zipfile.BadZipFile, OSError) as err:
+                raise stale_input(f"{self.archive}: {err}", "ingest") from None
+        return self._zip
+
+    def _missing(self, path: str) -> FileNotFoundError:
+        return FileNotFoundError(f"{path}: not in {self.archive} (the manifest lists it); run the ingest stage again")
 
     def read(self, path: str) -> bytes:
         """The bytes of the image at manifest ``path``; :class:`FileNotFoundError` naming the
         path (and the archive) when it is not there."""
-        if self._zip is None:
+        if not self.packed:
             return (self.folder / path).read_bytes()
         try:
-            return self._zip.read(path)
+            return self._archive().read(path)
         except KeyError:
-            raise FileNotFoundError(
-                f"{path}: not in {self.archive} (the manifest lists it); run the ingest stage again"
-            ) from None
+            raise self._missing(path) from None
+
+    def spans(self, paths: Sequence[str]) -> np.ndarray:
+        """Where each of ``paths`` lies in the archive: an ``(n, 2)`` array of the offset of its
+        member and its size, ``(-1, 0)`` for one that is not a stored member (missing,
+        compressed, or loose files): :meth:`read_span` then reads it by path. The archive's
+        directory is read for this and not kept."""
+        spans = np.full((len(paths), 2), (-1, 0), dtype=np.int64)
+        if not self.packed:
+            return spans
+        where = {
+            info.filename: (info.header_offset, info.compress_size)
+            for info in self._archive().infolist()
+            if info.compress_type == zipfile.ZIP_STORED
+        }
+        for k, path in enumerate(paths):
+            if path in where:
+                spans[k] = where[path]
+        del where
+        self.close()
+        return spans
+
+    def read_span(self, path: str, span: Sequence[int]) -> bytes:
+        """The bytes of the image at ``path``, read at ``span`` (from :meth:`spans`) with two
+        positioned reads; by path when the span is ``(-1, 0)``."""
+        offset, size = span
+        if offset < 0:
+            return self.read(path)
+        if self._file is None:
+            self._file = open(self.archive, "rb")  # noqa: SIM115 - kept open for later reads, closed by close()
+        fd = self._file.fileno()
+        header = os.pread(fd, _LOCAL_HEADER.size, offset)
+        if len(header) < _LOCAL_HEADER.size:
+            raise self._missing(path)
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        if signature != _LOCAL_SIGNATURE:
+            raise stale_input(f"{self.archive}: no zip member at byte {offset} (for {path})", "ingest")
+        start = offset + _LOCAL_HEADER.size + name_length + extra_length
+        data = os.pread(fd, size, start)
+        if len(data) != size:
+            raise stale_input(f"{self.archive}: {path} is cut short", "ingest")
+        return data
 
     def close(self) -> None:
-        """Close the archive (if one is open)."""
+        """Close the archive (if open); a later read opens it again."""
         if self._zip is not None:
-            self._zip.close()  # later reads fail (ZipFile refuses a closed archive)
+            self._zip.close()
+            self._zip = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> RawImages:
         return self

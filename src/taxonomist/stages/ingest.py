@@ -4,9 +4,10 @@ Labels are checked against the task as they are read (its ``check_records``): a 
 task refuses images with several labels (naming ``task=multilabel``) and labels that are paths
 of a tree (naming ``task=hierarchical``). When ``data.group_by`` names a column of the source,
 the manifest's ``group`` column holds it and ``ingest.json`` counts the groups.
-The source is first materialised as loose image files; the images the label check keeps are
-then packed into one stored (uncompressed), deterministic ``images.zip`` and the loose files
-removed, so DVC tracks a few files instead of one per image (see :mod:`taxonomist.data.manifest`).
+The source is first staged as links to the user's image files (nothing is read yet); the
+images the label check keeps are then read once each, hashed and packed into one stored
+(uncompressed), deterministic ``images.zip``, and the staged links removed, so DVC tracks a
+few files instead of one per image (see :mod:`taxonomist.data.manifest`).
 
 The new folder is built beside the old one and swapped in only on success, so a failed
 ingest leaves what was already ingested untouched.
@@ -18,6 +19,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -36,9 +38,10 @@ def run(cfg: DictConfig, out_dir: Path = RAW_DIR) -> dict:
     with atomic_directory(out_dir) as tmp:
         read = materialise(cfg, tmp)
         records = task_of(cfg).check_records(read, cfg)
-        write_manifest(records, tmp)
         started = time.perf_counter()
-        pack_images(tmp, [r.path for r in records])  # the images the label check dropped are left out
+        hashes = pack_images(tmp, [r.path for r in records])  # the images the label check dropped are left out
+        records = [replace(r, sha256=hashes[r.path]) for r in records]
+        write_manifest(records, tmp)
         if (tmp / IMAGES_DIR).exists():  # every source writes its images under images/
             shutil.rmtree(tmp / IMAGES_DIR)
         log.info("packed %d images into images.zip in %.1f s", len(records), time.perf_counter() - started)

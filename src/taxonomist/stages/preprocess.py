@@ -45,7 +45,7 @@ from taxonomist.data import auto, health
 from taxonomist.data.cache import NpyRows, images_path, write_labels
 from taxonomist.data.images import DECODE_VERSION, PHASH_SIZE, ImageSpec, InvalidImage, decode, image_facts, phashes
 from taxonomist.data.manifest import COLUMNS, SPLITS, RawImages, read_manifest, split_labels
-from taxonomist.data.parallel import local, map_chunks, resolve_workers
+from taxonomist.data.parallel import Rows, Workers, local, map_chunks, resolve_workers
 from taxonomist.data.split import assign_splits, group_keys
 from taxonomist.errors import DataError
 from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text, read_json
@@ -92,15 +92,15 @@ def _rows_file(path: str) -> NpyRows:
     return local(("rows", path), lambda: NpyRows(path, writable=True))
 
 
-def _inspect_chunk(raw_dir: str, paths: Sequence[str]) -> list[dict[str, object]]:
-    """:func:`~taxonomist.data.images.image_facts` of each image (with its perceptual hash),
-    or its quarantine ``reason``. Runs in a worker process."""
+def _inspect_chunk(raw_dir: str, items: Sequence[tuple[str, tuple[int, int]]]) -> list[dict[str, object]]:
+    """:func:`~taxonomist.data.images.image_facts` of each ``(path, span)`` image (with its
+    perceptual hash), or its quarantine ``reason``. Runs in a worker process."""
     images = _raw_images(raw_dir)
     out: list[dict[str, object]] = []
     thumbnails: list[np.ndarray] = []
-    for path in paths:
+    for path, span in items:
         try:  # a missing image is quarantined too (the reason names it)
-            facts, thumbnail = image_facts(images.read(path))
+            facts, thumbnail = image_facts(images.read_span(path, span))
         except (InvalidImage, OSError) as err:
             out.append({"reason": str(err)})
             continue
@@ -119,7 +119,7 @@ def _inspect_chunk(raw_dir: str, paths: Sequence[str]) -> list[dict[str, object]
 
 
 def inspect(
-    manifest: pd.DataFrame, raw_dir: Path, workers: int = 1, known: pd.DataFrame | None = None
+    manifest: pd.DataFrame, raw_dir: Path, workers: int | Workers = 1, known: pd.DataFrame | None = None
 ) -> tuple[pd.DataFrame, list[dict[str, str]], pd.DataFrame]:
     """Look at every image once: the valid rows with their facts (size, mode, gray, blank,
     perceptual hash), the quarantined ones (with the reason), and the facts table of every
@@ -133,10 +133,16 @@ def inspect(
     if len(table):
         log.info("inspect: %d image(s) known from the previous run, %d new", len(manifest) - len(todo), len(todo))
     found: list[dict[str, object]] = [{}] * len(todo)
-    paths = todo["path"].tolist()
+    paths = todo["path"].to_numpy()
+    with RawImages(raw_dir) as raw:
+        items = Rows(paths, raw.spans(paths))
     source_of = dict(zip(todo["path"], todo["source_id"], strict=True))
     for start, results in map_chunks(
-        functools.partial(_inspect_chunk, str(raw_dir)), paths, workers=workers, desc="inspect", name=source_of.get
+        functools.partial(_inspect_chunk, str(raw_dir)),
+        items,
+        workers=workers,
+        desc="inspect",
+        name=lambda item: source_of[item[0]],
     ):
         found[start : start + len(results)] = results
     new = typed_facts(pd.DataFrame(found, index=pd.Index(todo["sha256"], name="sha256"), columns=FACT_COLUMNS[1:]))
@@ -209,9 +215,9 @@ def previous_run(out_dir: Path) -> Previous:
 
 
 def _decode_chunk(
-    raw_dir: str, out_dir: str, spec: ImageSpec, jobs: Sequence[tuple[str, int, str]]
+    raw_dir: str, out_dir: str, spec: ImageSpec, jobs: Sequence[tuple[str, int, str, tuple[int, int]]]
 ) -> tuple[auto.PixelStats, list[tuple[int, str]]]:
-    """Decode ``(split, row, path)`` jobs into the split files (a run of consecutive rows in
+    """Decode ``(split, row, path, span)`` jobs into the split files (a run of consecutive rows in
     one write); return the pixel sums of the training images among them and, for each job
     that did not decode, its index in ``jobs`` and the reason. Runs in a worker process."""
     images = _raw_images(raw_dir)
@@ -227,9 +233,9 @@ def _decode_chunk(
                 stats.add(np.stack(run))
             run.clear()
 
-    for k, (job_split, row, path) in enumerate(jobs):
+    for k, (job_split, row, path, span) in enumerate(jobs):
         try:
-            pixels = decode(images.read(path), spec)
+            pixels = decode(images.read_span(path, span), spec)
         except (InvalidImage, FileNotFoundError) as err:
             failed.append((k, str(err)))
             continue
@@ -242,7 +248,7 @@ def _decode_chunk(
 
 
 def write_images(
-    frame: pd.DataFrame, raw_dir: Path, out_dir: Path, spec: ImageSpec, workers: int, previous: Previous
+    frame: pd.DataFrame, raw_dir: Path, out_dir: Path, spec: ImageSpec, workers: int | Workers, previous: Previous
 ) -> tuple[auto.PixelStats, int]:
     """Write each split's images (``<split>_images.npy``, rows in ``frame`` order) into
     ``out_dir``: copied from ``previous`` when it decoded the same content at ``spec``, else
@@ -250,18 +256,21 @@ def write_images(
     images were decoded (not reused)."""
     stats = auto.PixelStats(spec.channels)
     source_of = dict(zip(frame["path"], frame["source_id"], strict=True))  # what messages name
-    jobs: list[tuple[str, int, str]] = []
+    job_columns: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # split, row, path of what is decoded
     reuse: list[tuple[str, int, str, int]] = []  # (split, row, old split, old row)
     files = {}
     for split in SPLITS:
         part = frame[frame["split"] == split]
         files[split] = NpyRows.create(images_path(out_dir, split), (len(part), spec.size, spec.size, spec.channels))
         known = previous.rows.reindex(part["sha256"]) if previous.rows is not None else None
-        for row, path in enumerate(part["path"]):
-            if known is not None and isinstance(known["split"].iat[row], str):
-                reuse.append((split, row, known["split"].iat[row], int(known["row"].iat[row])))
-            else:
-                jobs.append((split, row, path))
+        found = known["split"].notna().to_numpy() if known is not None else np.zeros(len(part), dtype=bool)
+        for row in np.flatnonzero(found):
+            reuse.append((split, int(row), known["split"].iat[row], int(known["row"].iat[row])))
+        rows = np.flatnonzero(~found)
+        job_columns.append((np.full(len(rows), split, dtype=object), rows, part["path"].to_numpy()[rows]))
+    splits, rows, paths = (np.concatenate(column) for column in zip(*job_columns, strict=True))
+    with RawImages(raw_dir) as raw:  # where each image lies in the archive: workers read it with no index
+        jobs = Rows(splits, rows, paths, raw.spans(paths))
     try:
         if reuse:
             old = {split: NpyRows(images_path(previous.folder, split)) for split in SPLITS}
@@ -342,13 +351,17 @@ def run(
     """Run the preprocess stage; return the report (also written to ``report.json``) and write the
     data set health report (``health.md`` with plots and CSVs) into ``health_dir`` (default:
     :func:`~taxonomist.stages.paths.health_dir_for` ``out_dir``)."""
-    health_dir = health_dir or health_dir_for(out_dir)
+    # The worker processes start before any table is loaded, so they do not copy it.
+    with Workers(resolve_workers(cfg.preprocess.get("workers", "auto"))) as workers:
+        return _run(cfg, raw_dir, out_dir, health_dir or health_dir_for(out_dir), workers)
+
+
+def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, workers: Workers) -> dict:
     pre = cfg.preprocess
     task = task_of(cfg)
     manifest = read_manifest(raw_dir)
     check_class_names(manifest["labels"])
     manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
-    workers = resolve_workers(pre.get("workers", "auto"))
     previous = previous_run(out_dir)
     valid, problems, facts_table = inspect(manifest, raw_dir, workers, previous.facts)
 

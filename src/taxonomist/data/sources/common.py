@@ -1,7 +1,7 @@
 """Helpers every file-based reader shares (folder, manifest, archive, Label Studio).
 
-* :func:`copy_images` copies the found images to ``out_dir/images/<generated name>`` (never a
-  name built from user text) and returns their records;
+* :func:`copy_images` stages the found images as ``out_dir/images/<generated name>`` (never a
+  name built from user text) and returns their records; ingest packs (and hashes) them;
 * :func:`check_label` refuses label names the manifest cannot hold, :func:`clean_labels`
   tidies a label list;
 * :func:`group_by`, :func:`group_value` and :func:`missing_group_kind` read ``data.group_by``
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from tqdm import tqdm
 
 from taxonomist.data.manifest import LABEL_SEP, Record
 from taxonomist.errors import DataError, Problems
-from taxonomist.files import sha256_bytes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IGNORED_NAMES = frozenset({"__MACOSX"})  # macOS zip resource forks
@@ -71,19 +71,27 @@ def _safe_suffix(path: Path) -> str:
 
 
 def copy_images(images: Sequence[SourceImage], out_dir: Path, desc: str) -> list[Record]:
-    """Copy ``images`` to ``out_dir/images/<index><ext>`` and return their records.
+    """Stage ``images`` as ``out_dir/images/<index><ext>`` and return their records.
 
     Destination names are generated (a running number plus the original, lower-cased
     extension), never built from paths or labels, so nothing can land outside ``out_dir``.
+    Nothing is copied here: each name is a symbolic link to the user's file (a hard link when
+    the file lies inside ``out_dir``, e.g. an extracted archive that is removed before packing),
+    so ingest reads every image once, when it packs and hashes it
+    (:func:`~taxonomist.data.manifest.pack_images`); the records' ``sha256`` is filled in then.
     """
     folder = out_dir / "images"
     folder.mkdir(parents=True, exist_ok=True)
+    inside = out_dir.resolve()
     records: list[Record] = []
     for i, image in enumerate(tqdm(images, desc=desc, unit="img", mininterval=1)):
         rel = f"images/{i:06d}{_safe_suffix(image.src)}"
-        data = Path(image.src).read_bytes()  # read once: copied and hashed from memory
-        (out_dir / rel).write_bytes(data)
-        records.append(Record(rel, image.labels, image.split, sha256_bytes(data), image.source_id, image.group))
+        src = Path(image.src).resolve()
+        if src.is_relative_to(inside):
+            os.link(src, out_dir / rel)
+        else:
+            os.symlink(src, out_dir / rel)
+        records.append(Record(rel, image.labels, image.split, "", image.source_id, image.group))
     return records
 
 
