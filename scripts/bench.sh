@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export NO_ALBUMENTATIONS_UPDATE=1
 export PATH="$PWD/.venv/bin:$PATH"  # dvc.yaml runs `taxonomist <stage>`
+if [ "${1:-}" = "--serving" ]; then
+  shift
+  exec .venv/bin/python benchmarks/serving.py "$@"
+fi
 if [ "${1:-}" = "--scale" ]; then
   shift
   exec .venv/bin/python benchmarks/scale.py "$@"

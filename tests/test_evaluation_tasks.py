@@ -120,4 +120,4 @@ def test_cli_predict_names_missing_files(tmp_path, capsys):
 
     code = main(["predict", str(tmp_path / "nope.png"), "--params", str(REPO / "params.yaml")])
     assert code == 2
-    assert f"image file(s) not found: {tmp_path / 'nope.png'}" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope.png'}: no such file or folder" in capsys.readouterr().err

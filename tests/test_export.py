@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from taxonomist.data.images import ImageSpec, decode
@@ -121,8 +122,8 @@ def test_serving_predicts_labels_and_probabilities(served, exported):
     images = [png_bytes(i, mode=mode) for i, mode in enumerate(["RGB", "L", "RGBA", "P"])]
     out = model.predict(context, pd.DataFrame({"image": images}))
     prob_cols = [prob_column(c) for c in CLASSES]
-    assert out.columns.tolist() == ["label", "score", *prob_cols]
-    assert len(out) == 4
+    assert out.columns.tolist() == ["label", "score", *prob_cols, "error"]
+    assert len(out) == 4 and (out["error"] == "").all()
     probs = out[prob_cols].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
     assert ((probs >= 0) & (probs <= 1)).all()
@@ -139,29 +140,31 @@ def test_serving_predicts_labels_and_probabilities(served, exported):
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
-def test_serving_accepts_a_list_of_bytes_and_file_paths(served, tmp_path):
+def test_serving_accepts_a_list_of_bytes_but_never_reads_a_server_path(served, tmp_path):
     model, context = served
     data = png_bytes(7)
     path = tmp_path / "img.png"
     path.write_bytes(data)
     from_bytes = model.predict(context, [data, bytearray(data)])
-    from_path = model.predict(context, pd.DataFrame({"image": [str(path)]}))
-    pd.testing.assert_frame_equal(from_bytes.iloc[[0]], from_path)
-    pd.testing.assert_frame_equal(from_bytes.iloc[[1]].reset_index(drop=True), from_path)
+    from_frame = model.predict(context, pd.DataFrame({"image": [data]}))
+    pd.testing.assert_frame_equal(from_bytes.iloc[[0]], from_frame)
+    pd.testing.assert_frame_equal(from_bytes.iloc[[1]].reset_index(drop=True), from_frame)
+    with pytest.raises(MlflowException, match="must hold encoded image bytes"):  # a client cannot make it read files
+        model.predict(context, pd.DataFrame({"image": [str(path)]}))
 
 
 def test_serving_empty_input(served):
     model, context = served
     out = model.predict(context, pd.DataFrame({"image": []}))
     assert out.empty
-    assert out.columns.tolist() == ["label", "score", *map(prob_column, CLASSES)]
+    assert out.columns.tolist() == ["label", "score", *map(prob_column, CLASSES), "error"]
 
 
 def test_serving_rejects_bad_input(served):
     model, context = served
-    with pytest.raises(ValueError, match="column 'image'"):
+    with pytest.raises(MlflowException, match="column 'image'"):
         model.predict(context, pd.DataFrame({"img": [png_bytes(0)]}))
-    with pytest.raises(ValueError, match="expected encoded image bytes, got int"):
+    with pytest.raises(MlflowException, match=r"must hold encoded image bytes .*, not int"):
         model.predict(context, pd.DataFrame({"image": [3]}))
 
 

@@ -8,6 +8,7 @@ Examples::
     taxonomist check                        # fail if params.yaml or pipelines/ drift from conf/
     taxonomist train                        # one stage (what dvc.yaml runs)
     taxonomist predict img1.png img2.jpg    # with models:/<name>@champion
+    taxonomist predict photos/ -o out.csv   # a folder into a CSV (rerun: resumes)
     taxonomist sweep optimizer.lr=1e-3,3e-3 # Hydra multirun: a grid, or hparams_search=optuna
 
 Output: Taxonomist's own progress and results go to the console; what the libraries log
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from taxonomist.config import PARAMS_FILE, compose, load_params, to_yaml, write_params
-from taxonomist.errors import DataError, RegistryError, TaxonomistError
+from taxonomist.errors import RegistryError, TaxonomistError
 from taxonomist.stages import STAGES
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -168,9 +169,34 @@ def _parser() -> argparse.ArgumentParser:
         "each trial an MLflow child run (see `taxonomist sweep --help`)",
         add_help=False,
     )
-    p = sub.add_parser("predict", parents=[common], help="classify image files with a registered model")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", default=None, help="model URI (default: models:/<package.model_name>@champion)")
+    p = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="classify images (files, folders, globs, manifests, archives, list files) with a packaged model",
+    )
+    p.add_argument(
+        "images", nargs="+", help="image files, folders, quoted globs, .csv/.parquet manifests, archives, .txt lists"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="models:/<name>@<alias>, models:/<name>/<version> or a dist/ folder (default: models:/<name>@champion)",
+    )
+    p.add_argument("--output", "-o", type=Path, default=None, help="rows into this .csv/.parquet/.jsonl (resumable)")
+    p.add_argument("--format", choices=("csv", "parquet", "jsonl"), default=None, help="default: --output's suffix")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=3, help="labels with probabilities per row (default: %(default)s)")
+    p.add_argument("--probs", action="store_true", help="add every output's probability (prob_<name> columns)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output instead of resuming it")
+    p.add_argument("--params", default=PARAMS_FILE)
+    p = sub.add_parser(
+        "serve", parents=[common], help="serve a registered model over HTTP (MLflow's server, with request guards)"
+    )
+    p.add_argument("--model", default=None, help="model URI or MLflow model folder (default: models:/<name>@champion)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=None, help="largest request body (default: from the model)")
+    p.add_argument("--concurrency", type=int, default=None, help="requests handled at once (default: the cores)")
     p.add_argument("--params", default=PARAMS_FILE)
     return parser
 
@@ -231,9 +257,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check":
         return _check(args.conf, args.params)
-    cfg = load_params(args.params)
     if args.command == "predict":
-        return _predict(cfg, args.images, args.model)
+        return _predict(args)
+    if args.command == "serve":
+        return _serve(args)
+    cfg = load_params(args.params)
     stage = importlib.import_module(f"taxonomist.stages.{args.command}")
     result = stage.run(cfg)
     print(json.dumps(result, indent=2, default=str))
@@ -256,29 +284,70 @@ def _check(conf: str, params: str) -> int:
     return 0
 
 
-def _predict(cfg, images: list[str], model_uri: str | None) -> int:
-    import mlflow
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
-
+def _model_uri(given: str | None, params: str) -> str:
+    """``given``, or the champion of the project's registered model; for a ``models:/`` URI the
+    project's MLflow store (``params``) is put in force."""
+    from taxonomist.export.registry import model_name
     from taxonomist.tracking.runs import tracking_uri, use_store
 
-    missing = [p for p in images if not Path(p).is_file()]
-    if missing:
-        raise DataError(f"image file(s) not found: {', '.join(missing)}")
+    if given is not None and not given.startswith("models:/"):
+        return given
+    if not Path(params).is_file():
+        raise RegistryError(f"{params} not found: give --model (a models:/ URI needs the project's MLflow store)")
+    cfg = load_params(params)
     use_store(tracking_uri(cfg))
-    from taxonomist.export.registry import model_name
+    return given or f"models:/{model_name(cfg)}@champion"
 
-    uri = model_uri or f"models:/{model_name(cfg)}@champion"
+
+def _serve(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from taxonomist.export.registry import resolve_version
+    from taxonomist.export.server import serve
+
+    uri = _model_uri(args.model, args.params)
+    if uri.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        resolve_version(MlflowClient(), uri)  # a missing model or alias: one line naming what exists
+    print(f"loading {uri}; then serving it on http://{args.host}:{args.port}/invocations (Ctrl-C stops)", flush=True)
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        serve(uri, args.host, args.port, args.max_body_mb, args.concurrency)
     except MlflowException as err:
-        raise RegistryError(f"cannot load {uri} ({err}): run the package stage first, or give --model") from err
-    frame = pd.DataFrame({"image": [Path(p).read_bytes() for p in images]})
-    result = model.predict(frame)
-    task = model.unwrap_python_model().task  # the served model's task words its answers
-    for path, (_, row) in zip(images, result.iterrows(), strict=True):
-        print(f"{path}\t{task.answer_text(row)}")
+        raise RegistryError(f"cannot load {uri}: {err.message}") from None
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from taxonomist.export.registry import load_model
+    from taxonomist.predict.batch import classify_batch, predict_to_file
+    from taxonomist.predict.inputs import ImageReader, expand
+    from taxonomist.predict.outputs import output_format
+
+    keys = expand(args.images)
+    uri = _model_uri(args.model, args.params)
+    with tempfile.TemporaryDirectory(prefix="taxonomist-predict-") as tmp:
+        model, identity = load_model(uri, Path(tmp))
+    log.info("%s: %d image(s) to classify with %s", " ".join(args.images), len(keys), identity["model"])
+    if args.output is not None:
+        fmt = output_format(args.output, args.format)
+        summary = predict_to_file(
+            model, identity, keys, args.output, fmt, args.batch_size, args.top_k, args.probs, args.overwrite
+        )
+        rate = f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else ""
+        resumed = f", {summary['resumed_from']} from an earlier run" if summary["resumed_from"] else ""
+        print(
+            f"{args.output}: {summary['images']} image(s), {summary['classified_now']} classified now{rate}, "
+            f"{summary['errors_now']} with an error{resumed}"
+        )
+        return 0
+    with ImageReader(max_bytes=int(model.limits.max_request_mb * 1e6)) as reader:
+        for start in range(0, len(keys), max(1, args.batch_size)):
+            rows = classify_batch(model, reader, keys[start : start + args.batch_size], args.top_k)
+            for _, row in rows.iterrows():
+                print(f"{row['path']}\t{f'error: {row.error}' if row.error else model.task.answer_text(row)}")
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -182,6 +182,15 @@ class GateConfig:
 
 
 @dataclass
+class ServingConfig:
+    """Limits the packaged model enforces on every request (:class:`taxonomist.export.serving.Limits`)."""
+
+    max_pixels: int = 25_000_000
+    max_images: int = 256
+    max_request_mb: float = 64.0
+
+
+@dataclass
 class PackageConfig:
     model_name: str = MISSING  # auto = taxonomist-<data set>-<task>
     onnx_opset: int = MISSING
@@ -189,6 +198,7 @@ class PackageConfig:
     verify_rtol: float = MISSING
     champion_metric: str = MISSING
     gate: GateConfig = MISSING
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
 
 @dataclass
@@ -282,6 +292,12 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: package.gate.alpha must be in (0, 1), got {gate.alpha}")
     if int(gate.bootstrap) < 100:
         raise ConfigError(f"{origin}: package.gate.bootstrap must be >= 100 resamples, got {gate.bootstrap}")
+    serving = cfg.package.serving
+    if min(int(serving.max_pixels), int(serving.max_images)) < 1 or float(serving.max_request_mb) <= 0:
+        raise ConfigError(
+            f"{origin}: package.serving limits must be positive, got max_pixels={serving.max_pixels}, "
+            f"max_images={serving.max_images}, max_request_mb={serving.max_request_mb}"
+        )
     if float(cfg.fit.finetune.backbone_lr_scale) <= 0 or int(cfg.fit.finetune.head_warmup_epochs) < 0:
         raise ConfigError(
             f"{origin}: fit.finetune needs backbone_lr_scale > 0 and head_warmup_epochs >= 0, "

@@ -97,8 +97,22 @@ DECODE_VERSION = 2  # 2: JPEG draft mode (the DCT scaled down while decoding)
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 
+def _why(err: Exception, data: bytes) -> str:
+    """What is wrong with ``data`` that did not decode, in words (not the decoder's internals)."""
+    if not data:
+        return "empty file (0 bytes)"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file (no known image format)"
+    text = str(err)
+    if "truncated" in text or "premature end" in text.lower():
+        return f"truncated image file ({text})"
+    return text
+
+
 @contextmanager
-def open_image(data: bytes, draft: tuple[int, int] | None = None) -> Iterator[Image.Image]:
+def open_image(
+    data: bytes, draft: tuple[int, int] | None = None, max_pixels: int | None = None
+) -> Iterator[Image.Image]:
     """The decoded, upright (EXIF orientation applied) image of encoded ``data``; anything that
     does not decode (truncated, corrupt, not an image, too large, empty) raises
     :class:`InvalidImage` saying why.
@@ -108,10 +122,18 @@ def open_image(data: bytes, draft: tuple[int, int] | None = None) -> Iterator[Im
     less work for a photo much larger than the target. The whole file is still read and
     entropy-decoded, so a truncated or corrupt file fails as it does at full size. The image's
     full upright size is in ``img.info["full_size"]``.
+
+    ``max_pixels`` refuses, from the file's header and before decoding, an image of more
+    pixels (a decompression bomb: a small file that decodes to gigabytes); Pillow's own guard
+    (:data:`MAX_PIXELS`) is far higher.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
             full = img.size
+            if max_pixels is not None and full[0] * full[1] > max_pixels:
+                raise InvalidImage(
+                    f"too large: {full[0]} x {full[1]} pixels is over the limit of {max_pixels:,} pixels"
+                )
             if draft is not None and img.format == "JPEG":
                 img.draft(img.mode, draft)
             img.load()
@@ -127,7 +149,7 @@ def open_image(data: bytes, draft: tuple[int, int] | None = None) -> Iterator[Im
     except Image.DecompressionBombError as err:
         raise InvalidImage(f"too large: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InvalidImage(f"cannot decode: {err}") from None
+        raise InvalidImage(f"cannot decode: {_why(err, data)}") from None
 
 
 def image_facts(data: bytes) -> tuple[dict[str, object], np.ndarray]:
@@ -156,7 +178,7 @@ def image_facts(data: bytes) -> tuple[dict[str, object], np.ndarray]:
     return facts, thumbnail
 
 
-def decode(data: bytes, spec: ImageSpec, draft: bool = True) -> np.ndarray:
+def decode(data: bytes, spec: ImageSpec, draft: bool = True, max_pixels: int | None = None) -> np.ndarray:
     """Decode encoded image bytes into a (size, size, channels) uint8 array.
 
     With ``draft`` (the default, used alike by preprocess and serving) a JPEG larger than the
@@ -164,9 +186,9 @@ def decode(data: bytes, spec: ImageSpec, draft: bool = True) -> np.ndarray:
     for 1024x768 photos to 224 px about half the time of a full decode, with pixels a fraction
     of a grey level apart on average (a test bounds the difference). Raises
     :class:`InvalidImage` for data that does not decode (truncated, corrupt, not an image, or
-    too large).
+    too large: over ``max_pixels``, when given, or Pillow's guard).
     """
-    with open_image(data, draft=(spec.size, spec.size) if draft else None) as img:
+    with open_image(data, draft=(spec.size, spec.size) if draft else None, max_pixels=max_pixels) as img:
         out = resize(to_mode(img, spec.channels), spec)
     arr = np.asarray(out, dtype=np.uint8)
     if arr.ndim == 2:

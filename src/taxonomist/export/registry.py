@@ -90,7 +90,79 @@ def download_model(name: str, version: str, dst: Path) -> dict[str, str]:
             for key in ARTIFACTS
         }
     except (MlflowException, OSError) as err:
-        raise RegistryError(f"cannot download {uri} for the champion gate: {err}") from err
+        raise RegistryError(f"cannot download {uri}: {err}") from err
+
+
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
+
+
+def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """The registered model name and version a ``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>`` URI names; :class:`RegistryError` naming what exists when
+    the model, alias or version does not."""
+    match = MODEL_URI.fullmatch(uri)
+    if match is None:
+        raise RegistryError(f"{uri}: not a model URI; use models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models(max_results=50))
+        raise RegistryError(
+            f"{uri}: no registered model {name!r} (registered: {', '.join(known) or 'none'}); "
+            "run the package stage first"
+        ) from None
+    aliases = dict(registered.aliases or {})
+    if alias is not None:
+        if alias not in aliases:
+            have = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+            raise RegistryError(f"{uri}: {name} has no alias @{alias}; its aliases: {have}")
+        return name, str(aliases[alias])
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        latest = max((int(v.version) for v in client.search_model_versions(f"name='{name}'")), default=0)
+        raise RegistryError(f"{uri}: {name} has no version {version} (the latest is {latest or 'none'})") from None
+    return name, str(version)
+
+
+def local_artifacts(folder: Path) -> dict[str, str]:
+    """The ``onnx`` and ``settings`` files of a local packaged model: a ``dist/`` folder
+    (``model.onnx`` + ``serving.json``) or a saved MLflow model (an ``MLmodel`` file)."""
+    if (folder / "model.onnx").is_file() and (folder / "serving.json").is_file():
+        return {"onnx": str(folder / "model.onnx"), "settings": str(folder / "serving.json")}
+    if (folder / "MLmodel").is_file():
+        from mlflow.models import Model
+
+        logged = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}).get("artifacts", {})
+        if all(key in logged for key in ARTIFACTS):
+            return {key: str(folder / logged[key]["path"]) for key in ARTIFACTS}
+    raise RegistryError(
+        f"{folder}: not a packaged Taxonomist model (no model.onnx + serving.json, no MLmodel with them)"
+    )
+
+
+def load_model(uri: str, dst: Path) -> tuple[ImageClassifierModel, dict[str, str]]:
+    """The served model behind ``uri`` (a ``models:/`` URI of the registry in force, or a local
+    ``dist/`` or MLflow model folder; registry artifacts are downloaded into ``dst``) and what
+    identifies it: ``model`` (the URI with the alias resolved to a version, or the folder) and
+    ``onnx_sha256``."""
+    from taxonomist.files import sha256_file
+
+    if uri.startswith("models:/"):
+        name, version = resolve_version(MlflowClient(), uri)
+        artifacts = download_model(name, version, dst)
+        where = f"models:/{name}/{version}"
+    else:
+        folder = Path(uri).expanduser()
+        if not folder.is_dir():
+            raise RegistryError(
+                f"--model {uri}: no such folder; give models:/<name>@<alias>, models:/<name>/<version> "
+                "or a packaged model's folder (dist/)"
+            )
+        artifacts = local_artifacts(folder)
+        where = str(folder.resolve())
+    return served_model(artifacts), {"model": where, "onnx_sha256": sha256_file(artifacts["onnx"])}
 
 
 def classify(model: ImageClassifierModel, images: Sequence[bytes]) -> np.ndarray:

@@ -35,7 +35,7 @@ from taxonomist.errors import ConfigError, ModelError, StageOrderError, missing_
 from taxonomist.export import gate, registry
 from taxonomist.export.model_card import render_model_card
 from taxonomist.export.onnx import export_onnx, verify_onnx
-from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel
+from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel, Limits
 from taxonomist.files import atomic_write_json, atomic_write_text, read_json
 from taxonomist.models.inference import load_classifier
 from taxonomist.stages.paths import (
@@ -133,6 +133,7 @@ def run(
         "tta": str(cfg.augment.tta),  # inside the ONNX graph; recorded for people reading the package
         "labels": task.to_dict(),
         "decision": decision,
+        "limits": Limits.from_dict(OmegaConf.to_container(cfg.package.serving)).to_dict(),  # type: ignore[arg-type]
     }
     pre = cfg.preprocess
     test = read_split(processed_dir, "test")
