@@ -97,6 +97,10 @@ class NpyRows:
             raise OSError(f"{self.path}: short read at row {start} (the file is truncated)")
         return np.frombuffer(data, dtype=self.dtype).reshape(count, *self.row_shape).copy()
 
+    def sync(self) -> None:
+        """Wait until what was written is on disk (``fsync``)."""
+        os.fsync(self.fd)
+
     def close(self) -> None:
         """Close the file."""
         if self.fd >= 0:

@@ -139,6 +139,8 @@ def pack_images(folder: Path, paths: Iterable[str], desc: str = "pack") -> dict[
             data = (folder / path).read_bytes()
             zf.writestr(info, data)
             hashes[path] = sha256_bytes(data)
+    with open(target, "rb") as fh:  # on disk before the stage swaps its folder in (and counted in its time)
+        os.fsync(fh.fileno())
     return hashes
 
 

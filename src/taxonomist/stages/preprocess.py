@@ -299,6 +299,8 @@ def write_images(
                 f"{len(failed)} image(s) passed inspection but did not decode at {spec.size}px: "
                 f"{'; '.join(failed[:5])}; run the ingest stage again"
             )
+        for rows in files.values():  # on disk before the stage swaps its folder in (and counted in its time)
+            rows.sync()
     finally:
         for rows in files.values():
             rows.close()
