@@ -219,7 +219,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/taxonomist-serving"), help="test images, outputs")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=40, help="requests per client")
+    parser.add_argument("--requests", type=int, default=150, help="requests per client")
     parser.add_argument("--images", type=int, default=16, help="images per request")
     parser.add_argument("--max-seconds", type=float, default=180.0, help="the load test stops after this")
     args = parser.parse_args()
