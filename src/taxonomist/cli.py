@@ -322,7 +322,7 @@ def _predict(args: argparse.Namespace) -> int:
     import tempfile
 
     from taxonomist.export.registry import load_model
-    from taxonomist.predict.batch import classify_batch, predict_to_file
+    from taxonomist.predict.batch import batches, classify_batch, predict_to_file
     from taxonomist.predict.inputs import ImageReader, expand
     from taxonomist.predict.outputs import output_format
 
@@ -344,8 +344,8 @@ def _predict(args: argparse.Namespace) -> int:
         )
         return 0
     with ImageReader(max_bytes=int(model.limits.max_request_mb * 1e6)) as reader:
-        for start in range(0, len(keys), max(1, args.batch_size)):
-            rows = classify_batch(model, reader, keys[start : start + args.batch_size], args.top_k)
+        for batch in batches(keys, max(1, args.batch_size)):
+            rows = classify_batch(model, reader, batch, args.top_k)
             for _, row in rows.iterrows():
                 print(f"{row['path']}\t{f'error: {row.error}' if row.error else model.task.answer_text(row)}")
     return 0

@@ -119,7 +119,7 @@ def pack_images(folder: Path, paths: Iterable[str], desc: str = "pack") -> dict[
     the sha256 of each, by path.
 
     Each file is read once, then written to the archive and hashed from memory (a staged file
-    may be a link to the user's image: see :func:`~taxonomist.data.sources.common.copy_images`).
+    may be a link to the user's image: see :func:`~taxonomist.data.sources.common.stage_images`).
     Members are stored uncompressed under their ``path``, sorted by path, with a fixed date,
     permissions and host system, so the same images always give a byte-identical archive.
     The loose files are left in place (the caller removes them). Meant for a folder being

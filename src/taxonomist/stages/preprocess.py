@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 FACTS = {"width": "int64", "height": "int64", "mode": "str", "gray": "bool", "blank": "bool"}
 FACTS_FILE = "facts.csv"  # every inspected image's facts (or why it was quarantined), by content hash
 FACT_COLUMNS = ["sha256", *FACTS, "phash", "reason"]
+SPAN = ["span_offset", "span_size"]  # where an image lies in images.zip (RawImages.spans), carried by the frames
 GB = 1e9
 
 
@@ -135,9 +136,7 @@ def inspect(
     if len(table):
         log.info("inspect: %d image(s) known from the previous run, %d new", len(manifest) - len(todo), len(todo))
     found: dict[str, list[object]] = {column: [None] * len(todo) for column in FACT_COLUMNS[1:]}
-    paths = todo["path"].to_numpy()
-    with RawImages(raw_dir) as raw:
-        items = Rows(paths, raw.spans(paths))
+    items = Rows(todo["path"].to_numpy(), todo[SPAN].to_numpy())
     source_of = dict(zip(todo["path"], todo["source_id"], strict=True))
     for start, results in map_chunks(
         functools.partial(_inspect_chunk, str(raw_dir)),
@@ -260,7 +259,7 @@ def write_images(
     images were decoded (not reused)."""
     stats = auto.PixelStats(spec.channels)
     source_of = dict(zip(frame["path"], frame["source_id"], strict=True))  # what messages name
-    job_columns: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # split, row, path of what is decoded
+    job_columns: list[tuple[np.ndarray, ...]] = []  # split, row, path, span of what is decoded
     reuse: list[tuple[str, int, str, int]] = []  # (split, row, old split, old row)
     files = {}
     for split in SPLITS:
@@ -271,10 +270,9 @@ def write_images(
         for row in np.flatnonzero(found):
             reuse.append((split, int(row), known["split"].iat[row], int(known["row"].iat[row])))
         rows = np.flatnonzero(~found)
-        job_columns.append((np.full(len(rows), split, dtype=object), rows, part["path"].to_numpy()[rows]))
-    splits, rows, paths = (np.concatenate(column) for column in zip(*job_columns, strict=True))
-    with RawImages(raw_dir) as raw:  # where each image lies in the archive: workers read it with no index
-        jobs = Rows(splits, rows, paths, raw.spans(paths))
+        split_column = np.full(len(rows), split, dtype=object)
+        job_columns.append((split_column, rows, part["path"].to_numpy()[rows], part[SPAN].to_numpy()[rows]))
+    jobs = Rows(*(np.concatenate(column) for column in zip(*job_columns, strict=True)))
     try:
         if reuse:
             old = {split: NpyRows(images_path(previous.folder, split)) for split in SPLITS}
@@ -299,8 +297,8 @@ def write_images(
                 f"{len(failed)} image(s) passed inspection but did not decode at {spec.size}px: "
                 f"{'; '.join(failed[:5])}; run the ingest stage again"
             )
-        for rows in files.values():  # on disk before the stage swaps its folder in (and counted in its time)
-            rows.sync()
+        for written in files.values():  # on disk before the stage swaps its folder in (and counted in its time)
+            written.sync()
     finally:
         for rows in files.values():
             rows.close()
@@ -368,6 +366,8 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
     manifest = read_manifest(raw_dir)
     check_class_names(manifest["labels"])
     manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
+    with RawImages(raw_dir) as raw:  # where each image lies in the archive, read once: workers need no index
+        manifest[SPAN] = raw.spans(manifest["path"].to_numpy())
     previous = previous_run(out_dir)
     valid, problems, facts_table = inspect(manifest, raw_dir, workers, previous.facts)
 

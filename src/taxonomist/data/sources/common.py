@@ -1,6 +1,6 @@
 """Helpers every file-based reader shares (folder, manifest, archive, Label Studio).
 
-* :func:`copy_images` stages the found images as ``out_dir/images/<generated name>`` (never a
+* :func:`stage_images` stages the found images as ``out_dir/images/<generated name>`` (never a
   name built from user text) and returns their records; ingest packs (and hashes) them;
 * :func:`check_label` refuses label names the manifest cannot hold, :func:`clean_labels`
   tidies a label list;
@@ -70,7 +70,7 @@ def _safe_suffix(path: Path) -> str:
     return suffix if _SAFE_SUFFIX.fullmatch(suffix) else ""
 
 
-def copy_images(images: Sequence[SourceImage], out_dir: Path, desc: str) -> list[Record]:
+def stage_images(images: Sequence[SourceImage], out_dir: Path, desc: str) -> list[Record]:
     """Stage ``images`` as ``out_dir/images/<index><ext>`` and return their records.
 
     Destination names are generated (a running number plus the original, lower-cased

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from taxonomist.data.manifest import PATH_SEP, Record
-from taxonomist.data.sources.common import IMAGE_SUFFIXES, SourceImage, check_label, copy_images, is_hidden
+from taxonomist.data.sources.common import IMAGE_SUFFIXES, SourceImage, check_label, is_hidden, stage_images
 from taxonomist.errors import DataError, Problems
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,11 @@ def warn_nested(root: Path, classes: dict[str, list[Path]]) -> None:
 
 
 def materialise_folder(cfg: DictConfig, root: Path, out_dir: Path) -> list[Record]:
-    """Copy the images of a folder-per-class tree (nested folders = a hierarchy) into ``out_dir/images``."""
+    """Stage the images of a folder-per-class tree (nested folders = a hierarchy) as ``out_dir/images``."""
     classes = scan_folder(root, hierarchical=_labels_are_paths(cfg))
     images = [
         SourceImage(src, (label,), "", src.relative_to(root).as_posix())
         for label, files in classes.items()
         for src in files
     ]
-    return copy_images(images, out_dir, desc=f"ingest {root.name}")
+    return stage_images(images, out_dir, desc=f"ingest {root.name}")

@@ -75,7 +75,6 @@ from taxonomist.data.sources.common import (
     IMAGE_SUFFIXES,
     SourceImage,
     clean_labels,
-    copy_images,
     group_by,
     group_value,
     image_root,
@@ -83,6 +82,7 @@ from taxonomist.data.sources.common import (
     missing_group_kind,
     report_problems,
     resolve_image,
+    stage_images,
 )
 from taxonomist.data.sources.table import attribute_labels, label_form, task_attributes
 from taxonomist.errors import DataError, Problems
@@ -446,4 +446,4 @@ def materialise_label_studio(cfg: DictConfig, path: Path, out_dir: Path, *, insi
         log.warning("%s: skipped %d task(s) without a (non-cancelled) annotation", name, unannotated)
     if not images:
         raise DataError(f"{name}: no task has a non-cancelled annotation; label the images and export again")
-    return copy_images(images, out_dir, desc=f"ingest {name}")
+    return stage_images(images, out_dir, desc=f"ingest {name}")

@@ -50,12 +50,12 @@ from taxonomist.data.sources.common import (
     SourceImage,
     check_label,
     clean_labels,
-    copy_images,
     group_by,
     group_value,
     image_root,
     missing_group_kind,
     resolve_image,
+    stage_images,
 )
 from taxonomist.errors import ConfigError, DataError, Problems
 from taxonomist.tasks.multiattribute import ATTRIBUTE_SEP, configured_attributes
@@ -309,4 +309,4 @@ def materialise_table(cfg: DictConfig, path: Path, out_dir: Path, *, inside: Pat
         elif labels is not None and split is not None:
             images.append(SourceImage(src, labels, split, where, group))
     problems.raise_if_any()
-    return copy_images(images, out_dir, desc=f"ingest {name}")
+    return stage_images(images, out_dir, desc=f"ingest {name}")
