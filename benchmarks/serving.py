@@ -7,8 +7,12 @@ champion in the project's MLflow store).
    PNGs), written as files into a folder, classified by ``taxonomist predict FOLDER --model
    dist -o predictions.csv``: images per second (from the run's record; the model load is
    left out) and the wall time of the whole command; then the accuracy of the written labels,
-   as a check that the file says what evaluate measured.
-2. **Load test** of ``taxonomist serve`` on loopback: ``--clients`` concurrent clients each
+   as a check that the file says what evaluate measured, and the share of answers flagged
+   ``abstain`` (the conformal set is not one label).
+2. **Out of distribution**: scikit-learn's 1,797 handwritten digits (8 x 8, scaled up to
+   PNGs of the training images' size) classified the same way: the share flagged ``abstain``.
+   A Fashion-MNIST model has never seen a digit; every answer it gives is wrong.
+3. **Load test** of ``taxonomist serve`` on loopback: ``--clients`` concurrent clients each
    send ``--requests`` requests of ``--images`` test PNGs, while one more client sends the
    decompression-bomb request (four PNGs that each decode to 12,000 x 12,000 pixels, 0.6 MB in
    all) every second. Reported: p50/p95 latency of the normal requests, their errors, the
@@ -86,7 +90,35 @@ def batch_rows(work: Path) -> list[Row]:
         Row("  the whole `taxonomist predict` command (model load included)", wall, "s"),
         Row("  accuracy of the written labels (evaluate measured the same model)", accuracy, digits=4),
         Row("  rows with an error", int((rows["error"] != "").sum()), digits=0),
+        *abstain_rows(rows, "  answers flagged `abstain` (test images)"),
+        *ood_rows(work),
     ]  # fmt: skip
+
+
+def abstain_rows(rows: pd.DataFrame, text: str) -> list[Row]:
+    """The share of answered rows flagged ``abstain`` (none when the model has no conformal sets)."""
+    if "abstain" not in rows:
+        return []
+    answered = rows[rows["error"] == ""]
+    return [Row(text, float((answered["abstain"].str.lower() == "true").mean()), digits=4)]
+
+
+def ood_rows(work: Path) -> list[Row]:
+    """Classify scikit-learn's digits (never seen by the model) and report the share flagged ``abstain``."""
+    from sklearn.datasets import load_digits
+
+    settings = json.loads((ROOT / "dist/serving.json").read_text())
+    size, mode = int(settings["image_size"]), "L" if int(settings["channels"]) == 1 else "RGB"
+    folder = work / "digits"
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, image in enumerate(load_digits().images):
+        pixels = Image.fromarray((image * 255 / 16).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        pixels.convert(mode).save(folder / f"{n:04d}.png")
+    out = work / "digits.csv"
+    cmd = [sys.executable, "-m", "taxonomist.cli", "predict", str(folder), "--model", str(ROOT / "dist")]
+    subprocess.run([*cmd, "-o", str(out), "--overwrite"], check=True, cwd=ROOT)
+    rows = pd.read_csv(out, dtype=str, keep_default_na=False)
+    return abstain_rows(rows, f"out of distribution: {len(rows):,} handwritten digits flagged `abstain`")
 
 
 def bomb_request() -> bytes:

@@ -112,6 +112,13 @@ CASES = {
 }
 
 
+def serving_outputs(serving: dict) -> int:
+    """The number of logits of the packaged model's task."""
+    from taxonomist.tasks import load_task
+
+    return load_task(serving["labels"]).num_outputs
+
+
 @pytest.mark.parametrize("task", sorted(CASES))
 def test_all_stages_for_task(task, tmp_path, monkeypatch):
     make_source, extra = CASES[task]
@@ -136,6 +143,11 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
     answer = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
     card = Path("dist/model_card.md").read_text()
     assert f"Task: {task}" in card
+    # Calibrated on val, shipped, measured: every task has a scale per output and conformal sets.
+    assert len(decision["scale"]) == len(decision["bias"]) == serving_outputs(serving) and decision["coverage"] == 0.9
+    assert {"ece", "ece_uncalibrated", "conformal_coverage", "conformal_set_size", "abstain_rate"} <= set(metrics)
+    assert answer["abstain"].isin([True, False]).all() and all(isinstance(v, list) for v in answer["plausible"])
+    assert "## Calibration and prediction sets" in card and Path("reports/eval/reliability.png").is_file()
     if task == "binary":
         assert {"acc", "precision", "recall", "f1", "roc_auc", "average_precision"} <= set(metrics)
         assert summary["champion_metric"] == "test/f1"

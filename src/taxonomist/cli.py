@@ -325,6 +325,7 @@ def _predict(args: argparse.Namespace) -> int:
     from taxonomist.predict.batch import batches, classify_batch, predict_to_file
     from taxonomist.predict.inputs import ImageReader, expand
     from taxonomist.predict.outputs import output_format
+    from taxonomist.tasks.uncertainty import unsure_text
 
     keys = expand(args.images)
     uri = _model_uri(args.model, args.params)
@@ -347,7 +348,8 @@ def _predict(args: argparse.Namespace) -> int:
         for batch in batches(keys, max(1, args.batch_size)):
             rows = classify_batch(model, reader, batch, args.top_k)
             for _, row in rows.iterrows():
-                print(f"{row['path']}\t{f'error: {row.error}' if row.error else model.task.answer_text(row)}")
+                answer = f"error: {row.error}" if row.error else model.task.answer_text(row) + unsure_text(row)
+                print(f"{row['path']}\t{answer}")
     return 0
 
 

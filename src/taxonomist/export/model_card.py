@@ -78,6 +78,7 @@ def render_model_card(
             for _, r in per_class.iterrows()
         ],
         "",
+        *uncertainty_section(task, Decision.from_dict(decision), metrics),
         *(gate_section(gate, task.unit) if gate else []),
         "## Provenance",
         f"- MLflow run: `{run_id}`",
@@ -85,10 +86,42 @@ def render_model_card(
         "",
         "## Limitations",
         "- Measured only on the test split above; images unlike the training data (other "
-        "domains, sizes, colours) may be classified with high confidence and still be wrong.",
+        "domains, sizes, colours) may be classified with high confidence and still be wrong"
+        + (" (`abstain` flags many of them, not all)." if Decision.from_dict(decision).qhat else "."),
         "",
     ]
     return "\n".join(lines)
+
+
+def uncertainty_section(task: Task, decision: Decision, metrics: dict[str, float]) -> list[str]:
+    """The "Calibration and prediction sets" section's lines (none for a decision without either)."""
+    lines: list[str] = []
+    if decision.scale:
+        kinds = sorted({kind for _, kind in task.calibration_groups()})
+        how = " and ".join("temperature scaling" if k == "temperature" else "Platt scaling" for k in kinds)
+        temperatures = sorted(
+            {round(1.0 / decision.scale[g.start], 3) for g, k in task.calibration_groups() if k == "temperature"}
+        )
+        shown = f" (temperature {', '.join(str(t) for t in temperatures[:6])})" if temperatures else ""
+        lines.append(
+            f"- Scores are calibrated with {how}{shown}, fitted on the validation split; the served "
+            "probabilities are the calibrated ones"
+        )
+    if "ece_uncalibrated" in metrics:
+        lines.append(
+            f"- Expected calibration error (test, 15 bins, top answer): {metrics['ece_uncalibrated']:.4f} "
+            f"uncalibrated, {metrics['ece']:.4f} served"
+        )
+    if decision.qhat and "conformal_coverage" in metrics:
+        answered = f", {metrics['answered_acc']:.4f} accuracy on the others" if "answered_acc" in metrics else ""
+        lines += [
+            f"- Prediction sets (split-conformal, fitted on validation at {decision.coverage:.0%} coverage): "
+            f"the served `plausible` column held the true answer for {metrics['conformal_coverage']:.2%} of the "
+            f"test answers, with {metrics['conformal_set_size']:.2f} options on average",
+            f"- `abstain` (a set that is not exactly one option) was set for {metrics['abstain_rate']:.2%} of the "
+            f"test images{answered}",
+        ]
+    return ["## Calibration and prediction sets", *lines, ""] if lines else []
 
 
 def gate_section(gate: dict[str, Any], unit: str) -> list[str]:

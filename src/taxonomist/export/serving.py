@@ -152,4 +152,4 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
 def answer_frame(logits: np.ndarray, task: Task, decision: Decision) -> pd.DataFrame:
     """The served answer of each row of logits (see the module docstring)."""
-    return task.answer(task.probabilities(logits), decision)
+    return task.served(logits, decision)

@@ -1,11 +1,16 @@
-"""Evaluate: tune the decision on the validation split, then measure the test split.
+"""Evaluate: calibrate and tune the decision on the validation split, then measure the test split.
 
-Binary and multi-label thresholds are tuned on the validation split (``task.threshold``) and
-written to ``reports/eval/decision.json``, which the package stage ships with the model.
+On the validation split, in this order: the scores are calibrated (``evaluate.calibration``:
+temperature or Platt scaling, :mod:`taxonomist.evaluation.calibration`), binary and
+multi-label thresholds are tuned on the calibrated scores (``task.threshold``), and the
+split-conformal thresholds are fitted (``evaluate.coverage``). All three are written to
+``reports/eval/decision.json``, which the package stage ships with the model, so served
+probabilities are calibrated and answers carry ``plausible`` and ``abstain``.
 
 Outputs: ``reports/metrics.json`` (``dvc metrics show``) and, under ``reports/eval/``,
 ``per_class.csv``, ``predictions.csv`` (``dvc plots`` confusion matrix), confusion matrices,
-curves (binary: PR and ROC) and PNG plots; the same numbers and files are logged to the
+curves (binary: PR and ROC), ``calibration.csv`` and ``reliability.png`` (calibration error
+before and after) and PNG plots; the same numbers and files are logged to the
 pipeline's MLflow run.
 """
 
@@ -24,11 +29,18 @@ from tqdm import tqdm
 from taxonomist.data import auto
 from taxonomist.data.cache import read_labels, read_split
 from taxonomist.data.dataset import CachedImageDataset, collate_batch
-from taxonomist.errors import DataError, StageOrderError
+from taxonomist.errors import ConfigError, DataError, StageOrderError
+from taxonomist.evaluation.calibration import (
+    CALIBRATION_MODES,
+    calibration_report,
+    conformal_thresholds,
+    fit_calibration,
+)
 from taxonomist.evaluation.report import write_reports
 from taxonomist.files import atomic_write_json
 from taxonomist.models.inference import Classifier, load_classifier
 from taxonomist.stages.paths import DECISION_FILE, HISTORY_FILE, METRICS_FILE, MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
+from taxonomist.tasks import Decision, Task
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -61,6 +73,31 @@ def predict_split(
     return torch.cat(logits).numpy(), np.asarray(arrays.labels)
 
 
+def fit_decision(task: Task, val_logits: np.ndarray, val_target: np.ndarray, cfg: DictConfig) -> Decision:
+    """The decision fitted on the validation split: calibration, thresholds on the calibrated
+    scores, conformal thresholds (see the module docstring). No validation images: no
+    calibration, thresholds at 0.5, no conformal sets."""
+    mode, coverage = str(cfg.evaluate.calibration), cfg.evaluate.coverage
+    if mode not in CALIBRATION_MODES:
+        raise ConfigError(f"evaluate.calibration={mode!r}; use one of {CALIBRATION_MODES}")
+    if coverage is not None and not 0.0 < float(coverage) < 1.0:
+        raise ConfigError(f"evaluate.coverage must be in (0, 1) or null (no prediction sets), got {coverage}")
+    scale, bias = fit_calibration(task, val_logits, val_target) if mode == "auto" else ([], [])
+    val_probs = task.calibrated_probabilities(val_logits, Decision(scale=scale, bias=bias))
+    decision = task.tune(val_probs, val_target, cfg.task)
+    decision.scale, decision.bias = scale, bias
+    if coverage is not None and len(val_target):
+        decision.coverage = float(coverage)
+        decision.qhat = conformal_thresholds(task, val_probs, val_target, float(coverage))
+        if max(decision.qhat) >= 1.0:
+            log.warning(
+                "conformal sets: too few validation images for coverage %s; every option stays plausible "
+                "(answers always abstain) for at least one question",
+                coverage,
+            )
+    return decision
+
+
 def run(
     cfg: DictConfig,
     processed_dir: Path = PROCESSED_DIR,
@@ -83,12 +120,12 @@ def run(
     logits, target = predict_split(module, processed_dir, "test", batch, pre.mean, pre.std)
     if len(target) == 0:
         raise DataError("the test split is empty: nothing to evaluate")
-    val_probs = task.probabilities(val_logits)  # no val images: tuned thresholds stay at 0.5
-    decision = task.tune(val_probs, val_target, cfg.task)
-    result = task.evaluate(task.probabilities(logits), target, decision)
-    metrics = result.metrics
-
+    decision = fit_decision(task, val_logits, val_target, cfg)
+    probs = task.calibrated_probabilities(logits, decision)
+    result = task.evaluate(probs, target, decision)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = result.metrics | calibration_report(task, task.probabilities(logits), probs, target, decision, out_dir)
+
     atomic_write_json(metrics_file, {"test": metrics})
     atomic_write_json(out_dir / DECISION_FILE, {"task": task.name, **decision.to_dict()})
     test_images = read_split(processed_dir, "test").images

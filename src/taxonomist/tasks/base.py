@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from torchmetrics import MetricCollection
 
     from taxonomist.evaluation.report import Evaluation
+    from taxonomist.tasks.uncertainty import Question
 
 THRESHOLD_MODES = ("max_f1", "min_precision", "min_recall", "fixed")
 # Keys of the ``task`` config section and the value that means "not used by this task". Every
@@ -53,28 +54,41 @@ UNSET: dict[str, Any] = {
 
 @dataclass
 class Decision:
-    """How probabilities become answers: thresholds (binary: one; multilabel: per label;
-    hierarchical: the descend threshold; multiattribute: each attribute's, under its name)
-    and how to show a path."""
+    """How logits become answers, everything evaluate fits on the validation split and the
+    package ships: thresholds (binary: one; multilabel: per label; hierarchical: the descend
+    threshold; multiattribute: each attribute's, under its name), how to show a path, the
+    calibration (``logits * scale + bias`` per output; empty: none) and the conformal
+    thresholds (``qhat`` per question at ``coverage``; empty: no sets), see
+    :mod:`taxonomist.tasks.uncertainty`."""
 
     thresholds: list[float] = field(default_factory=list)
     path_separator: str = " > "
     parts: dict[str, Decision] = field(default_factory=dict)
+    scale: list[float] = field(default_factory=list)
+    bias: list[float] = field(default_factory=list)
+    qhat: list[float] = field(default_factory=list)
+    coverage: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict."""
+        """A JSON-able dict (the fields left at their defaults, other than the first two, are left out)."""
         out = asdict(self)
-        if not self.parts:
-            out.pop("parts")
+        for key in ("parts", "scale", "bias", "qhat", "coverage"):
+            if not out[key]:
+                out.pop(key)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Decision:
         """Rebuild from :meth:`to_dict` output."""
+        coverage = data.get("coverage")
         return cls(
             [float(t) for t in data.get("thresholds", [])],
             str(data.get("path_separator") or " > "),
             {k: cls.from_dict(v) for k, v in (data.get("parts") or {}).items()},
+            [float(v) for v in data.get("scale", [])],
+            [float(v) for v in data.get("bias", [])],
+            [float(v) for v in data.get("qhat", [])],
+            None if coverage is None else float(coverage),
         )
 
 
@@ -95,6 +109,7 @@ class Task:
     predictions_confusion: ClassVar[bool] = True  # dvc's confusion template over predictions.csv
     mixup: ClassVar[bool] = False  # mixed images get mixed targets (train.mixup)
     unit: ClassVar[str] = "class"  # what an output unit is called (per-class table, model card)
+    calibration: ClassVar[str] = "temperature"  # temperature | platt (see calibration_groups)
     output_text: ClassVar[str]  # the served columns, for the model card
 
     def __init__(self, classes: Sequence[str]):
@@ -252,6 +267,31 @@ class Task:
         """The decision, tuned on validation probabilities where the task has thresholds."""
         return Decision([], separator(task_cfg))
 
+    def calibration_groups(self) -> list[tuple[slice, str]]:
+        """Output columns calibrated together, and how: ``temperature`` (one scale shared by the
+        columns, no bias: the order of the logits stays) or ``platt`` (a scale and a bias of
+        one column). By :attr:`calibration`: one temperature over all outputs, or Platt per output."""
+        if self.calibration == "platt":
+            return [(slice(j, j + 1), "platt") for j in range(self.num_outputs)]
+        return [(slice(0, self.num_outputs), "temperature")]
+
+    def calibrated_probabilities(self, logits: np.ndarray, decision: Decision) -> np.ndarray:
+        """:meth:`probabilities` of the logits calibrated by ``decision`` (its ``scale`` and ``bias``)."""
+        from taxonomist.tasks.uncertainty import calibrate
+
+        return self.probabilities(calibrate(logits, decision.scale, decision.bias))
+
+    def questions(self, probs: np.ndarray) -> list[Question]:
+        """The choices the answer makes (see :mod:`taxonomist.tasks.uncertainty`): one question
+        over the classes by default."""
+        from taxonomist.tasks.uncertainty import Question
+
+        return [Question("", self.classes, probs)]
+
+    def question_targets(self, target: np.ndarray) -> list[np.ndarray]:
+        """The true option of each question per image (as :meth:`questions`; negative: unknown)."""
+        return [np.asarray(target, dtype=np.int64)]
+
     def decide(self, probs: np.ndarray, decision: Decision) -> np.ndarray:
         """Decisions: the most probable class by default."""
         return probs.argmax(axis=1)
@@ -266,8 +306,8 @@ class Task:
         raise NotImplementedError
 
     def answer(self, probs: np.ndarray, decision: Decision) -> pd.DataFrame:
-        """The served answer of each row of probabilities: ``label``, ``score`` and one
-        ``prob_<class>`` column per class."""
+        """The served answer of each row of (calibrated) probabilities: ``label``, ``score`` and
+        one ``prob_<class>`` column per class."""
         picked = self.decide(probs, decision)
         rows = np.arange(len(probs))
         frame = pd.DataFrame({"label": [self.classes[i] for i in picked], "score": probs[rows, picked]})
@@ -276,6 +316,20 @@ class Task:
     def answer_text(self, row: pd.Series) -> str:
         """One line of ``taxonomist predict`` for a served answer row."""
         return f"{row['label']}\t{row['score']:.4f}"
+
+    def served(self, logits: np.ndarray, decision: Decision) -> pd.DataFrame:
+        """The served answer of each row of logits: :meth:`answer` of the calibrated
+        probabilities, then, when the decision has conformal thresholds, ``plausible`` (the
+        options of the prediction sets) and ``abstain`` (see :mod:`taxonomist.tasks.uncertainty`)."""
+        from taxonomist.tasks.uncertainty import ABSTAIN_COLUMN, PLAUSIBLE_COLUMN, uncertainty_columns
+
+        probs = self.calibrated_probabilities(logits, decision)
+        frame = self.answer(probs, decision)
+        if decision.qhat:
+            plausible, abstain = uncertainty_columns(self.questions(probs), decision.qhat)
+            frame[PLAUSIBLE_COLUMN] = plausible
+            frame[ABSTAIN_COLUMN] = abstain
+        return frame
 
 
 # ---------------------------------------------------------------------- shared helpers

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torchmetrics import MetricCollection
 
+    from taxonomist.tasks.uncertainty import Question
+
 
 @register
 class BinaryTask(Task):
@@ -37,6 +39,7 @@ class BinaryTask(Task):
     primary_test = "test/f1"
     curves = ("train/acc", "val/acc", "val/f1", "val/auroc")
     output_text = "`label` (one of the two classes), `score`, and `prob_<class>` for both classes"
+    calibration = "platt"
 
     @classmethod
     def check_records(cls, records: list[Record], cfg: DictConfig) -> list[Record]:
@@ -104,6 +107,13 @@ class BinaryTask(Task):
 
     def decide(self, probs: np.ndarray, decision: Decision) -> np.ndarray:
         return (probs >= decision.thresholds[0]).astype(np.int64)
+
+    def questions(self, probs: np.ndarray) -> list[Question]:
+        """One question over the two classes."""
+        from taxonomist.tasks.uncertainty import Question
+
+        p = np.asarray(probs, dtype=np.float64).reshape(-1)
+        return [Question("", self.classes, np.stack([1.0 - p, p], axis=1))]
 
     def decision_text(self, decision: Decision) -> str:
         return f"`{self.positive}` when its probability >= {decision.thresholds[0]:.4f} (tuned on the validation split)"

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torchmetrics import MetricCollection
 
+    from taxonomist.tasks.uncertainty import Question
+
 HF_COUNTS = ("overlap", "predicted", "true", "exact", "count")
 
 
@@ -240,6 +242,18 @@ class HierarchicalTask(Task):
     def decide(self, probs: np.ndarray, decision: Decision) -> np.ndarray:
         """The index of the deepest predicted node, -1 for none."""
         return self.descend(probs, decision.thresholds[0] if decision.thresholds else 0.0)
+
+    def questions(self, probs: np.ndarray) -> list[Question]:
+        """One question over the leaves (their full paths)."""
+        from taxonomist.tasks.uncertainty import Question
+
+        leaves = [self.nodes.index(leaf) for leaf in self.classes]
+        return [Question("", self.classes, np.asarray(probs, dtype=np.float64)[:, leaves])]
+
+    def question_targets(self, target: np.ndarray) -> list[np.ndarray]:
+        """The leaf of each image; -1 for an image labelled with an inner node."""
+        leaf_of_node = {self.nodes.index(leaf): j for j, leaf in enumerate(self.classes)}
+        return [np.array([leaf_of_node.get(int(t), -1) for t in target], dtype=np.int64)]
 
     def decision_text(self, decision: Decision) -> str:
         th = decision.thresholds[0] if decision.thresholds else 0.0

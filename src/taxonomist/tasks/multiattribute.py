@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torchmetrics import MetricCollection
 
+    from taxonomist.tasks.uncertainty import Question
+
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_SEP = "="  # "<attribute>=<value>", split at the first "="
@@ -432,6 +434,30 @@ class MultiattributeTask(Task):
                 out[:, cols.start] = picked
             else:
                 out[:, cols] = picked
+        return out
+
+    def calibration_groups(self) -> list[tuple[slice, str]]:
+        """Each attribute's sub-task groups, in its output columns."""
+        return [
+            (slice(out.start + group.start, out.start + group.stop), kind)
+            for (_, sub), out in zip(self.parts, self.output_slices, strict=True)
+            for group, kind in sub.calibration_groups()
+        ]
+
+    def questions(self, probs: np.ndarray) -> list[Question]:
+        """Each attribute's sub-task questions, named ``<attribute>: ...``."""
+        return [
+            question.prefixed(attribute)
+            for i, (attribute, sub) in enumerate(self.parts)
+            for question in sub.questions(self._sub_probs(probs, i))
+        ]
+
+    def question_targets(self, target: np.ndarray) -> list[np.ndarray]:
+        """Each attribute's sub-task targets; -1 where the image does not answer the attribute."""
+        out = []
+        for i, (_, sub) in enumerate(self.parts):
+            t, keep = self._sub_target(target, i)
+            out += [np.where(keep, q, -1) for q in sub.question_targets(t)]
         return out
 
     def decision_text(self, decision: Decision) -> str:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torchmetrics import MetricCollection
 
+    from taxonomist.tasks.uncertainty import Question
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +49,7 @@ class MultilabelTask(Task):
     confusion_plot = None
     predictions_confusion = False  # predictions are label sets: no confusion matrix
     unit: ClassVar[str] = "label"
+    calibration = "platt"
     output_text = (
         "`labels` (the list of labels whose probability reaches their threshold) and one "
         "`prob_<label>` column per label"
@@ -152,6 +155,18 @@ class MultilabelTask(Task):
     def decide(self, probs: np.ndarray, decision: Decision) -> np.ndarray:
         """A bool matrix: label ``j`` on where ``p_j >= thresholds[j]``."""
         return probs >= np.asarray(decision.thresholds, dtype=np.float64)[None, :]
+
+    def questions(self, probs: np.ndarray) -> list[Question]:
+        """A yes/no question per label; ``plausible`` lists the labels that may apply."""
+        from taxonomist.tasks.uncertainty import yes_no
+
+        probs = np.asarray(probs, dtype=np.float64)
+        return [yes_no(label, probs[:, j]) for j, label in enumerate(self.classes)]
+
+    def question_targets(self, target: np.ndarray) -> list[np.ndarray]:
+        """Per label: 1 when the image has it, else 0."""
+        target = np.asarray(target, dtype=np.int64)
+        return [target[:, j] for j in range(len(self.classes))]
 
     def decision_text(self, decision: Decision) -> str:
         th = decision.thresholds
