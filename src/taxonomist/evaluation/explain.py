@@ -28,7 +28,8 @@ inside ``torch.inference_mode``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,18 @@ def network(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; each submodule's own mode comes back after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _probe(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
     """(name, output shape) of every submodule with a tensor output, in the order they finish."""
     seen: list[tuple[str, tuple[int, ...]]] = []
@@ -81,7 +94,7 @@ def _probe(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int
 
         hooks.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(model):
             model(x)
     finally:
         for h in hooks:
@@ -148,33 +161,28 @@ def heatmaps(
         device = next(net.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    was_training = net.training
-    net.eval()
     out: list[np.ndarray] = []
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            x_all = batch.detach().clone().to(device=device, dtype=torch.float32)
-            layer_name = cam_layer(net, x_all)
-            method = GRAD_CAM if layer_name is not None else INTEGRATED_GRADIENTS
-            for start in range(0, len(x_all), chunk):
-                x = x_all[start : start + chunk].clone().requires_grad_(True)
-                target = [int(t) for t in targets[start : start + chunk]]
-                if layer_name is not None:
-                    cam = LayerGradCam(net, net.get_submodule(layer_name))
-                    attr = cam.attribute(x, target=target, relu_attributions=True)
-                    attr = LayerAttribution.interpolate(attr, (height, width), interpolate_mode="bilinear")
-                    maps = attr.detach().float().cpu().numpy()[:, 0]
-                else:
-                    ig = IntegratedGradients(net)
-                    attr = ig.attribute(
-                        x, baselines=torch.zeros_like(x), target=target, n_steps=IG_STEPS, internal_batch_size=IG_BATCH
-                    )
-                    maps = attr.detach().float().abs().sum(dim=1).cpu().numpy()
-                    sigma = max(1.0, min(height, width) / 64)
-                    maps = np.stack([gaussian_filter(m, sigma) for m in maps])
-                out.append(_unit_scale(np.maximum(maps, 0.0)))
-    finally:
-        net.train(was_training)
+    with _eval_mode(net), torch.inference_mode(False), torch.enable_grad():
+        x_all = batch.detach().clone().to(device=device, dtype=torch.float32)
+        layer_name = cam_layer(net, x_all)
+        method = GRAD_CAM if layer_name is not None else INTEGRATED_GRADIENTS
+        for start in range(0, len(x_all), chunk):
+            x = x_all[start : start + chunk].clone().requires_grad_(True)
+            target = [int(t) for t in targets[start : start + chunk]]
+            if layer_name is not None:
+                cam = LayerGradCam(net, net.get_submodule(layer_name))
+                attr = cam.attribute(x, target=target, relu_attributions=True)
+                attr = LayerAttribution.interpolate(attr, (height, width), interpolate_mode="bilinear")
+                maps = attr.detach().float().cpu().numpy()[:, 0]
+            else:
+                ig = IntegratedGradients(net)
+                attr = ig.attribute(
+                    x, baselines=torch.zeros_like(x), target=target, n_steps=IG_STEPS, internal_batch_size=IG_BATCH
+                )
+                maps = attr.detach().float().abs().sum(dim=1).cpu().numpy()
+                sigma = max(1.0, min(height, width) / 64)
+                maps = np.stack([gaussian_filter(m, sigma) for m in maps])
+            out.append(_unit_scale(np.maximum(maps, 0.0)))
     return np.concatenate(out).astype(np.float32), method
 
 
@@ -220,14 +228,16 @@ def explanation_grid(
     targets: Sequence[int],
     titles: list[str],
     path: Path,
+    heading: str = "Where the model looked for its answer",
 ) -> Path:
     """A PNG at ``path`` of each image (uint8 (N, H, W, C)) beside its heatmap overlay for
-    output unit ``targets[i]``, titled ``titles[i]`` (e.g. "true Sandal / pred Sneaker 0.62")."""
+    output unit ``targets[i]``, titled ``titles[i]`` (e.g. "true Sandal / pred Sneaker 0.62"),
+    under ``heading`` and the method's name."""
     maps, method = explain_images(model, images, mean, std, targets)
     n = len(images)
     rows = max(1, int(np.ceil(n / PAIRS_PER_ROW)))
     cols = 2 * min(PAIRS_PER_ROW, max(n, 1))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k in range(n):
@@ -239,7 +249,7 @@ def explanation_grid(
         right.imshow(overlay(img, maps[k]))
     if n == 0:
         axes.flat[0].text(0.5, 0.5, "no images", ha="center", va="center")
-    fig.suptitle(f"Where the model looked for its answer ({method}; test images, mistakes included)", fontsize=9)
+    fig.suptitle(f"{heading} ({method})", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
