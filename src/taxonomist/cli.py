@@ -409,14 +409,17 @@ def _explain(args: argparse.Namespace) -> int:
     size = max(1, args.batch_size)
     with ImageReader() as reader, tqdm(total=len(keys), desc="explain", unit="img", disable=len(keys) < 8) as bar:
         for start in range(0, len(keys), size):
+            lines: dict[str, str] = {}  # printed in the order of the keys
             batch_keys, images = [], []
             for key in keys[start : start + size]:
                 try:
                     images.append(decode(reader.read(key), spec))
                     batch_keys.append(key)
-                except (InvalidImage, OSError) as err:
-                    tqdm.write(f"{key}\terror: {err}")
-                    failed += 1
+                except InvalidImage as err:
+                    lines[key] = f"{key}\terror: {err}"
+                except OSError as err:
+                    lines[key] = f"{key}\terror: cannot read: {err}"
+            failed += len(lines)
             if images:
                 stack = np.stack(images)
                 with torch.no_grad():
@@ -429,7 +432,9 @@ def _explain(args: argparse.Namespace) -> int:
                     path = args.out / f"{_unique_stem(key, used)}.png"
                     Image.fromarray(side_by_side(stack[k], maps[k])).save(path)
                     unit = int(units[k])
-                    tqdm.write(f"{key}\t{names[unit]}\t{scores[k, unit]:.4f}\t{method}\t{path}")
+                    lines[key] = f"{key}\t{names[unit]}\t{scores[k, unit]:.4f}\t{method}\t{path}"
+            for key in keys[start : start + size]:
+                tqdm.write(lines[key])
             bar.update(len(keys[start : start + size]))
     return 1 if failed else 0
 
