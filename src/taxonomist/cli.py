@@ -9,6 +9,7 @@ Examples::
     taxonomist train                        # one stage (what dvc.yaml runs)
     taxonomist predict img1.png img2.jpg    # with models:/<name>@champion
     taxonomist predict photos/ -o out.csv   # a folder into a CSV (rerun: resumes)
+    taxonomist explain img1.png photos/     # heatmap overlays of models/best.ckpt into reports/explain
     taxonomist sweep optimizer.lr=1e-3,3e-3 # Hydra multirun: a grid, or hparams_search=optuna
 
 Output: Taxonomist's own progress and results go to the console; what the libraries log
@@ -35,8 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from taxonomist.config import PARAMS_FILE, compose, load_params, to_yaml, write_params
-from taxonomist.errors import RegistryError, TaxonomistError
+from taxonomist.errors import DataError, RegistryError, TaxonomistError
 from taxonomist.stages import STAGES
+from taxonomist.stages.paths import MODELS_DIR
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -190,6 +192,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --output instead of resuming it")
     p.add_argument("--params", default=PARAMS_FILE)
     p = sub.add_parser(
+        "explain",
+        parents=[common],
+        help="heatmaps of where the trained model looked (Grad-CAM for CNNs, integrated gradients for ViTs)",
+    )
+    p.add_argument("images", nargs="+", help="image files, folders, quoted globs, manifests, archives, .txt lists")
+    p.add_argument(
+        "--checkpoint", type=Path, default=MODELS_DIR / "best.ckpt", help="training checkpoint (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("reports/explain"), help="folder of <stem>.png overlays (default: %(default)s)"
+    )
+    p.add_argument("--target", default=None, help="explain this label (default: each image's predicted label)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
+    p = sub.add_parser(
         "serve", parents=[common], help="serve a registered model over HTTP (MLflow's server, with request guards)"
     )
     p.add_argument("--model", default=None, help="model URI or MLflow model folder (default: models:/<name>@champion)")
@@ -261,6 +277,8 @@ def _run(args: argparse.Namespace) -> int:
         return _predict(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "explain":
+        return _explain(args)
     cfg = load_params(args.params)
     stage = importlib.import_module(f"taxonomist.stages.{args.command}")
     result = stage.run(cfg)
@@ -351,6 +369,87 @@ def _predict(args: argparse.Namespace) -> int:
                 answer = f"error: {row.error}" if row.error else model.task.answer_text(row) + unsure_text(row)
                 print(f"{row['path']}\t{answer}")
     return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """``taxonomist explain``: one ``<out>/<stem>.png`` (image | heatmap overlay) and one line
+    (path, label, score, method, file) per image; an image that cannot be read or decoded gets
+    ``<path>\terror: <why>`` and the others go on. Exit code 1 when any image failed."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from taxonomist.data.images import ImageSpec, InvalidImage, decode
+    from taxonomist.data.transforms import normalise, preprocess_settings
+    from taxonomist.evaluation.explain import explain_images, output_names, output_scores, side_by_side
+    from taxonomist.models.inference import load_classifier
+    from taxonomist.predict.inputs import ImageReader, expand
+
+    classifier = load_classifier(args.checkpoint)
+    names = output_names(classifier.task)
+    target = None
+    if args.target is not None:
+        if args.target not in names:
+            raise DataError(f"--target {args.target!r} is not one of the model's outputs: {', '.join(names)}")
+        target = names.index(args.target)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classifier.to(device)
+    pre = preprocess_settings(classifier.cfg)
+    spec = ImageSpec(pre["image_size"], pre["channels"], pre["resize_mode"])
+    failed = 0
+    found: dict[str, None] = {}
+    for arg in args.images:  # an argument that names nothing is one error line, like an unreadable image
+        try:
+            found.update(dict.fromkeys(expand([arg])))
+        except DataError as err:
+            print(f"{arg}\terror: {err}")
+            failed += 1
+    keys = list(found)
+    args.out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    size = max(1, args.batch_size)
+    with ImageReader() as reader, tqdm(total=len(keys), desc="explain", unit="img", disable=len(keys) < 8) as bar:
+        for start in range(0, len(keys), size):
+            lines: dict[str, str] = {}  # printed in the order of the keys
+            batch_keys, images = [], []
+            for key in keys[start : start + size]:
+                try:
+                    images.append(decode(reader.read(key), spec))
+                    batch_keys.append(key)
+                except InvalidImage as err:
+                    lines[key] = f"{key}\terror: {err}"
+                except OSError as err:
+                    lines[key] = f"{key}\terror: cannot read: {err}"
+            failed += len(lines)
+            if images:
+                stack = np.stack(images)
+                with torch.no_grad():
+                    logits = classifier(torch.from_numpy(normalise(stack, pre["mean"], pre["std"])).to(device))
+                logits = logits.float().cpu().numpy()
+                units = logits.argmax(axis=1) if target is None else np.full(len(logits), target)
+                scores = output_scores(classifier.task, logits)
+                maps, method = explain_images(classifier, stack, pre["mean"], pre["std"], units.tolist())
+                for k, key in enumerate(batch_keys):
+                    path = args.out / f"{_unique_stem(key, used)}.png"
+                    Image.fromarray(side_by_side(stack[k], maps[k])).save(path)
+                    unit = int(units[k])
+                    lines[key] = f"{key}\t{names[unit]}\t{scores[k, unit]:.4f}\t{method}\t{path}"
+            for key in keys[start : start + size]:
+                tqdm.write(lines[key])
+            bar.update(len(keys[start : start + size]))
+    return 1 if failed else 0
+
+
+def _unique_stem(key: str, used: set[str]) -> str:
+    """The file stem of ``key`` (an archive member's own name), made unique with -2, -3, ..."""
+    stem = Path(key.replace(":", "/")).stem or "image"
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
 
 
 if __name__ == "__main__":
