@@ -148,6 +148,7 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
     assert {"ece", "ece_uncalibrated", "conformal_coverage", "conformal_set_size", "abstain_rate"} <= set(metrics)
     assert answer["abstain"].isin([True, False]).all() and all(isinstance(v, list) for v in answer["plausible"])
     assert "## Calibration and prediction sets" in card and Path("reports/eval/reliability.png").is_file()
+    assert Path("reports/eval/explanations.png").stat().st_size > 5_000  # the heatmap grid of test images
     if task == "binary":
         assert {"acc", "precision", "recall", "f1", "roc_auc", "average_precision"} <= set(metrics)
         assert summary["champion_metric"] == "test/f1"

@@ -170,6 +170,7 @@ class TrainerConfig:
 class EvaluateConfig:
     batch_size: int = MISSING
     misclassified_examples: int = MISSING
+    explain_examples: int = MISSING
     calibration: str = MISSING  # auto | none
     coverage: Optional[float] = MISSING  # noqa: UP045  (null: no prediction sets)
 

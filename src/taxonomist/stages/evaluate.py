@@ -10,7 +10,8 @@ probabilities are calibrated and answers carry ``plausible`` and ``abstain``.
 Outputs: ``reports/metrics.json`` (``dvc metrics show``) and, under ``reports/eval/``,
 ``per_class.csv``, ``predictions.csv`` (``dvc plots`` confusion matrix), confusion matrices,
 curves (binary: PR and ROC), ``calibration.csv`` and ``reliability.png`` (calibration error
-before and after) and PNG plots; the same numbers and files are logged to the
+before and after), ``explanations.png`` (Grad-CAM or integrated-gradients heatmaps of a sample
+of test images, mistakes included) and PNG plots; the same numbers and files are logged to the
 pipeline's MLflow run.
 """
 
@@ -36,7 +37,8 @@ from taxonomist.evaluation.calibration import (
     conformal_thresholds,
     fit_calibration,
 )
-from taxonomist.evaluation.report import write_reports
+from taxonomist.evaluation.explain import explanation_grid, output_names, output_scores, pick_examples
+from taxonomist.evaluation.report import Evaluation, write_reports
 from taxonomist.files import atomic_write_json
 from taxonomist.models.inference import Classifier, load_classifier
 from taxonomist.stages.paths import DECISION_FILE, HISTORY_FILE, METRICS_FILE, MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
@@ -98,6 +100,27 @@ def fit_decision(task: Task, val_logits: np.ndarray, val_target: np.ndarray, cfg
     return decision
 
 
+def explain_examples(
+    model: Classifier, task: Task, logits: np.ndarray, result: Evaluation, images, cfg: DictConfig, path: Path
+) -> None:
+    """``evaluate.explain_examples`` test images, about half of them mistakes, beside heatmaps
+    of where the network looked for its top output (:mod:`taxonomist.evaluation.explain`)."""
+    n = int(cfg.evaluate.explain_examples)
+    path.unlink(missing_ok=True)
+    if n <= 0:
+        return
+    actual, predicted = result.predictions["actual"], result.predictions["predicted"]
+    picked = pick_examples(predicted.to_numpy(), actual.to_numpy(), n, int(cfg.seed))
+    units = output_scores(task, logits[picked]).argmax(axis=1)
+    names = output_names(task)
+    titles = [
+        f"true {actual.iloc[i]}\npred {predicted.iloc[i]}" + (f" ({names[u]})" if task.num_outputs == 1 else "")
+        for i, u in zip(picked, units, strict=True)
+    ]
+    pre = cfg.preprocess
+    explanation_grid(model, np.asarray(images[picked]), pre.mean, pre.std, units.tolist(), titles, path)
+
+
 def run(
     cfg: DictConfig,
     processed_dir: Path = PROCESSED_DIR,
@@ -130,6 +153,7 @@ def run(
     atomic_write_json(out_dir / DECISION_FILE, {"task": task.name, **decision.to_dict()})
     test_images = read_split(processed_dir, "test").images
     write_reports(result, test_images, out_dir, int(cfg.evaluate.misclassified_examples), HISTORY_FILE)
+    explain_examples(module, task, logits, result, test_images, cfg, out_dir / "explanations.png")
 
     with runs.resume_run(cfg):
         runs.log_metrics({f"test/{k}": v for k, v in metrics.items()})
