@@ -136,6 +136,16 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
     answer = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
     card = Path("dist/model_card.md").read_text()
     assert f"Task: {task}" in card
+    # The INT8 copy: built, measured on the same test images by the task, shipped or not with a reason.
+    quantized = json.loads(Path("dist/quantization.json").read_text())
+    assert Path("dist/model.onnx").is_file() and Path("dist/model.int8.onnx").is_file()
+    assert quantized["enabled"] and quantized["metric"] == summary["champion_metric"], quantized["reason"]
+    assert serving["precision"] == quantized["precision"] == ("int8" if quantized["shipped"] else "fp32")
+    assert {r["class"] for r in quantized["per_class"]} == set(pd.read_csv("reports/eval/per_class.csv")["class"])
+    assert quantized["fp32"]["score"] == pytest.approx(
+        metrics[summary["champion_metric"].removeprefix("test/")], abs=1e-4
+    )
+    assert "## INT8 export" in card and quantized["reason"] in card
     if task == "binary":
         assert {"acc", "precision", "recall", "f1", "roc_auc", "average_precision"} <= set(metrics)
         assert summary["champion_metric"] == "test/f1"

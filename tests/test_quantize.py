@@ -12,7 +12,8 @@ import timm
 import torch
 
 from taxonomist.data.transforms import normalise
-from taxonomist.export import quantize
+from taxonomist.errors import RegistryError
+from taxonomist.export import quantize, registry
 from taxonomist.export.model_card import int8_section
 from taxonomist.export.onnx import INPUT_NAME, export_onnx
 from taxonomist.tasks import load_task
@@ -77,7 +78,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {
         "fp32": fp32,
         "other": other,
-        "static": quantize.quantize_onnx(fp32, folder / quantize.INT8_FILE, calibration, "static"),
+        "static": quantize.quantize_onnx(fp32, folder / "model.int8.onnx", calibration, "static"),
         "dynamic": quantize.quantize_onnx(fp32, folder / "model.dynamic.onnx", None, "dynamic"),
     }
 
@@ -196,3 +197,18 @@ def test_agreement_and_calibration_sample():
     picked = quantize.calibration_sample(x, 4, seed=0)
     assert len(set(picked.tolist())) == 4 and picked.tolist() == sorted(picked.tolist())
     assert picked.tolist() == quantize.calibration_sample(x, 4, seed=0).tolist()
+
+
+def test_a_dist_folder_serves_the_precision_serving_json_names(models, tmp_path):
+    folder = tmp_path / "dist"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(models["fp32"].read_bytes())
+    (folder / "serving.json").write_text('{"precision": "int8"}')
+    with pytest.raises(RegistryError, match=r"ships the int8 model but model\.int8\.onnx is missing"):
+        registry.local_artifacts(folder)
+    (folder / "model.int8.onnx").write_bytes(models["static"].read_bytes())
+    assert registry.local_artifacts(folder)["onnx"] == str(folder / "model.int8.onnx")
+    (folder / "serving.json").write_text('{"precision": "fp32"}')
+    assert registry.local_artifacts(folder)["onnx"] == str(folder / "model.onnx")
+    (folder / "serving.json").write_text("{}")  # packaged before the INT8 export existed
+    assert registry.local_artifacts(folder)["onnx"] == str(folder / "model.onnx")

@@ -142,6 +142,7 @@ def int8_section(report: dict[str, Any]) -> list[str]:
     tput = f"images_per_s_batch{timing['throughput_batch']}"
     worst_text = f"{worst['delta']:+.4f} ({worst['class']})" if worst else "-"
     ms = "ms_per_image_batch1"
+    threads = {0: "default threads", 1: "1 thread"}.get(timing["threads"], f"{timing['threads']} threads")
     return [
         *lines,
         f"- {how}; both models on the same {report['images']} test images; int8 ships when {report['metric']} "
@@ -152,7 +153,7 @@ def int8_section(report: dict[str, Any]) -> list[str]:
         f"| {report['metric']} | {fp32['score']:.4f} | {int8['score']:.4f} | {report['delta']:+.4f} |",
         f"| worst {unit} F1 difference | | | {worst_text} |",
         f"| answers alike | | | {report['agreement']:.2%} |",
-        f"| ms per image (batch 1, {timing['threads'] or 'default'} threads, median of {timing['runs']}) "
+        f"| ms per image (batch 1, {threads}, median of {timing['runs']} runs) "
         f"| {fp32[ms]:.3f} | {int8[ms]:.3f} | {int8[ms] / fp32[ms]:.2f}x |",
         f"| images/s (batch {timing['throughput_batch']}) | {fp32[tput]:,.0f} | {int8[tput]:,.0f} "
         f"| {int8[tput] / fp32[tput]:.2f}x |",

@@ -37,7 +37,6 @@ from taxonomist.export.onnx import INPUT_NAME
 from taxonomist.tasks.base import Decision, Task
 
 log = logging.getLogger(__name__)
-INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "quantization.json"
 FP32, INT8 = "fp32", "int8"
 CALIBRATION_BATCH = 32  # images per calibration batch
