@@ -146,6 +146,8 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
         metrics[summary["champion_metric"].removeprefix("test/")], abs=1e-4
     )
     assert "## INT8 export" in card and quantized["reason"] in card
+    logged = mlflow.models.Model.load(summary["model_uri"]).flavors["python_function"]["artifacts"]
+    assert Path(logged["onnx"]["path"]).name == {"int8": "model.int8.onnx", "fp32": "model.onnx"}[serving["precision"]]
     if task == "binary":
         assert {"acc", "precision", "recall", "f1", "roc_auc", "average_precision"} <= set(metrics)
         assert summary["champion_metric"] == "test/f1"
