@@ -1,10 +1,12 @@
 """INT8 ONNX: quantize the fp32 export with ONNX Runtime, measure what it costs, decide if it ships.
 
 :func:`quantize_onnx` writes an INT8 copy of the verified fp32 model with
-``onnxruntime.quantization``: ``static`` (the default) is QDQ with int8 activations and
-per-channel int8 weights, its activation ranges calibrated (min/max) on a sample of training
-images; ``dynamic`` quantizes the weights only and computes the activations' ranges per batch at
-run time (no calibration data; slower per image on CNNs, a fallback). The model's interface is
+``onnxruntime.quantization``: ``static`` (the default) is QDQ with uint8 activations and
+per-channel int8 weights (U8S8), its activation ranges calibrated (min/max) on a sample of
+training images; ``dynamic`` quantizes the weights only and computes the activations' ranges per
+batch at run time (no calibration data; a fallback). On the default Fashion-MNIST model (Intel
+Xeon with VNNI, one thread) U8S8 ran at 0.23 ms per image against fp32's 0.73; int8 activations
+(S8S8) took 1.4 ms and dynamic 3.3 ms, both slower than fp32. The model's interface is
 unchanged: float32 ``input`` (normalised N, C, H, W) in, float32 ``logits`` out, so the served
 model runs either file.
 
@@ -105,7 +107,7 @@ def _preprocessed(fp32_path: Path, out_path: Path) -> Path:
 def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray | None, method: str = "static") -> Path:
     """Write an INT8 copy of the fp32 ONNX model ``fp32_path`` to ``out_path`` (one file).
 
-    ``static``: QDQ, int8 activations and per-channel int8 weights, activation ranges from
+    ``static``: QDQ, uint8 activations and per-channel int8 weights, activation ranges from
     ``calibration`` (normalised float32 N, C, H, W images; a few hundred are plenty);
     ``dynamic``: per-channel int8 weights, activation ranges at run time (``calibration`` unused).
     """
@@ -126,7 +128,7 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray | Non
                 _calibration_reader(calibration),  # type: ignore[arg-type]
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
             )
         else:
