@@ -5,7 +5,7 @@
 per-channel int8 weights (U8S8), its activation ranges calibrated (min/max) on a sample of
 training images; ``dynamic`` quantizes the weights only and computes the activations' ranges per
 batch at run time (no calibration data; a fallback). On the default Fashion-MNIST model (Intel
-Xeon with VNNI, one thread) U8S8 ran at 0.23 ms per image against fp32's 0.73; int8 activations
+Xeon with VNNI, one thread) U8S8 ran at 0.24 ms per image against fp32's 0.75; int8 activations
 (S8S8) took 1.4 ms and dynamic 3.3 ms, both slower than fp32. The model's interface is
 unchanged: float32 ``input`` (normalised N, C, H, W) in, float32 ``logits`` out, so the served
 model runs either file.
