@@ -149,6 +149,18 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
     assert answer["abstain"].isin([True, False]).all() and all(isinstance(v, list) for v in answer["plausible"])
     assert "## Calibration and prediction sets" in card and Path("reports/eval/reliability.png").is_file()
     assert Path("reports/eval/explanations.png").stat().st_size > 5_000  # the heatmap grid of test images
+    # The INT8 copy: built, measured on the same test images by the task, shipped or not with a reason.
+    quantized = json.loads(Path("dist/quantization.json").read_text())
+    assert Path("dist/model.onnx").is_file() and Path("dist/model.int8.onnx").is_file()
+    assert quantized["enabled"] and quantized["metric"] == summary["champion_metric"], quantized["reason"]
+    assert serving["precision"] == quantized["precision"] == ("int8" if quantized["shipped"] else "fp32")
+    assert {r["class"] for r in quantized["per_class"]} == set(pd.read_csv("reports/eval/per_class.csv")["class"])
+    assert quantized["fp32"]["score"] == pytest.approx(
+        metrics[summary["champion_metric"].removeprefix("test/")], abs=1e-4
+    )
+    assert "## INT8 export" in card and quantized["reason"] in card
+    logged = mlflow.models.Model.load(summary["model_uri"]).flavors["python_function"]["artifacts"]
+    assert Path(logged["onnx"]["path"]).name == {"int8": "model.int8.onnx", "fp32": "model.onnx"}[serving["precision"]]
     if task == "binary":
         assert {"acc", "precision", "recall", "f1", "roc_auc", "average_precision"} <= set(metrics)
         assert summary["champion_metric"] == "test/f1"

@@ -185,6 +185,19 @@ class GateConfig:
 
 
 @dataclass
+class Int8Config:
+    """The INT8 ONNX copy and when it ships (:class:`taxonomist.export.quantize.Int8Settings`)."""
+
+    enabled: bool = MISSING
+    method: str = MISSING  # static | dynamic
+    calibration_images: int = MISSING
+    tolerance: float = MISSING
+    class_tolerance: float = MISSING
+    latency_runs: int = MISSING
+    threads: int = MISSING
+
+
+@dataclass
 class ServingConfig:
     """Limits the packaged model enforces on every request (:class:`taxonomist.export.serving.Limits`)."""
 
@@ -201,6 +214,7 @@ class PackageConfig:
     verify_rtol: float = MISSING
     champion_metric: str = MISSING
     gate: GateConfig = MISSING
+    int8: Int8Config = MISSING
     serving: ServingConfig = field(default_factory=ServingConfig)
 
 
@@ -247,6 +261,7 @@ NEAR_DUPLICATE_ACTIONS = ("warn", "drop", "fail")
 # Keys of a model block (with model.name=auto the chosen candidate's are used).
 MODEL_KEYS = ("pretrained", "checkpoint", "drop_rate", "channels_last", "compile", "kwargs")
 TTA_MODES = ("none", "hflip")  # taxonomist.models.tta (not imported here: it needs torch)
+INT8_METHODS = ("static", "dynamic")  # package.int8.method (taxonomist.export.quantize)
 # Sections renamed in this version: an old params.yaml names them, and the error says the new name.
 RENAMED = {
     "train": "fit (train.early_stopping_patience -> callbacks.early_stopping.patience, train.ema -> callbacks.ema)",
@@ -295,6 +310,7 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: package.gate.alpha must be in (0, 1), got {gate.alpha}")
     if int(gate.bootstrap) < 100:
         raise ConfigError(f"{origin}: package.gate.bootstrap must be >= 100 resamples, got {gate.bootstrap}")
+    _check_int8(cfg.package.int8, origin)
     serving = cfg.package.serving
     if min(int(serving.max_pixels), int(serving.max_images)) < 1 or float(serving.max_request_mb) <= 0:
         raise ConfigError(
@@ -316,6 +332,21 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
     for name, block in cfg.callbacks.items():
         if block is not None and "_target_" not in block:
             raise ConfigError(f"{origin}: callbacks.{name} needs a _target_ (or null to turn it off)")
+
+
+def _check_int8(int8: DictConfig, origin: str) -> None:
+    """``package.int8``: a known method, at least one calibration image and timed run,
+    non-negative tolerances and thread count."""
+    if int8.method not in INT8_METHODS:
+        raise ConfigError(f"{origin}: package.int8.method={int8.method!r}; use one of {INT8_METHODS}")
+    if int(int8.calibration_images) < 1 or int(int8.latency_runs) < 1:
+        raise ConfigError(
+            f"{origin}: package.int8.calibration_images and latency_runs must be >= 1, "
+            f"got {int8.calibration_images} and {int8.latency_runs}"
+        )
+    for key in ("tolerance", "class_tolerance", "threads"):
+        if float(int8[key]) < 0:
+            raise ConfigError(f"{origin}: package.int8.{key} must be >= 0, got {int8[key]}")
 
 
 def _check_preprocess(pre: DictConfig, origin: str) -> None:

@@ -25,9 +25,11 @@ def render_model_card(
     run_id: str,
     git_commit: str,
     gate: dict[str, Any] | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> str:
     """Markdown text of the model card; ``gate`` (the champion gate's record, see
-    :mod:`taxonomist.export.gate`) adds a "Champion gate" section."""
+    :mod:`taxonomist.export.gate`) adds a "Champion gate" section, ``quantization`` (the INT8
+    record, see :mod:`taxonomist.export.quantize`) an "INT8 export" section."""
     pre = cfg["preprocess"]
     classes = data_report["classes"]
     lines = [
@@ -80,6 +82,7 @@ def render_model_card(
         "",
         *uncertainty_section(task, Decision.from_dict(decision), metrics),
         *(gate_section(gate, task.unit) if gate else []),
+        *(int8_section(quantization) if quantization else []),
         "## Provenance",
         f"- MLflow run: `{run_id}`",
         f"- Git commit: `{git_commit}`",
@@ -154,6 +157,41 @@ def gate_section(gate: dict[str, Any], unit: str) -> list[str]:
             for r in rows
         ],
         *(["", f"({hidden} more rows, with smaller drops or gains)"] if hidden else []),
+        "",
+    ]
+
+
+def int8_section(report: dict[str, Any]) -> list[str]:
+    """The "INT8 export" section's lines (``quantization.json``): which precision ships and why,
+    and the fp32 and INT8 models side by side on the same test images."""
+    lines = ["## INT8 export", f"- Shipped: **{report['precision']}**: {report['reason']}"]
+    if "fp32" not in report:  # disabled, or nothing measured
+        return [*lines, ""]
+    fp32, int8, worst = report["fp32"], report["int8"], report.get("worst_class")
+    settings, unit, timing = report["settings"], report["unit"], report["latency"]
+    how = f"{settings['method']} quantization (onnxruntime.quantization)"
+    if settings["method"] == "static":
+        how += f", calibrated on {report['calibration']['images']} {report['calibration']['split']} images"
+    tput = f"images_per_s_batch{timing['throughput_batch']}"
+    worst_text = f"{worst['delta']:+.4f} ({worst['class']})" if worst else "-"
+    ms = "ms_per_image_batch1"
+    threads = {0: "default threads", 1: "1 thread"}.get(timing["threads"], f"{timing['threads']} threads")
+    return [
+        *lines,
+        f"- {how}; both models on the same {report['images']} test images; int8 ships when {report['metric']} "
+        f"drops by at most {settings['tolerance']:g} and no {unit}'s F1 by more than {settings['class_tolerance']:g}",
+        "",
+        "| | fp32 | int8 | int8 vs fp32 |",
+        "| --- | --- | --- | --- |",
+        f"| {report['metric']} | {fp32['score']:.4f} | {int8['score']:.4f} | {report['delta']:+.4f} |",
+        f"| worst {unit} F1 difference | | | {worst_text} |",
+        f"| answers alike | | | {report['agreement']:.2%} |",
+        f"| ms per image (batch 1, {threads}, median of {timing['runs']} runs) "
+        f"| {fp32[ms]:.3f} | {int8[ms]:.3f} | {int8[ms] / fp32[ms]:.2f}x |",
+        f"| images/s (batch {timing['throughput_batch']}) | {fp32[tput]:,.0f} | {int8[tput]:,.0f} "
+        f"| {int8[tput] / fp32[tput]:.2f}x |",
+        f"| file size (MB) | {fp32['size_bytes'] / 1e6:.2f} | {int8['size_bytes'] / 1e6:.2f} "
+        f"| {int8['size_bytes'] / fp32['size_bytes']:.2f}x |",
         "",
     ]
 

@@ -10,6 +10,7 @@ on ``sys.path``) and both models classify the candidate's raw test images (:func
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 ARTIFACTS = ("onnx", "settings")  # the pyfunc model's artifacts: model.onnx and serving.json
+# The ONNX file of each precision in dist/; serving.json's "precision" names the one that ships.
+ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 BATCH = 256  # images decoded and classified at once by the gate
 
 
@@ -128,9 +131,15 @@ def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
 
 def local_artifacts(folder: Path) -> dict[str, str]:
     """The ``onnx`` and ``settings`` files of a local packaged model: a ``dist/`` folder
-    (``model.onnx`` + ``serving.json``) or a saved MLflow model (an ``MLmodel`` file)."""
-    if (folder / "model.onnx").is_file() and (folder / "serving.json").is_file():
-        return {"onnx": str(folder / "model.onnx"), "settings": str(folder / "serving.json")}
+    (``model.onnx`` + ``serving.json``; the ONNX file of the precision serving.json ships, see
+    :data:`ONNX_FILES`) or a saved MLflow model (an ``MLmodel`` file)."""
+    settings = folder / "serving.json"
+    if (folder / ONNX_FILES["fp32"]).is_file() and settings.is_file():
+        precision = str(json.loads(settings.read_text()).get("precision", "fp32"))
+        onnx = folder / ONNX_FILES.get(precision, ONNX_FILES["fp32"])
+        if not onnx.is_file():
+            raise RegistryError(f"{folder}: serving.json ships the {precision} model but {onnx.name} is missing")
+        return {"onnx": str(onnx), "settings": str(settings)}
     if (folder / "MLmodel").is_file():
         from mlflow.models import Model
 

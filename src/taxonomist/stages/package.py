@@ -1,10 +1,13 @@
 """Package: ONNX export (verified against PyTorch), model card, MLflow model, registry.
 
-Outputs under ``dist/``: ``model.onnx``, ``serving.json`` (preprocessing, label space and the
-tuned decision), ``model_card.md``, ``gate.json`` (the champion gate's decision) and
-``package.json`` (registry name, version, aliases, verification, the gate's summary). The MLflow
-model takes raw encoded images (preprocessing inside), answers in the task's form (one label, a
-set, or a path), carries a signature and an input example, and is registered as a new version
+Outputs under ``dist/``: ``model.onnx`` (fp32, always), ``model.int8.onnx`` (an INT8 copy,
+``package.int8``), ``quantization.json`` (both models on the test split and whether the INT8 one
+ships, :mod:`taxonomist.export.quantize`), ``serving.json`` (preprocessing, label space, the tuned
+decision and the precision that ships), ``model_card.md``, ``gate.json`` (the champion gate's
+decision) and ``package.json`` (registry name, version, aliases, verification, the gate's
+summary). The MLflow model runs the INT8 ONNX file when it is within the tolerances, else the
+fp32 one; it takes raw encoded images (preprocessing inside), answers in the task's form (one
+label, a set, or a path), carries a signature and an input example, and is registered as a new version
 of :func:`~taxonomist.export.registry.model_name` (tagged with its task and label space) with
 alias ``candidate``; ``champion`` moves to it only when the champion gate
 (:mod:`taxonomist.export.gate`) promotes it: the same label space, and better than the champion
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import infer_signature
@@ -32,7 +36,7 @@ from taxonomist.data.cache import read_labels, read_split
 from taxonomist.data.manifest import RawImages
 from taxonomist.data.transforms import normalise, preprocess_settings
 from taxonomist.errors import ConfigError, ModelError, StageOrderError, missing_input
-from taxonomist.export import gate, registry
+from taxonomist.export import gate, quantize, registry
 from taxonomist.export.model_card import render_model_card
 from taxonomist.export.onnx import export_onnx, verify_onnx
 from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel, Limits
@@ -47,6 +51,7 @@ from taxonomist.stages.paths import (
     RAW_DIR,
     REPORTS_DIR,
 )
+from taxonomist.tasks import Decision, Task
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -106,6 +111,59 @@ def pinned_requirements() -> list[str]:
     return reqs
 
 
+def build_int8(
+    cfg: DictConfig,
+    fp32_path: Path,
+    processed_dir: Path,
+    out_dir: Path,
+    task: Task,
+    decision: Decision,
+    metric: str,
+) -> dict[str, Any]:
+    """``package.int8``: quantize the fp32 model into ``model.int8.onnx`` (static: calibrated on
+    a seeded sample of training images), run both on the test split and decide whether the INT8
+    one ships; write and return ``quantization.json``. A quantization that fails leaves fp32
+    shipping, with the error as the reason (the fp32 model is verified and stays usable)."""
+    settings = quantize.Int8Settings.from_dict(OmegaConf.to_container(cfg.package.int8))  # type: ignore[arg-type]
+    int8_path = out_dir / registry.ONNX_FILES["int8"]
+    int8_path.unlink(missing_ok=True)  # a copy from an earlier run is never measured or shipped
+    if not settings.enabled:
+        report = quantize.not_built(settings, "fp32 ships: package.int8.enabled is false")
+    else:
+        pre, seed = cfg.preprocess, int(cfg.seed)
+        calibration, sampled = None, {"split": None, "images": 0}
+        if settings.method == "static":
+            train = read_split(processed_dir, "train")
+            picked = quantize.calibration_sample(train.images, settings.calibration_images, seed)
+            calibration = normalise(train.images[picked], pre.mean, pre.std)
+            sampled = {"split": "train", "images": len(picked), "seed": seed}
+        test = read_split(processed_dir, "test")
+        try:
+            quantize.quantize_onnx(fp32_path, int8_path, calibration, settings.method)
+            comparison = quantize.compare(
+                fp32_path,
+                int8_path,
+                test.images,
+                np.asarray(test.labels),
+                task,
+                decision,
+                metric,
+                pre.mean,
+                pre.std,
+                threads=settings.threads,
+                runs=settings.latency_runs,
+            )
+        except Exception as err:  # an op ONNX Runtime cannot quantize or run in INT8: fp32 ships
+            log.warning("INT8 export failed, fp32 ships: %s: %s", type(err).__name__, err, exc_info=True)
+            int8_path.unlink(missing_ok=True)
+            report = quantize.not_built(settings, f"fp32 ships: INT8 quantization failed ({type(err).__name__}: {err})")
+        else:
+            report = quantize.record(comparison, settings, sampled)
+    atomic_write_json(out_dir / quantize.REPORT_FILE, report)
+    log.info("INT8 export: %s", report["reason"])
+    return report
+
+
 def run(
     cfg: DictConfig,
     processed_dir: Path = PROCESSED_DIR,
@@ -152,8 +210,6 @@ def run(
     log.info(
         "ONNX verified: max |diff| %.2e at batch sizes %s", verification["max_abs_diff"], verification["batch_sizes"]
     )
-    settings_path = atomic_write_json(out_dir / "serving.json", settings)
-
     metrics = read_json(metrics_file)["test"]
     per_class = pd.read_csv(reports_dir / "per_class.csv")
     name = registry.model_name(cfg)
@@ -162,6 +218,11 @@ def run(
     if short not in metrics:
         raise ConfigError(f"package.champion_metric={metric_key!r} is not a test metric; known: {sorted(metrics)}")
     score = float(metrics[short])
+
+    quantization = build_int8(cfg, onnx_path, processed_dir, out_dir, task, Decision.from_dict(decision), metric_key)
+    settings["precision"] = quantization["precision"]
+    served_onnx = out_dir / registry.ONNX_FILES[quantization["precision"]]
+    settings_path = atomic_write_json(out_dir / "serving.json", settings)
     images, labels = gate_images(processed_dir, raw_dir)
     gate_settings = gate.GateSettings(
         alpha=float(cfg.package.gate.alpha),
@@ -173,7 +234,7 @@ def run(
     with runs.resume_run(cfg) as active:
         run_id = active.info.run_id
         examples = pd.DataFrame({IMAGE_COLUMN: example_images(processed_dir)})
-        artifacts = {"onnx": str(onnx_path), "settings": str(settings_path)}
+        artifacts = {"onnx": str(served_onnx), "settings": str(settings_path)}
         # Run the real model on the example to infer the output schema (a loaded instance
         # holds an ONNX Runtime session, so a fresh one is logged); the gate runs it too.
         probe = registry.served_model(artifacts)
@@ -225,12 +286,19 @@ def run(
             run_id=run_id,
             git_commit=active.data.tags.get("git_commit", "unknown"),
             gate=decided,
+            quantization=quantization,
         )
         atomic_write_text(out_dir / "model_card.md", card)
         mlflow.log_artifact(str(out_dir / "model_card.md"))
         mlflow.log_artifact(str(onnx_path), artifact_path="onnx")
         runs.log_metrics({"package/onnx_max_abs_diff": verification["max_abs_diff"]})
-        mlflow.set_tags({"registered_model": name, "registered_version": version})
+        if (out_dir / registry.ONNX_FILES["int8"]).is_file():
+            mlflow.log_artifact(str(out_dir / registry.ONNX_FILES["int8"]), artifact_path="onnx")
+        mlflow.log_artifact(str(out_dir / quantize.REPORT_FILE))
+        runs.log_metrics(quantize.mlflow_metrics(quantization))
+        mlflow.set_tags(
+            {"registered_model": name, "registered_version": version, "precision": quantization["precision"]}
+        )
 
     summary = {
         "model_uri": f"models:/{name}/{version}",
@@ -241,6 +309,8 @@ def run(
         "score": score,
         "gate": brief,
         "onnx_verification": verification,
+        "precision": quantization["precision"],
+        "int8": {key: quantization.get(key) for key in ("shipped", "reason", "delta", "agreement")},
     }
     atomic_write_json(out_dir / "package.json", summary)
     return summary
