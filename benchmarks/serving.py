@@ -88,11 +88,22 @@ def batch_rows(work: Path) -> list[Row]:
         Row(f"batch prediction: {len(rows):,} test images ({folder.name}/), to CSV",
             record["images_per_second"], "img/s"),
         Row("  the whole `taxonomist predict` command (model load included)", wall, "s"),
-        Row("  accuracy of the written labels (evaluate measured the same model)", accuracy, digits=4),
+        Row(f"  accuracy of the written labels ({shipped_accuracy()})", accuracy, digits=4),
         Row("  rows with an error", int((rows["error"] != "").sum()), digits=0),
         *abstain_rows(rows, "  answers flagged `abstain` (test images)"),
         *ood_rows(work),
     ]  # fmt: skip
+
+
+def shipped_accuracy() -> str:
+    """What the package stage measured for the model that ships (fp32, or the INT8 copy)."""
+    precision = json.loads((ROOT / "dist/serving.json").read_text()).get("precision", "fp32")
+    report = ROOT / "dist/quantization.json"
+    if report.is_file():
+        acc = json.loads(report.read_text()).get(precision, {}).get("metrics", {}).get("acc")
+        if acc is not None:
+            return f"the {precision} model that ships; package measured {acc:.4f}"
+    return f"the {precision} model that ships"
 
 
 def abstain_rows(rows: pd.DataFrame, text: str) -> list[Row]:
