@@ -23,6 +23,7 @@ from taxonomist.config import flatten
 from taxonomist.errors import missing_input
 from taxonomist.files import atomic_write_json, read_json
 from taxonomist.stages.paths import MODELS_DIR
+from taxonomist.tracking.redact import redact, redact_all
 
 RUN_FILE = MODELS_DIR / "run.json"
 MAX_PARAM_LENGTH = 6000
@@ -221,8 +222,9 @@ def start_pipeline_run(cfg: DictConfig, tags: dict[str, str], spec: RunSpec | No
         all_tags["mlflow.parentRunId"] = spec.parent_run_id
     all_tags["mlflow.source.name"] = launched_by.replace("`", "")
     all_tags["mlflow.note.content"] = describe(cfg, launched_by)
-    run = client.create_run(experiment_id, run_name=spec.name or run_name(cfg), tags=all_tags)
-    params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(cfg).items()}
+    # Nothing from the config reaches the (shared) tracking store with its credentials.
+    run = client.create_run(experiment_id, run_name=redact(spec.name or run_name(cfg)), tags=redact_all(all_tags))
+    params = {k: v[:MAX_PARAM_LENGTH] for k, v in redact_all(flatten(cfg)).items()}
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
@@ -253,7 +255,8 @@ def log_dataset(
     frame = pd.read_csv(processed_dir / "splits.csv", dtype=str, keep_default_na=False)
     name = dataset_name(cfg)
     try:
-        dataset = mlflow.data.from_pandas(frame, source=str(cfg.data.source), name=name, digest=digest[:DIGEST_LENGTH])
+        source = redact(cfg.data.source)
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:DIGEST_LENGTH])
     except MlflowException:  # a built-in source has no URI MLflow knows: point at the ingested copy
         raw = str((processed_dir.parent / "raw").resolve())
         dataset = mlflow.data.from_pandas(frame, source=raw, name=name, digest=digest[:DIGEST_LENGTH])
@@ -262,7 +265,7 @@ def log_dataset(
     client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
     lines = describe(report.get("settings", {"preprocess": {}}))
     if lines:
-        client.set_tag(run_id, "auto_settings", "; ".join(lines)[:MAX_PARAM_LENGTH])
+        client.set_tag(run_id, "auto_settings", redact("; ".join(lines))[:MAX_PARAM_LENGTH])
     client.log_artifact(run_id, str(processed_dir / "report.json"), artifact_path="data")
     if health_dir is not None and health_dir.is_dir():
         client.log_artifacts(run_id, str(health_dir), artifact_path="data/health")
