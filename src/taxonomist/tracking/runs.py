@@ -228,15 +228,30 @@ def start_pipeline_run(cfg: DictConfig, tags: dict[str, str], spec: RunSpec | No
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
-    atomic_write_json(
-        RUN_FILE,
-        {
-            "run_id": run.info.run_id,
-            "experiment_id": experiment_id,
-            "tracking_uri": tracking_uri(cfg),
-        },
-    )
+    write_run_file(cfg, run.info.run_id, experiment_id)
     return run.info.run_id
+
+
+def write_run_file(cfg: DictConfig, run_id: str, experiment_id: str) -> None:
+    """Record the pipeline run in ``models/run.json`` (evaluate and package reopen it from there)."""
+    atomic_write_json(RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri(cfg)})
+
+
+def reopen_pipeline_run(cfg: DictConfig, run_id: str) -> bool:
+    """Continue ``run_id`` (resumed training): if it is still in the configured store and not
+    deleted, record it in ``models/run.json`` again and return True; False when it is gone."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    setup(cfg)
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.lifecycle_stage == "deleted":
+        return False
+    write_run_file(cfg, run_id, run.info.experiment_id)
+    return True
 
 
 def log_dataset(
@@ -271,8 +286,18 @@ def log_dataset(
         client.log_artifacts(run_id, str(health_dir), artifact_path="data/health")
 
 
-def epoch_logger(run_id: str):
-    """A callback that logs one history row to ``run_id`` with the epoch as the step."""
+def last_logged_epoch(run_id: str, key: str = "train/lr") -> int:
+    """The last epoch whose history row reached ``run_id`` (the highest step of ``key``, a
+    metric every row has; 0 when none did)."""
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run_id, metric_name(key))
+    return max((int(m.step) for m in history), default=0)
+
+
+def epoch_logger(run_id: str, after: int = 0):
+    """A callback that logs one history row to ``run_id`` with the epoch as the step; rows of
+    epochs up to ``after`` are already in the run (a resumed run) and are not logged again."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -280,6 +305,8 @@ def epoch_logger(run_id: str):
 
     def log_row(row: dict[str, float]) -> None:
         epoch = int(row["epoch"])
+        if epoch <= after:
+            return
         now = int(time.time() * 1000)
         metrics = [Metric(metric_name(k), float(v), now, epoch) for k, v in row.items() if k != "epoch"]
         client.log_batch(run_id, metrics=metrics)
