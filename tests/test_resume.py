@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,6 +17,15 @@ import pytest
 import torch
 from conftest import BIN, REPO, group_members, make_dvc_project, make_image_folder, run_cmd
 
+from taxonomist.data.auto import fill_size
+from taxonomist.data.transforms import build_augment
+from taxonomist.models.resume import (
+    RandomStates,
+    ResumeFolder,
+    augment_generators,
+    capture_random_states,
+    restore_random_states,
+)
 from taxonomist.stages import train
 from taxonomist.stages.paths import HISTORY_FILE, RESUME_DIR
 
@@ -26,12 +36,12 @@ EPOCHS = 10
 ENV = {"PYTHONPATH": str(REPO / "src")}
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    """Start ``args`` in its own process group (DVC runs the stage as its child)."""
+def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """Start ``args`` in its own process group (DVC runs the stage as its child), output to ``log``."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1", **ENV}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = (cwd / f"run-{time.monotonic_ns()}.log").open("w")
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("w") as out:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def epochs_saved(project: Path) -> int:
@@ -57,7 +67,7 @@ def stop_after(proc: subprocess.Popen, project: Path, epochs: int, sig: signal.S
     assert not group_members(proc.pid), "the training process did not stop"
     proc.wait(timeout=30)
     assert proc.returncode != 0
-    return epochs_saved(project)
+    return ResumeFolder.epochs_in(project / RESUME_DIR / "last.ckpt")
 
 
 def outputs(project: Path) -> dict:
@@ -98,11 +108,15 @@ def test_a_killed_training_resumes_bit_identically_in_the_same_run(project: Path
     (project / HISTORY_FILE).unlink()
 
     # The same training under `dvc repro`: SIGTERM after 2 epochs, resumed, SIGKILL 2 epochs later.
-    termed = stop_after(start([str(BIN / "dvc"), "repro", "train"], project), project, 2, signal.SIGTERM)
+    repro = [str(BIN / "dvc"), "repro", "train"]
+    log = project.parent / f"{project.name}-sigterm.log"
+    termed = stop_after(start(repro, project, log), project, 2, signal.SIGTERM)
+    assert f"error: training stopped by SIGTERM after {termed} completed epoch(s)" in log.read_text()
     state = json.loads((project / RESUME_DIR / "state.json").read_text())
-    assert termed >= 2 and (project / RESUME_DIR / "last.ckpt").is_file()
-    assert (project / RESUME_DIR / "checkpoints/best.ckpt").is_file()
-    killed = stop_after(start([str(BIN / "dvc"), "repro", "train"], project), project, termed + 2, signal.SIGKILL)
+    assert termed >= 2 and (project / RESUME_DIR / "checkpoints/best.ckpt").is_file()
+    killed = stop_after(
+        start(repro, project, project.parent / f"{project.name}-sigkill.log"), project, termed + 2, signal.SIGKILL
+    )
     assert killed < EPOCHS, "nothing left to resume"
     assert json.loads((project / RESUME_DIR / "state.json").read_text())["run_id"] == state["run_id"]
 
@@ -152,3 +166,29 @@ def test_resume_state_of_another_config_is_discarded(staged, tmp_path, monkeypat
     assert "resuming" not in caplog.text
     assert summary["run_id"] != "0" * 32 and summary["epochs"] == 1
     assert not (tmp_path / ".taxonomist").exists()
+
+
+def test_random_states_come_back_including_each_augmentation_transforms() -> None:
+    import random
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    entries = fill_size(OmegaConf.to_container(OmegaConf.load(REPO / "conf/augment/default.yaml").train), 32)
+    augment = build_augment(entries, seed=7)
+    assert len(augment_generators(augment)) == 5  # the Compose's and each transform's own
+    image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+
+    def draws() -> list:
+        return [torch.rand(3), np.random.rand(3), random.random(), [augment(image=image)["image"] for _ in range(8)]]
+
+    saved = capture_random_states(augment)
+    first = draws()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    restore_random_states(torch.load(buffer, weights_only=True), augment)  # a checkpoint's round trip
+    second = draws()
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+    assert all(np.array_equal(a, b) for a, b in zip(first[3], second[3], strict=True))
+    assert isinstance(RandomStates().state_dict(), dict)

@@ -39,22 +39,27 @@ CHECKPOINTS = "checkpoints"
 
 
 def fingerprint(config: dict[str, Any], data_hash: str) -> str:
-    """What makes a resumed run the same run: the resolved config, the data and the versions
-    of the code that trains (a checkpoint of another Lightning or torch may not load the same)."""
+    """What makes a resumed run the same run: the resolved config, the data, and the code that
+    trains: Lightning's and torch's versions and Taxonomist's own source (:func:`source_hash`)."""
     import lightning
-
-    import taxonomist
 
     blob = {
         "config": config,
         "data_hash": data_hash,
-        "versions": {
-            "taxonomist": getattr(taxonomist, "__version__", "?"),
-            "lightning": lightning.__version__,
-            "torch": torch.__version__,
-        },
+        "versions": {"lightning": lightning.__version__, "torch": torch.__version__, "taxonomist": source_hash()},
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def source_hash() -> str:
+    """Hash of the Taxonomist package's Python files (an edited training step is another run)."""
+    import taxonomist
+
+    root = Path(taxonomist.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 class ResumeFolder:
@@ -107,6 +112,12 @@ class ResumeFolder:
         self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.state_file, {"run_id": run_id, "fingerprint": digest, "epochs": 0})
+
+    @staticmethod
+    def epochs_in(checkpoint: Path) -> int:
+        """The completed epochs a ``last.ckpt`` holds (read without loading its tensors)."""
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return int(saved["epoch"]) + 1  # saved at the end of that (0-based) epoch
 
     def record_epochs(self, epochs: int) -> None:
         """Note in ``state.json`` that ``last.ckpt`` now holds ``epochs`` completed epochs."""

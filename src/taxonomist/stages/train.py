@@ -9,7 +9,8 @@ checkpoint (weights, EMA, optimizer, LR scheduler, loop progress, best-checkpoin
 early-stopping state, the history rows, the RNG states: :mod:`taxonomist.models.resume`) to
 ``.taxonomist/resume/train/last.ckpt`` (temp file, then rename), beside the best checkpoint so
 far (``checkpoints/best.ckpt``) and ``state.json`` (the MLflow run id, a fingerprint of the
-resolved config, the data hash and the torch/Lightning/taxonomist versions, the epochs done).
+resolved config, the data hash, the torch and Lightning versions and Taxonomist's source, the
+epochs done).
 The folder is outside ``models/`` and ``reports/``, which DVC deletes before it reruns the
 stage. When the stage starts and finds that state with the same fingerprint and its MLflow run
 still there, it logs "resuming from epoch N of run X", continues the same run (no new run, no
@@ -21,9 +22,10 @@ order comes from ``(seed, epoch)``, and the RNGs (torch, numpy, random, the augm
 are set back to their state at the end of the saved epoch (exact with ``fit.num_workers: 0``;
 loader workers keep their own augmentation generators, which are not saved).
 
-SIGKILL leaves the last completed epoch's checkpoint. SIGTERM (Lightning's handler) lets the
-current epoch finish, saves it, and stops; the stage then fails with one line saying to run
-again. A stage that finishes deletes the resume folder.
+SIGKILL leaves the last completed epoch's checkpoint. On SIGTERM Lightning's handler stops
+training after the current batch (never while a checkpoint is written); the last completed
+epoch's checkpoint is on disk, and the stage fails with one line saying to run it again. A stage
+that finishes deletes the resume folder.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def run(
         run_id = str(state["run_id"])
         ckpt_path = resume.last if resume.last.is_file() else None
         logged = runs.last_logged_epoch(run_id)
-        epochs = int(state.get("epochs", 0)) if ckpt_path else 0
+        epochs = resume.epochs_in(ckpt_path) if ckpt_path else 0
         log.info("resuming from epoch %d of run %s", epochs, run_id)
     monitor = task.val_metric(str(cfg.fit.monitor))
     configured = build_callbacks(cfg, monitor, checkpoint={"dirpath": str(resume.checkpoints)})
