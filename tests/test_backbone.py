@@ -146,10 +146,42 @@ def test_safetensors_and_whole_module_checkpoints(tmp_path, resnet18_imagenet_li
     donor = timm.create_model("resnet18", num_classes=1000)
     donor.load_state_dict(saved)
     torch.save(donor, module_file)
-    for path in (st, module_file):
+    # A whole pickled module runs code to load: refused, unless the user says the file is theirs.
+    with pytest.raises(ModelError, match=r"needs timm\.models\.resnet\.ResNet.*model\.checkpoint=trusted:"):
+        load_weights(timm.create_model("resnet18", num_classes=1000), str(module_file))
+    for spec in (str(st), f"trusted:{module_file}"):
         model = timm.create_model("resnet18", num_classes=1000)
+        load_weights(model, spec)
+        assert torch.equal(model.state_dict()["layer3.1.conv2.weight"], saved["layer3.1.conv2.weight"]), spec
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it writes a file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "the checkpoint ran code"))
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "downloaded.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2), "evil": _Payload(str(marker))}, path)
+    model = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ModelError, match=r"downloaded\.pth holds more than tensors.*would run code") as err:
         load_weights(model, str(path))
-        assert torch.equal(model.state_dict()["layer3.1.conv2.weight"], saved["layer3.1.conv2.weight"]), path
+    assert "\n" not in str(err.value) and not marker.exists()
+    truncated = tmp_path / "truncated.pth"
+    torch.save(model.state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    with pytest.raises(ModelError, match=r"truncated\.pth cannot be read"):
+        load_weights(model, str(truncated))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors at all")
+    with pytest.raises(ModelError, match=r"broken\.safetensors is not a readable safetensors file"):
+        load_weights(model, str(broken))
 
 
 def test_wrong_architecture_with_same_names_raises(tmp_path):

@@ -14,12 +14,18 @@ from conftest import BIN, REPO, git_commit_all, make_dvc_project, make_image_fol
 pytestmark = pytest.mark.e2e
 
 
+# Planted secrets: a password and a token in a config URI, and a secret environment variable's
+# value in the same URI's path. None may reach MLflow or the pipeline's outputs.
+URI_PASSWORD, QUERY_TOKEN, ENV_SECRET = "pw-4f9c1e77ab", "tok-83d2aa19c0", "env-5b7e0c33d1"
+SECRET_URL = f"https://reader:{URI_PASSWORD}@mirror.example.com/{ENV_SECRET}/fmnist?token={QUERY_TOKEN}"
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
     source = make_image_folder(root.parent / f"{root.name}-images", per_class=30)
-    make_dvc_project(root, source)
-    run_cmd([str(BIN / "dvc"), "repro"], root)
+    make_dvc_project(root, source, overrides=[f"data.download_url='{SECRET_URL}'"])
+    run_cmd([str(BIN / "dvc"), "repro"], root, env={"TAXONOMIST_MIRROR_TOKEN": ENV_SECRET})
     git_commit_all(root, "tiny pipeline")
     return root
 
@@ -36,6 +42,22 @@ def test_repro_writes_real_metrics(project: Path) -> None:
         assert (project / "reports/eval" / png).stat().st_size > 1000
     onnx = json.loads((project / "dist/package.json").read_text())
     assert onnx["onnx_verification"]["max_abs_diff"] < 1e-4
+
+
+def test_no_secret_reaches_mlflow_or_the_outputs(project: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run = mlflow.MlflowClient().get_run(json.loads((project / "models/run.json").read_text())["run_id"])
+    assert run.data.params["data.download_url"] == "https://reader:***@mirror.example.com/***/fmnist?token=***"
+    scanned = [project / "mlflow.db", project / "data/raw/ingest.json", project / "models/run.json"]
+    for folder in ("mlartifacts", "dist", "reports", "data/processed"):
+        scanned += [p for p in (project / folder).rglob("*") if p.is_file()]
+    assert len(scanned) > 40 and any("model_card" in p.name for p in scanned)
+    for path in scanned:
+        data = path.read_bytes()
+        for secret in (URI_PASSWORD, QUERY_TOKEN, ENV_SECRET):
+            assert secret.encode() not in data, f"{secret} in {path}"
 
 
 def test_mlflow_run_and_registry(project: Path) -> None:

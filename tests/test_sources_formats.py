@@ -399,7 +399,32 @@ def test_archive_size_cap(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "shapes", per_class=2, classes=("circle", "square"))
     target = zip_folder(root, tmp_path / "shapes.zip")
     monkeypatch.setattr(archive, "MAX_EXTRACTED_BYTES", 100)
-    with pytest.raises(DataError, match=r"shapes\.zip: the archive expands to \d+ bytes, more than the 100 allowed"):
+    with pytest.raises(DataError, match=r"shapes\.zip: refusing the archive, nothing was extracted: it expands to "):
+        materialise(source_cfg(target), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+    monkeypatch.setattr(archive, "MAX_EXTRACTED_BYTES", 1 << 30)
+    monkeypatch.setattr(archive, "MAX_MEMBERS", 3)
+    with pytest.raises(DataError, match=r"it has \d+ members, more than the 3 allowed.*set data\.source to the folder"):
+        materialise(source_cfg(target), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_compression_bombs_are_refused_before_extraction(tmp_path, monkeypatch, kind):
+    """A member of zeros that deflates a thousandfold: refused from the headers, nothing written."""
+    monkeypatch.setattr(archive, "RATIO_FLOOR", 1 << 20)
+    root = make_image_folder(tmp_path / "shapes", per_class=2, classes=("circle", "square"))
+    (root / "circle" / "notes.txt").write_bytes(bytes(8 << 20))  # 8 MiB of zeros
+    target = tmp_path / f"shapes.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(root.rglob("*")):
+                zf.write(path, path.relative_to(root).as_posix())
+    else:
+        with tarfile.open(target, "w:gz") as tf:
+            tf.add(root, arcname="shapes")
+    assert target.stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"refusing the archive, nothing was extracted: .*expands [\d,]+ times"):
         materialise(source_cfg(target), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 

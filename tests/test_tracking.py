@@ -185,3 +185,22 @@ def test_the_experiment_opens_on_training_runs_and_a_run_records_its_data_set(
     assert str(processed.parent / "raw") in dataset_input.dataset.source  # a built-in source: the ingested copy
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
     assert run.data.tags["auto_settings"] == "preprocess.channels = 1 (all 2 images are grayscale)"
+
+
+def test_redact_masks_credentials_in_uris_queries_and_secret_environment_values(monkeypatch):
+    from taxonomist.tracking.redact import redact, secret_values
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-planted")
+    monkeypatch.setenv("HOME_DIRECTORY", "/home/someone")  # not a secret's name: kept
+    monkeypatch.setenv("GITHUB_TOKEN", "abc")  # too short to mask safely
+    assert "wJalrXUtnFEMI-planted" in secret_values() and "/home/someone" not in secret_values()
+    cases = {
+        "postgresql://mlflow:hunter22@db:5432/mlflow": "postgresql://mlflow:***@db:5432/mlflow",
+        "https://ghp_0123456789@github.com/org/data.zip": "https://***@github.com/org/data.zip",
+        "s3://bucket/x.zip?X-Amz-Signature=deadbeef&X-Amz-Date=2026": "s3://bucket/x.zip?X-Amz-Signature=***&X-Amz-Date=2026",
+        "https://acct.blob.core.windows.net/c/d.zip?sv=2022&sig=Zm9vYmFy": "https://acct.blob.core.windows.net/c/d.zip?sv=2022&sig=***",
+        "key wJalrXUtnFEMI-planted in text": "key *** in text",
+        "/data/photos and builtin:fashion-mnist and http://host:8080/x": "/data/photos and builtin:fashion-mnist and http://host:8080/x",
+    }
+    for raw, expected in cases.items():
+        assert redact(raw) == expected, raw

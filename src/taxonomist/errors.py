@@ -10,6 +10,7 @@ refusal, a stage run before its inputs exist) is a :class:`TaxonomistError`. The
 - :class:`ModelError`: weights, checkpoints, export and its verification.
 - :class:`RegistryError`: MLflow tracking and the model registry.
 - :class:`StageOrderError`: a stage's input is missing; the message names the stage to run first.
+- :class:`Interrupted`: a stage stopped by a signal (SIGTERM); the message says how to go on.
 
 The domain classes also derive from the built-in exception a caller would expect
 (``ValueError``, ``FileNotFoundError``), so generic handlers keep working.
@@ -37,6 +38,10 @@ class DataError(TaxonomistError, ValueError):
 
 class ModelError(TaxonomistError, ValueError):
     """Weights that cannot be loaded, a checkpoint that does not fit, an export that fails."""
+
+
+class Interrupted(TaxonomistError):
+    """A stage stopped on request (SIGTERM) before it finished; the message says how to go on."""
 
 
 class RegistryError(TaxonomistError):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from taxonomist.data.auto import fill_size
 from taxonomist.data.cache import SplitArrays, images_path, read_labels, read_split
@@ -73,8 +74,7 @@ class ImageDataModule(L.LightningDataModule):
         """Draw training images with probability inversely proportional to their class size."""
         targets = self.train_targets()
         weights = self.task.sample_weights(targets)
-        generator = torch.Generator().manual_seed(int(self.cfg.seed))
-        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(targets), generator=generator)
+        return EpochWeightedSampler(torch.as_tensor(weights, dtype=torch.double), len(targets), int(self.cfg.seed))
 
     def setup(self, stage: str | None = None) -> None:
         pre = self.cfg.preprocess
@@ -114,15 +114,23 @@ class ImageDataModule(L.LightningDataModule):
         return SplitArrays(BlockRows(images_path(self.processed_dir, "train"), self.block), arrays.labels)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        """A loader of ``split``. A shuffled loader draws its order from ``(seed, epoch)`` alone
+        (the sampler's ``set_epoch``, which Lightning calls each epoch), never from the global
+        RNG, and its own generator gives the loader's worker seeds: so an epoch's order does not
+        depend on when the loader's iterator was made, and training resumed from a checkpoint
+        (:mod:`taxonomist.models.resume`) sees the same batches as an uninterrupted run."""
         workers = int(self.cfg.fit.num_workers)
-        sampler = self.balanced_sampler() if shuffle and bool(self.cfg.task.balanced_sampling) else None
-        if shuffle and sampler is None and self.block:
-            sampler = BlockShuffleSampler(len(self.datasets[split]), self.block, int(self.cfg.seed))
+        seed = int(self.cfg.seed)
+        sampler: Sampler[int] | None = None
+        if shuffle and bool(self.cfg.task.balanced_sampling):
+            sampler = self.balanced_sampler()
+        elif shuffle:  # in memory: one block, the whole split shuffled
+            sampler = BlockShuffleSampler(len(self.datasets[split]), self.block or len(self.datasets[split]), seed)
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -139,3 +147,24 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, int(self.cfg.evaluate.batch_size))
+
+
+class EpochWeightedSampler(WeightedRandomSampler):
+    """:class:`~torch.utils.data.WeightedRandomSampler` whose draws of an epoch come from
+    ``(seed, epoch)`` alone: Lightning calls :meth:`set_epoch` before each epoch (otherwise each
+    pass moves on to the next epoch), so a resumed run draws the same images as an
+    uninterrupted one."""
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int) -> None:
+        super().__init__(weights, num_samples, generator=torch.Generator())
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the images of ``epoch`` next."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint32)
+        self.generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+        self.epoch += 1
+        return super().__iter__()

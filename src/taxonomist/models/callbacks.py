@@ -104,7 +104,8 @@ class EpochHistory(L.Callback):
     """Write one CSV row per epoch with the epoch-level train/ and val/ metrics and ``train/lr``.
 
     The file feeds ``dvc plots`` (training curves) and is rewritten atomically each epoch.
-    ``on_row`` (e.g. logging to MLflow with the epoch as the step) gets each new row.
+    ``on_row`` (e.g. logging to MLflow with the epoch as the step) gets each new row. The rows
+    are the callback's checkpoint state: a resumed run restores them (and rewrites the file).
     """
 
     def __init__(self, path: str | Path, on_row: Callable[[dict[str, float]], None] | None = None):
@@ -113,16 +114,33 @@ class EpochHistory(L.Callback):
         self.rows: list[dict[str, float]] = []
 
     # Lightning computes a module's epoch-level train metrics after the callbacks'
-    # on_train_epoch_end, so an epoch's row is written when the next epoch starts and, for
-    # the last epoch, when training ends.
+    # on_train_epoch_end, so an epoch's row is recorded by the epoch-end checkpoint
+    # (:class:`taxonomist.models.resume.EpochEndCheckpoint`, which runs after the module) through
+    # :meth:`record_epoch_end`; without one, when the next epoch starts and, for the last epoch,
+    # when training ends.
+    def record_epoch_end(self, trainer: L.Trainer) -> None:
+        """Record the epoch that is ending (call it after the module's ``on_train_epoch_end``)."""
+        self._record_once(trainer, epoch=trainer.current_epoch + 1)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch > 0:
-            self._record(trainer, epoch=trainer.current_epoch)
+            self._record_once(trainer, epoch=trainer.current_epoch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # current_epoch counts completed epochs here, after max_epochs and after early stopping.
-        if not self.rows or self.rows[-1]["epoch"] < trainer.current_epoch:
-            self._record(trainer, epoch=trainer.current_epoch)
+        self._record_once(trainer, epoch=trainer.current_epoch)
+
+    def state_dict(self) -> dict:
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = [dict(row) for row in state_dict.get("rows", [])]
+        if self.rows:
+            self._write()  # DVC deleted the file before the stage ran again
+
+    def _record_once(self, trainer: L.Trainer, epoch: int) -> None:
+        if epoch > 0 and (not self.rows or self.rows[-1]["epoch"] < epoch):
+            self._record(trainer, epoch=epoch)
 
     def _record(self, trainer: L.Trainer, epoch: int) -> None:
         metrics = {

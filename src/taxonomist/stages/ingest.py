@@ -29,6 +29,7 @@ from taxonomist.data.sources import materialise
 from taxonomist.files import atomic_directory, atomic_write_json
 from taxonomist.stages.paths import RAW_DIR
 from taxonomist.tasks import task_of
+from taxonomist.tracking.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def run(cfg: DictConfig, out_dir: Path = RAW_DIR) -> dict:
         per_class = Counter(label for r in records for label in r.labels)
         per_split = Counter(r.split or "unassigned" for r in records)
         summary = {
-            "source": str(cfg.data.source),
+            "source": redact(cfg.data.source),  # ingest.json may be pushed to a shared DVC remote
             "task": str(cfg.task.name),
             "images": len(records),
             "classes": len(per_class),
@@ -59,5 +60,5 @@ def run(cfg: DictConfig, out_dir: Path = RAW_DIR) -> dict:
         if groups:  # data.group_by names a column of the source (a regex is applied in preprocess)
             summary["groups"] = len(groups)
         atomic_write_json(tmp / "ingest.json", summary)
-    log.info("ingested %d images in %d classes from %s", len(records), len(per_class), cfg.data.source)
+    log.info("ingested %d images in %d classes from %s", len(records), len(per_class), redact(cfg.data.source))
     return summary

@@ -261,8 +261,12 @@ def run(
             tags["dvc_experiment"] = active.data.tags["dvc_experiment"]
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
-        decided = registry.run_gate(client, name, version, probe, images, labels, metric_key, gate_settings)
-        promotion = registry.promote(client, name, version, bool(decided["promoted"]))
+        decided, promotion = registry.gate_and_promote(
+            client,
+            name,
+            version,
+            lambda: registry.run_gate(client, name, version, probe, images, labels, metric_key, gate_settings),
+        )
         if decided["promoted"]:
             log.info("%s v%s is the champion: %s", name, version, decided["reason"])
         else:

@@ -10,6 +10,9 @@ RAW_DIR = Path("data/raw")  # ingest -> preprocess
 PROCESSED_DIR = Path("data/processed")  # preprocess -> train, evaluate, package
 HEALTH_DIR = Path("reports/data")  # preprocess: the data set health report (-> train logs it to MLflow)
 MODELS_DIR = Path("models")  # train -> evaluate, package (best.ckpt, labels.json, run.json)
+# train's resume state (last epoch's checkpoint, best so far, the MLflow run): outside the DVC
+# outs, which DVC deletes before it reruns a stage; gitignored; deleted when the stage finishes
+RESUME_DIR = Path(".taxonomist/resume/train")
 HISTORY_FILE = Path("reports/train_history.csv")  # train -> evaluate's plots, dvc plots
 REPORTS_DIR = Path("reports/eval")  # evaluate -> package
 METRICS_FILE = Path("reports/metrics.json")  # evaluate -> package, dvc metrics

@@ -3,6 +3,29 @@
 Outputs: ``models/best.ckpt`` (best checkpoint by ``train.monitor``), ``models/labels.json``,
 ``models/run.json`` (the MLflow run this pipeline execution logs to) and
 ``reports/train_history.csv`` (per-epoch metrics for ``dvc plots``).
+
+Interrupted training resumes. At the end of every epoch the stage writes Lightning's full
+checkpoint (weights, EMA, optimizer, LR scheduler, loop progress, best-checkpoint and
+early-stopping state, the history rows, the RNG states: :mod:`taxonomist.models.resume`) to
+``.taxonomist/resume/train/last.ckpt`` (temp file, then rename), beside the best checkpoint so
+far (``checkpoints/best.ckpt``) and ``state.json`` (the MLflow run id, a fingerprint of the
+resolved config, the data hash, the torch and Lightning versions and Taxonomist's source, the
+epochs done).
+The folder is outside ``models/`` and ``reports/``, which DVC deletes before it reruns the
+stage. When the stage starts and finds that state with the same fingerprint and its MLflow run
+still there, it logs "resuming from epoch N of run X", continues the same run (no new run, no
+second dataset record; ``models/run.json`` names it again; epochs already in the run are not
+logged twice), restores the history rows and calls ``trainer.fit(ckpt_path=last.ckpt)``. Any
+other state is deleted with a log line and training starts afresh. The resumed run ends with
+the same weights, bit for bit, as an uninterrupted one on the same machine: each epoch's data
+order comes from ``(seed, epoch)``, and the RNGs (torch, numpy, random, the augmentation's)
+are set back to their state at the end of the saved epoch (exact with ``fit.num_workers: 0``;
+loader workers keep their own augmentation generators, which are not saved).
+
+SIGKILL leaves the last completed epoch's checkpoint. On SIGTERM Lightning's handler stops
+training after the current batch (never while a checkpoint is written); the last completed
+epoch's checkpoint is on disk, and the stage fails with one line saying to run it again. A stage
+that finishes deletes the resume folder.
 """
 
 from __future__ import annotations
@@ -14,15 +37,17 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from taxonomist.data import auto
 from taxonomist.data.datamodule import ImageDataModule
-from taxonomist.errors import ConfigError, StageOrderError
+from taxonomist.errors import ConfigError, Interrupted, StageOrderError
 from taxonomist.files import atomic_write_json, read_json, sha256_file
 from taxonomist.models.callbacks import EpochHistory, build_callbacks, build_trainer
 from taxonomist.models.module import ClassifierModule
-from taxonomist.stages.paths import HISTORY_FILE, MODELS_DIR, PROCESSED_DIR, health_dir_for
+from taxonomist.models.resume import EpochEndCheckpoint, RandomStates, ResumeFolder, fingerprint
+from taxonomist.stages.paths import HISTORY_FILE, MODELS_DIR, PROCESSED_DIR, RESUME_DIR, health_dir_for
 from taxonomist.tasks import task_of
 from taxonomist.tracking import runs
 
@@ -56,10 +81,11 @@ def run(
     spec: runs.RunSpec | None = None,
     health_dir: Path | None = None,
     history_file: Path = HISTORY_FILE,
+    resume_dir: Path = RESUME_DIR,
 ) -> dict:
     """Train and write the best checkpoint; return the run id, the monitored metric, its best
     value, the epoch that reached it and that epoch's train/ and val/ metrics. ``spec`` names
-    and places the MLflow run (sweeps)."""
+    and places the MLflow run (sweeps). ``resume_dir`` keeps the resume state (module docstring)."""
     batch_auto = auto.is_auto(cfg.fit.batch_size)
     precision_auto = auto.is_auto(cfg.trainer.precision)
     cfg = auto.resolve(cfg, processed_dir)  # the numbers preprocess chose for every `auto`
@@ -80,23 +106,43 @@ def run(
 
     models_dir.mkdir(parents=True, exist_ok=True)
     digest = data_hash(processed_dir)
-    run_id = runs.start_pipeline_run(cfg, tags={"data_hash": digest, "stage": "train"}, spec=spec)
-    runs.log_dataset(run_id, cfg, processed_dir, digest, report, health_dir or health_dir_for(processed_dir))
-    ckpt_dir = models_dir / ".checkpoints"
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    resume = ResumeFolder(resume_dir)
+    same = fingerprint(OmegaConf.to_container(cfg, resolve=True), digest)
+    state = resume.matching(same)
+    if state is not None and not runs.reopen_pipeline_run(cfg, state["run_id"]):
+        log.info("resume: run %s is no longer in the tracking store: starting afresh", state["run_id"])
+        state = None
+    if state is None:
+        run_id = runs.start_pipeline_run(cfg, tags={"data_hash": digest, "stage": "train"}, spec=spec)
+        runs.log_dataset(run_id, cfg, processed_dir, digest, report, health_dir or health_dir_for(processed_dir))
+        resume.start(run_id, same)
+        ckpt_path, logged = None, 0
+    else:
+        run_id = str(state["run_id"])
+        ckpt_path = resume.last if resume.last.is_file() else None
+        logged = runs.last_logged_epoch(run_id)
+        epochs = resume.epochs_in(ckpt_path) if ckpt_path else 0
+        log.info("resuming from epoch %d of run %s", epochs, run_id)
     monitor = task.val_metric(str(cfg.fit.monitor))
-    configured = build_callbacks(cfg, monitor, checkpoint={"dirpath": str(ckpt_dir)})
+    configured = build_callbacks(cfg, monitor, checkpoint={"dirpath": str(resume.checkpoints)})
     checkpoint = configured.get("checkpoint")
     if not isinstance(checkpoint, ModelCheckpoint):
         raise ConfigError("callbacks.checkpoint must be a ModelCheckpoint: the train stage keeps its best epoch")
     # Epoch-level train/ and val/ metrics (and train/lr) go to MLflow with the epoch as the step.
-    history = EpochHistory(history_file, on_row=runs.epoch_logger(run_id))
-    trainer = build_trainer(cfg, [*configured.values(), history], default_root_dir=models_dir)
-    trainer.fit(module, datamodule=datamodule)
+    history = EpochHistory(history_file, on_row=runs.epoch_logger(run_id, after=logged))
+    last = EpochEndCheckpoint(resume.last, history=history, on_saved=resume.record_epochs)
+    trainer = build_trainer(cfg, [RandomStates(), *configured.values(), history, last], default_root_dir=models_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        done = int(read_json(resume.state_file).get("epochs", 0))
+        raise Interrupted(
+            f"training stopped by SIGTERM after {done} completed epoch(s); run the stage again "
+            f"(dvc repro) to resume run {run_id} from {resume.last}"
+        ) from None
     if not checkpoint.best_model_path:
         raise ConfigError(f"training produced no checkpoint: train.monitor={monitor!r} was never logged")
-    shutil.move(checkpoint.best_model_path, models_dir / "best.ckpt")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.copyfile(checkpoint.best_model_path, models_dir / "best.ckpt")
     atomic_write_json(models_dir / "labels.json", task.to_dict())
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
     # The epoch the checkpoint comes from: the first that reached the best score.
@@ -110,5 +156,6 @@ def run(
         "best_epoch_metrics": {k: v for k, v in best_row.items() if k != "epoch"},
         "epochs": trainer.current_epoch,
     }
+    resume.clear()  # finished: nothing to resume
     log.info("train: best %s = %.4f at epoch %s (run %s)", monitor, best, best_epoch, run_id)
     return summary

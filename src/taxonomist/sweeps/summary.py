@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from taxonomist.files import atomic_write_text, read_json
 from taxonomist.sweeps.state import OBJECTIVE_METRIC, STATE_FILE, child_runs, pipeline_config
 from taxonomist.tracking import runs
+from taxonomist.tracking.redact import redact
 
 log = logging.getLogger(__name__)
 # Test metrics shown in the table, in this order, when the task logs them (the runs keep them all).
@@ -132,9 +133,9 @@ def summarise(config: DictConfig, root: Path, parent_run_id: str) -> pd.DataFram
 
     # Params cannot change: a sweep extended later keeps its first best.* params; the tags follow the best.
     existing = client.get_run(parent_run_id).data.params
-    params = [Param(f"best.{k}", str(best[k])) for k in swept if f"best.{k}" not in existing]
+    params = [Param(f"best.{k}", redact(best[k])) for k in swept if f"best.{k}" not in existing]
     for k in swept:
-        client.set_tag(parent_run_id, f"best.{k}", str(best[k]))
+        client.set_tag(parent_run_id, f"best.{k}", redact(best[k]))
     best_metrics = {objective: float(best[objective])}
     best_metrics.update({k: float(best[k]) for k in table.columns if k.startswith("test/") and not _nan(best[k])})
     now = _now_ms()

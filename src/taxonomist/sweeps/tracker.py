@@ -21,6 +21,7 @@ from taxonomist.files import atomic_write_json
 from taxonomist.sweeps.state import OBJECTIVE_METRIC, ROLE_TAG, STATE_FILE, SWEEP_TAG, child_runs, pipeline_config
 from taxonomist.sweeps.summary import summarise
 from taxonomist.tracking import runs
+from taxonomist.tracking.redact import redact, redact_all
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +104,22 @@ class SweepTracker(Callback):
             parent = client.create_run(
                 experiment_id,
                 run_name=name,
-                tags={
-                    ROLE_TAG: "sweep",
-                    SWEEP_TAG: name,
-                    "task": str(cfg.task.name),
-                    "dataset": runs.dataset_name(cfg),
-                    "git_commit": runs.git_commit(),
-                    "mlflow.source.name": "taxonomist sweep",
-                    "mlflow.note.content": describe_sweep(definition, objective),
-                },
+                tags=redact_all(
+                    {
+                        ROLE_TAG: "sweep",
+                        SWEEP_TAG: name,
+                        "task": str(cfg.task.name),
+                        "dataset": runs.dataset_name(cfg),
+                        "git_commit": runs.git_commit(),
+                        "mlflow.source.name": "taxonomist sweep",
+                        "mlflow.note.content": describe_sweep(definition, objective),
+                    }
+                ),
             )
             client.log_param(parent.info.run_id, "sweep.objective", objective)
-            client.log_param(parent.info.run_id, "sweep.overrides", " ".join(definition["overrides"])[:6000])
+            client.log_param(parent.info.run_id, "sweep.overrides", redact(" ".join(definition["overrides"]))[:6000])
             definition_yaml = OmegaConf.to_yaml(OmegaConf.create(definition))
-            client.log_text(parent.info.run_id, definition_yaml, "sweep/definition.yaml")
+            client.log_text(parent.info.run_id, redact(definition_yaml), "sweep/definition.yaml")
         else:
             log.info("resuming sweep %r (parent run %s)", name, parent.info.run_id)
             client.update_run(parent.info.run_id, status="RUNNING")

@@ -23,6 +23,7 @@ from taxonomist.config import flatten
 from taxonomist.errors import missing_input
 from taxonomist.files import atomic_write_json, read_json
 from taxonomist.stages.paths import MODELS_DIR
+from taxonomist.tracking.redact import redact, redact_all
 
 RUN_FILE = MODELS_DIR / "run.json"
 MAX_PARAM_LENGTH = 6000
@@ -221,20 +222,36 @@ def start_pipeline_run(cfg: DictConfig, tags: dict[str, str], spec: RunSpec | No
         all_tags["mlflow.parentRunId"] = spec.parent_run_id
     all_tags["mlflow.source.name"] = launched_by.replace("`", "")
     all_tags["mlflow.note.content"] = describe(cfg, launched_by)
-    run = client.create_run(experiment_id, run_name=spec.name or run_name(cfg), tags=all_tags)
-    params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(cfg).items()}
+    # Nothing from the config reaches the (shared) tracking store with its credentials.
+    run = client.create_run(experiment_id, run_name=redact(spec.name or run_name(cfg)), tags=redact_all(all_tags))
+    params = {k: v[:MAX_PARAM_LENGTH] for k, v in redact_all(flatten(cfg)).items()}
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
-    atomic_write_json(
-        RUN_FILE,
-        {
-            "run_id": run.info.run_id,
-            "experiment_id": experiment_id,
-            "tracking_uri": tracking_uri(cfg),
-        },
-    )
+    write_run_file(cfg, run.info.run_id, experiment_id)
     return run.info.run_id
+
+
+def write_run_file(cfg: DictConfig, run_id: str, experiment_id: str) -> None:
+    """Record the pipeline run in ``models/run.json`` (evaluate and package reopen it from there)."""
+    atomic_write_json(RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri(cfg)})
+
+
+def reopen_pipeline_run(cfg: DictConfig, run_id: str) -> bool:
+    """Continue ``run_id`` (resumed training): if it is still in the configured store and not
+    deleted, record it in ``models/run.json`` again and return True; False when it is gone."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    setup(cfg)
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.lifecycle_stage == "deleted":
+        return False
+    write_run_file(cfg, run_id, run.info.experiment_id)
+    return True
 
 
 def log_dataset(
@@ -253,7 +270,8 @@ def log_dataset(
     frame = pd.read_csv(processed_dir / "splits.csv", dtype=str, keep_default_na=False)
     name = dataset_name(cfg)
     try:
-        dataset = mlflow.data.from_pandas(frame, source=str(cfg.data.source), name=name, digest=digest[:DIGEST_LENGTH])
+        source = redact(cfg.data.source)
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:DIGEST_LENGTH])
     except MlflowException:  # a built-in source has no URI MLflow knows: point at the ingested copy
         raw = str((processed_dir.parent / "raw").resolve())
         dataset = mlflow.data.from_pandas(frame, source=raw, name=name, digest=digest[:DIGEST_LENGTH])
@@ -262,14 +280,24 @@ def log_dataset(
     client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
     lines = describe(report.get("settings", {"preprocess": {}}))
     if lines:
-        client.set_tag(run_id, "auto_settings", "; ".join(lines)[:MAX_PARAM_LENGTH])
+        client.set_tag(run_id, "auto_settings", redact("; ".join(lines))[:MAX_PARAM_LENGTH])
     client.log_artifact(run_id, str(processed_dir / "report.json"), artifact_path="data")
     if health_dir is not None and health_dir.is_dir():
         client.log_artifacts(run_id, str(health_dir), artifact_path="data/health")
 
 
-def epoch_logger(run_id: str):
-    """A callback that logs one history row to ``run_id`` with the epoch as the step."""
+def last_logged_epoch(run_id: str, key: str = "train/lr") -> int:
+    """The last epoch whose history row reached ``run_id`` (the highest step of ``key``, a
+    metric every row has; 0 when none did)."""
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run_id, metric_name(key))
+    return max((int(m.step) for m in history), default=0)
+
+
+def epoch_logger(run_id: str, after: int = 0):
+    """A callback that logs one history row to ``run_id`` with the epoch as the step; rows of
+    epochs up to ``after`` are already in the run (a resumed run) and are not logged again."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -277,6 +305,8 @@ def epoch_logger(run_id: str):
 
     def log_row(row: dict[str, float]) -> None:
         epoch = int(row["epoch"])
+        if epoch <= after:
+            return
         now = int(time.time() * 1000)
         metrics = [Metric(metric_name(k), float(v), now, epoch) for k, v in row.items() if k != "epoch"]
         client.log_batch(run_id, metrics=metrics)

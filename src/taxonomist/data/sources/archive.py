@@ -45,7 +45,13 @@ from taxonomist.data.sources.label_studio import materialise_label_studio
 from taxonomist.data.sources.table import materialise_table
 from taxonomist.errors import DataError, Problems
 
-MAX_EXTRACTED_BYTES = 20 * 1024**3  # 20 GiB: a guard against zip bombs
+# Bounds checked from the archive's directory before anything is extracted (zip bombs, tar
+# bombs, millions of tiny members); the bytes written are counted too, in case a header lies.
+# A real data set past them: extract it yourself and point data.source at the folder.
+MAX_EXTRACTED_BYTES = 20 * 1024**3  # 20 GiB in all
+MAX_MEMBERS = 2_000_000
+MAX_RATIO = 100  # extracted size / archive size, in all and per zip member (images barely compress)
+RATIO_FLOOR = 16 * 1024**2  # members and archives that expand to less than this are not ratio-checked
 CHUNK = 1 << 20
 READERS_BY_SUFFIX = {
     ".csv": materialise_table,
@@ -175,15 +181,37 @@ def extract_archive(archive: Path, make_dest: Callable[[], Path]) -> Path:
     raise DataError(f"{archive}: not a zip or tar archive")
 
 
+def check_bounds(archive: Path, members: list[Member]) -> None:
+    """Refuse, before extracting, an archive past :data:`MAX_MEMBERS`, :data:`MAX_EXTRACTED_BYTES`
+    or :data:`MAX_RATIO` (in all, or for one zip member), in one line naming the bound."""
+    declared = sum(m.size for m in members)
+    packed = max(archive.stat().st_size, 1)
+    why = ""
+    if len(members) > MAX_MEMBERS:
+        why = f"it has {len(members):,} members, more than the {MAX_MEMBERS:,} allowed"
+    elif declared > MAX_EXTRACTED_BYTES:
+        why = (
+            f"it expands to {declared / 1024**3:.1f} GiB, more than the {MAX_EXTRACTED_BYTES / 1024**3:.0f} GiB allowed"
+        )
+    elif declared > RATIO_FLOOR and declared / packed > MAX_RATIO:
+        why = f"it expands {declared / packed:,.0f} times ({packed:,} bytes to {declared:,}), more than {MAX_RATIO}x"
+    else:
+        for m in members:
+            compressed = getattr(m.info, "compress_size", None)
+            if compressed is not None and m.size > RATIO_FLOOR and m.size / max(compressed, 1) > MAX_RATIO:
+                why = f"member {m.name!r} expands {m.size / max(compressed, 1):,.0f} times, more than {MAX_RATIO}x"
+                break
+    if why:
+        raise DataError(
+            f"{archive}: refusing the archive, nothing was extracted: {why} (a data set this large: extract it "
+            "yourself and set data.source to the folder)"
+        )
+
+
 def _extract(
     archive: Path, members: list[Member], open_info: Callable[[Any], IO[bytes]], make_dest: Callable[[], Path]
 ) -> Path:
-    declared = sum(m.size for m in members)
-    if declared > MAX_EXTRACTED_BYTES:
-        raise DataError(
-            f"{archive}: the archive expands to {declared} bytes, more than the {MAX_EXTRACTED_BYTES} allowed; "
-            "nothing was extracted"
-        )
+    check_bounds(archive, members)
     dest = make_dest()
     try:
         _write_members(members, lambda m: open_info(m.info), dest)
