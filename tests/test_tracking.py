@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,41 @@ def test_redact_masks_credentials_in_uris_queries_and_secret_environment_values(
     }
     for raw, expected in cases.items():
         assert redact(raw) == expected, raw
+
+
+def test_an_unreachable_or_refusing_tracking_server_fails_fast_in_one_line(monkeypatch):
+    import http.server
+    import socket
+    import threading
+
+    from taxonomist.errors import RegistryError
+    from taxonomist.tracking.runs import check_server
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=rf"server http://127\.0\.0\.1:{closed} is unreachable .*tracking\.uri"):
+        check_server(f"http://127.0.0.1:{closed}")
+    assert time.monotonic() - started < 5
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401 if "Authorization" not in self.headers else 403)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://user:hunter22@127.0.0.1:{server.server_port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "user")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
+        with pytest.raises(RegistryError, match=r"refused the credentials \(HTTP 403\)") as err:
+            check_server(url)
+        assert "hunter22" not in str(err.value) and "wrong-password" not in str(err.value)
+    finally:
+        server.shutdown()
+    check_server("sqlite:////nonexistent/mlflow.db")  # local stores are not probed
