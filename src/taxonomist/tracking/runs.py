@@ -7,6 +7,7 @@ it from there. The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``trac
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -24,6 +25,8 @@ from taxonomist.errors import RegistryError, missing_input
 from taxonomist.files import atomic_write_json, read_json
 from taxonomist.stages.paths import MODELS_DIR
 from taxonomist.tracking.redact import redact, redact_all
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = MODELS_DIR / "run.json"
 MAX_PARAM_LENGTH = 6000
@@ -326,17 +329,31 @@ def log_dataset(
 
 
 def epoch_logger(run_id: str):
-    """A callback that logs one history row to ``run_id`` with the epoch as the step."""
+    """A callback that logs one history row to ``run_id`` with the epoch as the step.
+
+    A tracking server that stops answering mid-run does not stop training: the failure is one
+    warning, the rows wait and go with the next epoch's (the history CSV has them all anyway)."""
     import mlflow
     from mlflow.entities import Metric
 
     client = mlflow.MlflowClient()
+    pending: list[Metric] = []
 
     def log_row(row: dict[str, float]) -> None:
         epoch = int(row["epoch"])
         now = int(time.time() * 1000)
-        metrics = [Metric(metric_name(k), float(v), now, epoch) for k, v in row.items() if k != "epoch"]
-        client.log_batch(run_id, metrics=metrics)
+        pending.extend(Metric(metric_name(k), float(v), now, epoch) for k, v in row.items() if k != "epoch")
+        try:
+            while pending:
+                client.log_batch(run_id, metrics=pending[:1000])
+                del pending[:1000]
+        except Exception as err:  # connection errors, HTTP errors, MlflowException: training goes on
+            log.warning(
+                "epoch %d: MLflow did not take the metrics (%s); training goes on, they are retried next epoch "
+                "and are in the history CSV",
+                epoch,
+                redact(str(err).splitlines()[0] if str(err) else type(err).__name__),
+            )
 
     return log_row
 
