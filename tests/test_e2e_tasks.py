@@ -199,6 +199,35 @@ def test_all_stages_for_task(task, tmp_path, monkeypatch):
         assert Path("reports/eval/confusion_level2.png").is_file()
     for value in metrics.values():
         assert np.isfinite(value)
+    if task == "ordinal":  # one task is enough: the stages' folders are swapped in whole, or not at all
+        interrupted_stages_keep_their_outputs(cfg, monkeypatch)
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def interrupted_stages_keep_their_outputs(cfg, monkeypatch) -> None:
+    """Ctrl-C in package and a full disk in evaluate, after each has written part of its new
+    outputs: the previous dist/ and reports/eval/ stay exactly as they were, no temp folder left."""
+    import errno
+
+    dist, eval_dir = folder_state(Path("dist")), folder_state(Path("reports/eval"))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(package, "build_int8", interrupt)  # after the new model.onnx is written
+    with pytest.raises(KeyboardInterrupt):
+        package.run(cfg)
+    monkeypatch.setattr(evaluate, "explain_examples", disk_full)  # after the new reports are written
+    with pytest.raises(OSError, match="No space left"):
+        evaluate.run(cfg)
+    assert folder_state(Path("dist")) == dist and folder_state(Path("reports/eval")) == eval_dir
+    assert not list(Path(".").glob(".dist.*.tmp")) and not list(Path("reports").glob(".eval.*.tmp"))
 
 
 def test_dvc_repro_inside_a_ready_pipeline(tmp_path):

@@ -234,12 +234,18 @@ class _Payload:  # a pickled object: loading it would run code of the file's cho
 def test_load_classifier_refuses_files_that_are_not_checkpoints(tmp_path):
     pickled = tmp_path / "evil.ckpt"
     torch.save({"hyper_parameters": _Payload(), "state_dict": {}}, pickled)
-    with pytest.raises(ModelError, match=r"evil.ckpt is not a Taxonomist training checkpoint \(UnpicklingError"):
+    with pytest.raises(ModelError, match=r"evil.ckpt is not a readable Taxonomist training checkpoint \(Unpickling"):
         load_classifier(pickled)
     other = tmp_path / "weights.pth"
     torch.save({"conv.weight": torch.zeros(1)}, other)
     with pytest.raises(ModelError, match="KeyError"):
         load_classifier(other)
+    truncated = tmp_path / "best.ckpt"  # a copy cut short (a full disk, a killed copy)
+    torch.save({"hyper_parameters": {}, "state_dict": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    with pytest.raises(ModelError, match=r"best.ckpt is not a readable .*run the train stage again") as err:
+        load_classifier(truncated)
+    assert "\n" not in str(err.value)
 
 
 def test_inference_stages_start_without_lightning_or_albumentations():

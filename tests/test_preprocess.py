@@ -425,3 +425,10 @@ def test_a_mixed_folder_gets_settings_from_its_images_and_a_health_report(tmp_pa
     page = (tmp_path / "health" / "health.md").read_text()
     assert "| CMYK" in page and "| I;16" in page
     assert "4 tiny images (much smaller than the rest)" in report["health"]["warnings"]  # the 10x10 ones
+
+
+def test_quarantine_log_names_the_users_file_and_a_worded_reason(caplog, staged):
+    lines = [r.getMessage() for r in caplog.get_records("setup") if r.getMessage().startswith("quarantined ")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("quarantined ") and "circle/zz_truncated.png: " in lines[0], lines[0]
+    assert "images/" not in lines[0] and "BytesIO" not in lines[0], lines[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,65 @@ def test_redact_masks_credentials_in_uris_queries_and_secret_environment_values(
     }
     for raw, expected in cases.items():
         assert redact(raw) == expected, raw
+
+
+def test_an_unreachable_or_refusing_tracking_server_fails_fast_in_one_line(monkeypatch):
+    import http.server
+    import socket
+    import threading
+
+    from taxonomist.errors import RegistryError
+    from taxonomist.tracking.runs import check_server
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=rf"server http://127\.0\.0\.1:{closed} is unreachable .*tracking\.uri"):
+        check_server(f"http://127.0.0.1:{closed}")
+    assert time.monotonic() - started < 5
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401 if "Authorization" not in self.headers else 403)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://user:hunter22@127.0.0.1:{server.server_port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "user")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
+        with pytest.raises(RegistryError, match=r"refused the credentials \(HTTP 403\)") as err:
+            check_server(url)
+        assert "hunter22" not in str(err.value) and "wrong-password" not in str(err.value)
+    finally:
+        server.shutdown()
+    check_server("sqlite:////nonexistent/mlflow.db")  # local stores are not probed
+
+
+def test_metrics_wait_while_the_tracking_server_is_down(tmp_path, monkeypatch):
+    import mlflow
+
+    from taxonomist.tracking.runs import epoch_logger
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("down")).info.run_id
+    log_row = epoch_logger(run_id)
+    log_row({"epoch": 0, "val/acc": 0.5})
+    real = mlflow.MlflowClient.log_batch
+
+    def down(self, *args, **kwargs):
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
+    log_row({"epoch": 1, "val/acc": 0.6})  # no exception: training goes on
+    log_row({"epoch": 2, "val/acc": 0.7})
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)
+    log_row({"epoch": 3, "val/acc": 0.8})
+    history = client.get_metric_history(run_id, "val/acc")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)]

@@ -62,8 +62,12 @@ def load_classifier(path: str | Path, map_location: str = "cpu", tta: str = "non
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         hparams = checkpoint["hyper_parameters"]
         state = checkpoint["state_dict"]
-    except Exception as err:
-        raise ModelError(f"{path} is not a Taxonomist training checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # truncated, corrupted, another program's file: one line, no traceback
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"{path} is not a readable Taxonomist training checkpoint ({type(err).__name__}: {first}); "
+            "run the train stage again"
+        ) from None
     classifier = Classifier(hparams["cfg"], hparams["space"], int(hparams["in_chans"]))
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     classifier.model.load_state_dict(weights)

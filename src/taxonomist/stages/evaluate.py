@@ -39,7 +39,7 @@ from taxonomist.evaluation.calibration import (
 )
 from taxonomist.evaluation.explain import explanation_grid, output_names, output_scores, pick_examples
 from taxonomist.evaluation.report import Evaluation, write_reports
-from taxonomist.files import atomic_write_json
+from taxonomist.files import atomic_directory, atomic_write_json
 from taxonomist.models.inference import Classifier, load_classifier
 from taxonomist.stages.paths import DECISION_FILE, HISTORY_FILE, METRICS_FILE, MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
 from taxonomist.tasks import Decision, Task
@@ -128,7 +128,17 @@ def run(
     out_dir: Path = REPORTS_DIR,
     metrics_file: Path = METRICS_FILE,
 ) -> dict[str, float]:
-    """Tune the decision on val, evaluate ``models/best.ckpt`` on test; return the metrics."""
+    """Tune the decision on val, evaluate ``models/best.ckpt`` on test; return the metrics.
+    ``out_dir`` is built beside the old one and swapped in at the end (an error, a full disk or
+    Ctrl-C leaves the previous reports as they were)."""
+    with atomic_directory(out_dir) as building:
+        return _evaluate(cfg, processed_dir, models_dir, building, metrics_file)
+
+
+def _evaluate(
+    cfg: DictConfig, processed_dir: Path, models_dir: Path, out_dir: Path, metrics_file: Path
+) -> dict[str, float]:
+    """:func:`run`, writing into ``out_dir`` (the folder being built)."""
     cfg = auto.resolve(cfg, processed_dir)
     torch.manual_seed(int(cfg.seed))
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))

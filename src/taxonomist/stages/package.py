@@ -40,7 +40,7 @@ from taxonomist.export import gate, quantize, registry
 from taxonomist.export.model_card import render_model_card
 from taxonomist.export.onnx import export_onnx, verify_onnx
 from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel, Limits
-from taxonomist.files import atomic_write_json, atomic_write_text, read_json
+from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text, read_json
 from taxonomist.models.inference import load_classifier
 from taxonomist.stages.paths import (
     DECISION_FILE,
@@ -174,7 +174,22 @@ def run(
     raw_dir: Path = RAW_DIR,
 ) -> dict:
     """Export, verify, document, log and register the trained model; move ``@champion`` to it
-    when the champion gate promotes it."""
+    when the champion gate promotes it. ``out_dir`` is built beside the old one and swapped in
+    at the end: an error, a full disk or Ctrl-C leaves the previous package as it was."""
+    with atomic_directory(out_dir) as building:
+        return _package(cfg, processed_dir, models_dir, reports_dir, metrics_file, building, raw_dir)
+
+
+def _package(
+    cfg: DictConfig,
+    processed_dir: Path,
+    models_dir: Path,
+    reports_dir: Path,
+    metrics_file: Path,
+    out_dir: Path,
+    raw_dir: Path,
+) -> dict:
+    """:func:`run`, writing into ``out_dir`` (the folder being built)."""
     cfg = auto.resolve(cfg, processed_dir)  # the settings preprocess chose (they go into serving.json)
     module = load_classifier(models_dir / "best.ckpt", tta=str(cfg.augment.tta))
     task = read_labels(processed_dir)

@@ -158,7 +158,7 @@ def inspect(
         for row, reason in zip(manifest[bad].itertuples(), facts.loc[bad, "reason"], strict=True)
     ]
     for problem in problems[:20]:
-        log.warning("quarantined %s: %s", problem["path"], problem["reason"])
+        log.warning("quarantined %s: %s", problem["source_id"] or problem["path"], problem["reason"])
     if len(problems) > 20:
         log.warning("... and %d more quarantined (data/processed/quarantine.csv lists them)", len(problems) - 20)
     valid = manifest[~bad].join(facts.loc[~bad, [*FACTS, "phash"]].astype(FACTS))

@@ -7,6 +7,7 @@ it from there. The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``trac
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -20,10 +21,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from taxonomist.config import flatten
-from taxonomist.errors import missing_input
+from taxonomist.errors import RegistryError, missing_input
 from taxonomist.files import atomic_write_json, read_json
 from taxonomist.stages.paths import MODELS_DIR
 from taxonomist.tracking.redact import redact, redact_all
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = MODELS_DIR / "run.json"
 MAX_PARAM_LENGTH = 6000
@@ -118,6 +121,59 @@ def use_store(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = users
 
 
+PROBE_TIMEOUT = 5.0  # seconds: a tracking server that does not answer by then is unreachable
+
+
+def check_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Fail fast, in one line naming the URI, when an ``http(s)`` tracking server is down or
+    refuses the credentials (``MLFLOW_TRACKING_TOKEN``, or ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD``), before any work starts; MLflow's own client would retry for
+    minutes. Other URIs (local stores) are not probed."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    shown = redact(uri)
+    headers = {}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is not None and "Authorization" not in headers:  # credentials in the URI itself
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urllib.parse.urlencode({"max_results": 1})
+    probe = urllib.parse.urlunsplit(
+        (parts.scheme, netloc, f"{parts.path.rstrip('/')}/api/2.0/mlflow/experiments/search", query, "")
+    )
+    try:
+        with urllib.request.urlopen(urllib.request.Request(probe, headers=headers), timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise RegistryError(
+                f"the MLflow tracking server {shown} refused the credentials (HTTP {err.code}): check "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+            ) from None
+        if err.code >= 500 or err.code == 404:
+            raise RegistryError(
+                f"the MLflow tracking server {shown} answered HTTP {err.code}: is it an MLflow server? "
+                "(tracking.uri or MLFLOW_TRACKING_URI)"
+            ) from None
+    except (urllib.error.URLError, OSError) as err:
+        why = getattr(err, "reason", err)
+        raise RegistryError(
+            f"the MLflow tracking server {shown} is unreachable ({why}): start it, or point tracking.uri "
+            "(or MLFLOW_TRACKING_URI) at a running one"
+        ) from None
+
+
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id. A local
     SQLite store that does not exist yet is created first (:func:`create_sqlite_store`), so
@@ -130,6 +186,7 @@ def setup(cfg: DictConfig) -> str:
         db = Path(uri[len(prefix) :])
         if not db.exists() and db.parent.is_dir():
             create_sqlite_store(db, cfg)
+    check_server(uri)
     use_store(uri)
     name = str(cfg.tracking.experiment)
     client = mlflow.MlflowClient()
@@ -297,19 +354,33 @@ def last_logged_epoch(run_id: str, key: str = "train/lr") -> int:
 
 def epoch_logger(run_id: str, after: int = 0):
     """A callback that logs one history row to ``run_id`` with the epoch as the step; rows of
-    epochs up to ``after`` are already in the run (a resumed run) and are not logged again."""
+    epochs up to ``after`` are already in the run (a resumed run) and are not logged again.
+
+    A tracking server that stops answering mid-run does not stop training: the failure is one
+    warning, the rows wait and go with the next epoch's (the history CSV has them all anyway)."""
     import mlflow
     from mlflow.entities import Metric
 
     client = mlflow.MlflowClient()
+    pending: list[Metric] = []
 
     def log_row(row: dict[str, float]) -> None:
         epoch = int(row["epoch"])
         if epoch <= after:
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(metric_name(k), float(v), now, epoch) for k, v in row.items() if k != "epoch"]
-        client.log_batch(run_id, metrics=metrics)
+        pending.extend(Metric(metric_name(k), float(v), now, epoch) for k, v in row.items() if k != "epoch")
+        try:
+            while pending:
+                client.log_batch(run_id, metrics=pending[:1000])
+                del pending[:1000]
+        except Exception as err:  # connection errors, HTTP errors, MlflowException: training goes on
+            log.warning(
+                "epoch %d: MLflow did not take the metrics (%s); training goes on, they are retried next epoch "
+                "and are in the history CSV",
+                epoch,
+                redact(str(err).splitlines()[0] if str(err) else type(err).__name__),
+            )
 
     return log_row
 
