@@ -370,3 +370,27 @@ def test_read_idx_on_real_fashion_mnist():
     assert labels.shape == (60000,)
     assert sorted(np.unique(labels).tolist()) == list(range(10))
     assert np.bincount(labels).tolist() == [6000] * 10
+
+
+def test_ctrl_c_during_ingest_keeps_the_previous_raw_data(tmp_path, monkeypatch):
+    from conftest import REPO, tiny_overrides
+
+    from taxonomist.config import compose
+    from taxonomist.stages import ingest
+
+    source = make_image_folder(tmp_path / "shapes", per_class=6)
+    cfg = compose(tiny_overrides(source), conf_dir=REPO / "conf")
+    raw = tmp_path / "data" / "raw"
+    ingest.run(cfg, out_dir=raw)
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    shutil.copyfile(sorted((source / "square").iterdir())[0], source / "circle" / "new.png")  # the source changed
+
+    def interrupted(folder: Path, *args, **kwargs):
+        (folder / "images.zip").write_bytes(b"half a zip")  # Ctrl-C while the new archive is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest, "pack_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ingest.run(cfg, out_dir=raw)
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+    assert not [p for p in raw.parent.iterdir() if p.name.startswith(".raw")]
