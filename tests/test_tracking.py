@@ -254,16 +254,16 @@ def test_metrics_wait_while_the_tracking_server_is_down(tmp_path, monkeypatch):
     client = mlflow.MlflowClient()
     run_id = client.create_run(client.create_experiment("down")).info.run_id
     log_row = epoch_logger(run_id)
-    log_row({"epoch": 0, "val/acc": 0.5})
+    log_row({"epoch": 1, "val/acc": 0.5})
     real = mlflow.MlflowClient.log_batch
 
     def down(self, *args, **kwargs):
         raise ConnectionError("Connection refused")
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
-    log_row({"epoch": 1, "val/acc": 0.6})  # no exception: training goes on
-    log_row({"epoch": 2, "val/acc": 0.7})
+    log_row({"epoch": 2, "val/acc": 0.6})  # no exception: training goes on
+    log_row({"epoch": 3, "val/acc": 0.7})
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)
-    log_row({"epoch": 3, "val/acc": 0.8})
+    log_row({"epoch": 4, "val/acc": 0.8})
     history = client.get_metric_history(run_id, "val/acc")
-    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)]
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.7), (4, 0.8)]

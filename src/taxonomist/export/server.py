@@ -5,8 +5,9 @@ The app is MLflow's (:func:`mlflow.pyfunc.scoring_server.init`: the same ``/invo
 ``mlflow models serve``), wrapped in :class:`Guard`, an ASGI middleware that adds what MLflow's
 server lacks:
 
-* a **body limit**: a request body over ``max_body_mb`` is refused with HTTP 413 before it is
-  read whole (the model's own limits then bound the images inside it:
+* a **body limit**: a request body over ``max_body_mb`` is refused with HTTP 413 and never held
+  in memory (its rest is read and dropped first, see :meth:`Guard._drain`; the model's own
+  limits then bound the images inside an accepted body:
   :class:`~taxonomist.export.serving.Limits`);
 * a **concurrency limit**: at most ``concurrency`` requests are read and classified at once
   (the others wait), so the server's memory is bounded by ``concurrency`` requests;
@@ -21,6 +22,7 @@ build-docker``); there, MLflow's error messages carry its own wording around the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -41,6 +43,10 @@ def one_line(message: str) -> str:
     return (tail.splitlines() or [""])[0].strip()[:500]
 
 
+DRAIN_BYTES = 256 * 2**20  # of a refused body, read and dropped so the client can read the 413
+DRAIN_SECONDS = 10.0
+
+
 class Guard:
     """ASGI middleware: body limit, concurrency limit and one-line errors (module docstring)."""
 
@@ -55,6 +61,24 @@ class Guard:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop what is left of a body about to be refused (at most :data:`DRAIN_BYTES`,
+        for :data:`DRAIN_SECONDS`), so a client that sends the whole body before it reads the
+        answer gets the 413 instead of a connection reset under it; nothing is kept. (Once the
+        answer is sent, the server no longer reads the body: this comes first.)"""
+        drained = 0
+
+        async def drain() -> None:
+            nonlocal drained
+            while drained <= DRAIN_BYTES:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body"):
+                    return
+                drained += len(message.get("body", b""))
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(drain(), DRAIN_SECONDS)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") not in GUARDED_PATHS:
             await self.app(scope, receive, send)
@@ -62,6 +86,8 @@ class Guard:
         too_big = f"the request body is over the limit of {self.max_body / 1e6:g} MB (taxonomist serve --max-body-mb)"
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
+            if int(length) <= DRAIN_BYTES:
+                await self._drain(receive)
             await self._reply(send, 413, "REQUEST_TOO_LARGE", too_big)
             return
         async with self.slots:
@@ -74,6 +100,9 @@ class Guard:
                 chunks.append(message.get("body", b""))
                 size += len(chunks[-1])
                 if size > self.max_body:
+                    del chunks
+                    if message.get("more_body"):
+                        await self._drain(receive)
                     await self._reply(send, 413, "REQUEST_TOO_LARGE", too_big)
                     return
                 if not message.get("more_body"):
