@@ -28,11 +28,13 @@ At scale (README, "Large data sets"):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import functools
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,21 +68,56 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Copies with one label keep a single row (a test copy wins, so the test split is not
     shrunk); copies with conflicting labels are all dropped, since neither label can be trusted.
+    The hashes are matched as integer codes (``pd.factorize``): sorting and grouping
+    64-character strings costs far more memory.
     """
-    order = frame.assign(_rank=(frame["split"] != "test").astype(int)).sort_values(["sha256", "_rank"], kind="stable")
-    labels_per_hash = order.groupby("sha256")["label"].nunique()
-    conflicting = set(labels_per_hash[labels_per_hash > 1].index)
-    is_conflict = order["sha256"].isin(conflicting)
-    is_repeat = order.duplicated("sha256", keep="first") & ~is_conflict
-    first_of = order.drop_duplicates("sha256").set_index("sha256")["path"]
-    dropped = order[is_conflict | is_repeat].copy()
-    dropped["reason"] = np.where(
-        dropped["sha256"].isin(conflicting), "conflicting labels for identical images", "duplicate"
+    key = pd.factorize(frame["sha256"])[0]
+    order = frame.assign(_key=key, _rank=(frame["split"] != "test").astype(np.int8))
+    order = order.sort_values(["_key", "_rank"], kind="stable")
+    labels_per_hash = order.groupby("_key", sort=False)["label"].nunique()
+    conflicting = labels_per_hash.index[labels_per_hash.to_numpy() > 1].to_numpy()
+    is_conflict = np.isin(order["_key"].to_numpy(), conflicting)
+    is_repeat = order.duplicated("_key", keep="first").to_numpy() & ~is_conflict
+    gone = is_conflict | is_repeat
+    dropped = order[gone].copy()
+    dropped["reason"] = np.where(is_conflict[gone], "conflicting labels for identical images", "duplicate")
+    first_of = order.loc[~order.duplicated("_key", keep="first"), ["_key", "path"]].set_index("_key")["path"]
+    dropped["duplicate_of"] = np.where(
+        dropped["reason"] == "duplicate", dropped["_key"].map(first_of).fillna("").astype(str), ""
     )
-    dropped["duplicate_of"] = dropped["sha256"].map(first_of)
-    dropped.loc[dropped["reason"] != "duplicate", "duplicate_of"] = ""
-    kept = order[~(is_conflict | is_repeat)].drop(columns="_rank").sort_index()
-    return kept, dropped.drop(columns="_rank")
+    kept = order[~gone].drop(columns=["_rank", "_key"]).sort_index()
+    return kept, dropped.drop(columns=["_rank", "_key"])
+
+
+def source_namer(frame: pd.DataFrame) -> Callable[[str], str]:
+    """The user's name (``source_id``) of an archive path of ``frame``, for messages. The
+    lookup table is built on the first call only: a dict of every image would cost a few
+    hundred bytes per image for the rare failure that needs a name."""
+    table: dict[str, str] = {}
+
+    def name(path: str) -> str:
+        if not table:
+            table.update(zip(frame["path"], frame["source_id"], strict=True))
+        return table.get(path, path)
+
+    return name
+
+
+def memory_returned() -> None:
+    """Hand the memory freed since the last call back to the system (glibc ``malloc_trim``),
+    so the process's footprint follows what it holds, not what it once held: after the
+    per-image phases the heap is full of freed holes the allocator would otherwise keep.
+    A no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def arrow_on_malloc() -> None:
+    """Make pandas' string columns (Arrow) allocate with malloc, which :func:`memory_returned`
+    can trim, instead of Arrow's own pool, which keeps what it freed."""
+    import pyarrow
+
+    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
 
 
 def _raw_images(raw_dir: str) -> RawImages:
@@ -137,13 +174,13 @@ def inspect(
         log.info("inspect: %d image(s) known from the previous run, %d new", len(manifest) - len(todo), len(todo))
     found: dict[str, list[object]] = {column: [None] * len(todo) for column in FACT_COLUMNS[1:]}
     items = Rows(todo["path"].to_numpy(), todo[SPAN].to_numpy())
-    source_of = dict(zip(todo["path"], todo["source_id"], strict=True))
+    source_name = source_namer(todo)
     for start, results in map_chunks(
         functools.partial(_inspect_chunk, str(raw_dir)),
         items,
         workers=workers,
         desc="inspect",
-        name=lambda item: source_of[item[0]],
+        name=lambda item: source_name(item[0]),
     ):
         for column, values in results.items():
             found[column][start : start + len(values)] = values
@@ -258,7 +295,7 @@ def write_images(
     decoded on ``workers`` processes. Returns the training images' pixel sums and how many
     images were decoded (not reused)."""
     stats = auto.PixelStats(spec.channels)
-    source_of = dict(zip(frame["path"], frame["source_id"], strict=True))  # what messages name
+    source_name = source_namer(frame)  # what messages name
     job_columns: list[tuple[np.ndarray, ...]] = []  # split, row, path, span of what is decoded
     reuse: list[tuple[str, int, str, int]] = []  # (split, row, old split, old row)
     files = {}
@@ -288,10 +325,10 @@ def write_images(
         failed: list[str] = []
         decode_chunk = functools.partial(_decode_chunk, str(raw_dir), str(out_dir), spec)
         for start, (chunk_stats, chunk_failed) in map_chunks(
-            decode_chunk, jobs, workers=workers, desc=f"decode {spec.size}px", name=lambda job: source_of[job[2]]
+            decode_chunk, jobs, workers=workers, desc=f"decode {spec.size}px", name=lambda job: source_name(job[2])
         ):
             stats = stats + chunk_stats
-            failed += [f"{source_of[jobs[start + k][2]]} ({reason})" for k, reason in chunk_failed]
+            failed += [f"{source_name(jobs[start + k][2])} ({reason})" for k, reason in chunk_failed]
         if failed:  # inspection decoded them: a file that changed since, or a decoder quirk
             raise DataError(
                 f"{len(failed)} image(s) passed inspection but did not decode at {spec.size}px: "
@@ -356,6 +393,7 @@ def run(
     data set health report (``health.md`` with plots and CSVs) into ``health_dir`` (default:
     :func:`~taxonomist.stages.paths.health_dir_for` ``out_dir``)."""
     # The worker processes start before any table is loaded, so they do not copy it.
+    arrow_on_malloc()
     with Workers(resolve_workers(cfg.preprocess.get("workers", "auto"))) as workers:
         return _run(cfg, raw_dir, out_dir, health_dir or health_dir_for(out_dir), workers)
 
@@ -370,8 +408,13 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
         manifest[SPAN] = raw.spans(manifest["path"].to_numpy())
     previous = previous_run(out_dir)
     valid, problems, facts_table = inspect(manifest, raw_dir, workers, previous.facts)
+    images_in = len(manifest)
+    del manifest  # the frames below are what is left of it
+    memory_returned()
 
     kept, dropped = deduplicate(valid)
+    del valid
+    memory_returned()
     kept["stratum"] = task.strata(kept["label"], int(pre.min_images_per_class))
     groups = group_keys(kept, cfg.data.get("group_by"))  # data.group_by: a source column or a regex
     if groups is not None:
@@ -390,6 +433,7 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
     report_health = health.analyse(
         split_frame, dropped, quarantined, int(pre.near_duplicate_distance), str(pre.near_duplicates)
     )
+    memory_returned()
     if report_health.drop:
         split_frame = split_frame[~split_frame["path"].isin(report_health.drop)]
 
@@ -430,7 +474,7 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
                 pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"]).to_csv(index=False),
             )
             report = {
-                "images_in": len(manifest),
+                "images_in": images_in,
                 "quarantined": len(problems),
                 "duplicates_dropped": int((dropped["reason"] == "duplicate").sum()),
                 "conflicting_dropped": int((dropped["reason"] != "duplicate").sum()),
@@ -458,7 +502,7 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
     log.info("data health report: %s (%d warning(s))", health_dir / "health.md", len(report_health.warnings))
     log.info(
         "preprocess: %d in, %d quarantined, %d duplicates dropped, %s",
-        len(manifest),
+        images_in,
         len(problems),
         len(dropped),
         report["per_split"],
