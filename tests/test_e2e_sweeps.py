@@ -117,20 +117,29 @@ def test_interrupted_optuna_search_resumes(project: Path) -> None:
     )
     deadline = time.monotonic() + 300
     finished: list = []
+    storage = f"sqlite:///{project / 'optuna.db'}"
+
+    def completed() -> int:
+        """Trials Optuna has recorded as complete (it records one after its MLflow run finished)."""
+        try:
+            study = optuna.load_study(study_name="search", storage=storage)
+        except (KeyError, ValueError):  # no study yet
+            return 0
+        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
     while time.monotonic() < deadline and proc.poll() is None:
         if (project / "mlflow.db").exists() and (project / "sweeps/search/sweep.json").exists():
             try:
                 finished = [r for r in sweep_runs(project, "search")[1] if r.info.status == "FINISHED"]
             except ValueError:  # the parent run is not there yet
                 finished = []
-            if finished:
+            if finished and (project / "optuna.db").exists() and completed():
                 break
         time.sleep(0.5)
     assert proc.poll() is None and finished, "the search ended or made no trial before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
     proc.wait(timeout=30)
 
-    storage = f"sqlite:///{project / 'optuna.db'}"
     interrupted = optuna.load_study(study_name="search", storage=storage)
     done_before = [t for t in interrupted.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 1 <= len(done_before) < 3
