@@ -89,6 +89,8 @@ class ModelConfig:
     min_image_size: Optional[int] = MISSING  # noqa: UP045  (image_size: auto stays within these)
     max_image_size: Optional[int] = MISSING  # noqa: UP045
     auto: Optional[AutoModelConfig] = MISSING  # noqa: UP045
+    features: Optional[dict[str, Any]] = None  # noqa: UP045  (model=embeddings: the extractor)
+    classifier: Optional[dict[str, Any]] = None  # noqa: UP045  (model=embeddings: the scikit-learn classifier)
 
 
 @dataclass
@@ -399,6 +401,17 @@ def _check_model(model: DictConfig, origin: str) -> None:
             except (ValidationError, ConfigKeyError, ConfigAttributeError) as err:
                 raise ConfigError(f"{origin}: model.auto.{which}: {err}") from None
         return
+    if model.name == "embeddings":
+        from taxonomist.models.embeddings.features import EXTRACTORS
+        from taxonomist.models.embeddings.heads import CLASSIFIERS
+
+        for part, known in (("features", EXTRACTORS), ("classifier", CLASSIFIERS)):
+            chosen = model.get(part)
+            if chosen is None or chosen.get("name") not in known:
+                raise ConfigError(
+                    f"{origin}: model.name=embeddings needs model.{part}.name, one of {', '.join(known)} "
+                    f"(conf/model/{part}/); use model=embeddings, which sets both"
+                )
     # A timm name in place of auto (`-S model.name=resnet34`) uses the other keys as they are.
     for key in (*[k for k in MODEL_KEYS if k != "checkpoint"], "min_image_size", "max_image_size"):
         if model[key] is None:

@@ -42,8 +42,13 @@ def check_model_name(name: str) -> None:
 
 
 def create_backbone(model_cfg: DictConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
-    """Build ``timm.create_model(model.name, ...)`` and load ``model.checkpoint`` if set."""
+    """Build ``timm.create_model(model.name, ...)`` and load ``model.checkpoint`` if set
+    (``model.name: embeddings``: an extractor and a classifier head, :mod:`taxonomist.models.embeddings`)."""
     name = str(model_cfg.name)
+    if name == "embeddings":
+        from taxonomist.models.embeddings import create_embedding_model
+
+        return create_embedding_model(model_cfg, max(num_classes, 2), num_classes, in_chans)
     check_model_name(name)
     kwargs: dict[str, Any] = OmegaConf.to_container(model_cfg.kwargs, resolve=True) or {}  # type: ignore[assignment]
     try:

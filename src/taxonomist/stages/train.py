@@ -45,6 +45,7 @@ from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.errors import ConfigError, Interrupted, StageOrderError
 from taxonomist.files import atomic_write_json, read_json, sha256_file
 from taxonomist.models.callbacks import EpochHistory, build_callbacks, build_trainer
+from taxonomist.models.embeddings import is_embeddings
 from taxonomist.models.module import ClassifierModule
 from taxonomist.models.resume import EpochEndCheckpoint, RandomStates, ResumeFolder, fingerprint
 from taxonomist.stages.paths import HISTORY_FILE, MODELS_DIR, PROCESSED_DIR, RESUME_DIR, health_dir_for
@@ -74,6 +75,26 @@ def data_hash(processed_dir: Path) -> str:
     return sha256_file(processed_dir / "splits.csv")
 
 
+def fit_embeddings(
+    cfg: DictConfig,
+    processed_dir: Path,
+    models_dir: Path,
+    spec: runs.RunSpec | None,
+    health_dir: Path | None,
+    history_file: Path,
+) -> dict:
+    """The train stage of ``model=embeddings`` (:mod:`taxonomist.models.embeddings.fit`)."""
+    from taxonomist.models.embeddings.fit import check_task, fit
+
+    check_task(cfg)
+    digest = data_hash(processed_dir)
+    report = read_json(processed_dir / "report.json")
+    run_id = runs.start_pipeline_run(cfg, tags={"data_hash": digest, "stage": "train"}, spec=spec)
+    runs.log_dataset(run_id, cfg, processed_dir, digest, report, health_dir or health_dir_for(processed_dir))
+    features_dir = processed_dir.parent / "features"
+    return fit(cfg, processed_dir, models_dir, history_file, run_id, features_dir)
+
+
 def run(
     cfg: DictConfig,
     processed_dir: Path = PROCESSED_DIR,
@@ -94,6 +115,9 @@ def run(
     if precision_auto:
         log.info("auto: trainer.precision = %s (%s)", *auto.choose_precision(str(cfg.trainer.accelerator)))
     configure_torch(cfg)
+    (processed_dir.parent / "features").mkdir(parents=True, exist_ok=True)  # a DVC output of every train stage
+    if is_embeddings(cfg.model):  # features + a scikit-learn classifier: no epochs, no resume
+        return fit_embeddings(cfg, processed_dir, models_dir, spec, health_dir, history_file)
     datamodule = ImageDataModule(cfg, processed_dir)
     report = read_json(processed_dir / "report.json")
     in_chans = int(report["image_shape"][2])
