@@ -2,9 +2,9 @@
 
 :func:`embed` runs an extractor over uint8 images (N, H, W, C) in batches, with a progress bar.
 :func:`split_features` keeps each split's vectors in ``data/features/<split>.npy`` beside
-``key.json``, which records what they were built from: the extractor's config, the split's
-pixels (the hash of ``data/processed/<split>_images.npy``) and the split assignment. A cache built from anything else (another extractor, other data) is
-rebuilt, with a log line saying why, never reused.
+``key.json``, which records what they were built from: the extractor's config and code, the
+split's pixels (the hash of ``data/processed/<split>_images.npy``) and the split assignment. A
+cache built from anything else (another extractor, other data) is rebuilt, with a log line saying why, never reused.
 """
 
 from __future__ import annotations

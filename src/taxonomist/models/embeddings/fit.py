@@ -45,7 +45,8 @@ def check_task(cfg: DictConfig) -> None:
 @torch.inference_mode()
 def score(model: EmbeddingModel, task: Any, features: np.ndarray, targets: np.ndarray, prefix: str) -> dict[str, float]:
     """The task's loss and metrics of the fitted head on ``features``."""
-    logits = torch.cat([model.head(torch.from_numpy(chunk)) for chunk in np.array_split(features, 1 + len(features) // 4096)])
+    chunks = np.array_split(features, 1 + len(features) // 4096)
+    logits = torch.cat([model.head(torch.from_numpy(chunk)) for chunk in chunks])
     y = torch.from_numpy(np.asarray(targets))
     metrics = task.metrics().clone(prefix=f"{prefix}/")
     metrics.update(*task.metric_inputs(logits, y))
@@ -115,7 +116,10 @@ def fit(
 
     classifier = OmegaConf.to_container(cfg.model.classifier, resolve=True)
     log.info(
-        "fitting %s on %d x %d features (%s)", classifier["name"], *train_x.shape, cfg.model.features.name  # type: ignore[index]
+        "fitting %s on %d x %d features (%s)",
+        classifier["name"],
+        *train_x.shape,
+        cfg.model.features.name,  # type: ignore[index]
     )
     started = time.perf_counter()
     pipeline = fit_classifier(classifier, train_x, train_y, int(cfg.seed))  # type: ignore[arg-type]
