@@ -111,13 +111,21 @@ def tiny_overrides(source: Path) -> list[str]:
     ]
 
 
+def with_overrides(source: Path, overrides: Sequence[str] = ()) -> list[str]:
+    """:func:`tiny_overrides` then ``overrides``; a ``model=<group>`` among them replaces the tiny model."""
+    base = tiny_overrides(source)
+    if any(o.startswith("model=") for o in overrides):
+        base = [o for o in base if not o.startswith(("model=", "model.name="))]
+    return [*base, *overrides]
+
+
 def write_tiny_conf(conf_dir: Path, source: Path, name: str = "tiny", overrides: Sequence[str] = ()) -> Path:
     """Write ``conf/<name>.yaml``: the default config with :func:`tiny_overrides` (then
     ``overrides``) applied, as a primary config DVC's Hydra composition can use
     (``dvc config hydra.config_name <name>``)."""
     defaults: list = ["config"]
     values: dict = {}
-    for override in [*tiny_overrides(source), *overrides]:
+    for override in with_overrides(source, overrides):
         key, value = override.split("=", 1)
         if "." not in key:  # a config group choice
             defaults.append({f"override {key}": value})
@@ -187,7 +195,7 @@ def make_dvc_project(root: Path, source: Path, overrides: Sequence[str] = ()) ->
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):  # .gitignore keeps the MLflow store out of git, as in the repo
         shutil.copy(REPO / name, root / name)
-    write_params(compose([*tiny_overrides(source), *overrides], conf_dir=root / "conf"), root / "params.yaml")
+    write_params(compose(with_overrides(source, overrides), conf_dir=root / "conf"), root / "params.yaml")
     run_cmd(["git", "init", "-q"], root)
     run_cmd(["git", *GIT_USER, "commit", "-q", "--allow-empty", "-m", "init"], root)
     dvc = str(BIN / "dvc")

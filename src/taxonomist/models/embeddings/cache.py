@@ -35,7 +35,7 @@ def embed(extractor: nn.Module, images: np.ndarray, batch_size: int = 256, desc:
     total = len(images)
     with tqdm(total=total, desc=desc, unit="img", disable=total < 4 * batch_size, leave=False) as bar:
         for start in range(0, total, batch_size):
-            rows = np.asarray(images[start : start + batch_size])
+            rows = np.array(images[start : start + batch_size])  # a copy: memory-mapped rows are read-only
             x = torch.from_numpy(rows).permute(0, 3, 1, 2).float().div_(255.0)
             parts.append(extractor(x).float().numpy())
             bar.update(len(rows))

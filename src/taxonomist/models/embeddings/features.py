@@ -190,18 +190,19 @@ def _lbp(params: dict[str, Any], in_chans: int) -> nn.Module:
 
 
 class TimmFeatures(nn.Module):
-    """A frozen timm network's pooled features (``timm.create_model(name, num_classes=0)``)."""
+    """A frozen timm network's pooled features (``timm.create_model(model, num_classes=0)``)."""
 
-    def __init__(self, name: str, checkpoint: str | None = None, pretrained: bool = False, size: int | None = None):
+    def __init__(self, model: str, checkpoint: str | None = None, pretrained: bool = False, size: int | None = None):
         super().__init__()
         import timm
 
         from taxonomist.models.backbone import check_model_name, load_weights
 
-        check_model_name(name)
-        self.net = timm.create_model(name, pretrained=bool(pretrained), num_classes=0)
-        if checkpoint:
+        check_model_name(model)
+        self.net = timm.create_model(model, pretrained=bool(pretrained))
+        if checkpoint:  # with its classifier, so a full checkpoint's tensors match in name or in order
             load_weights(self.net, str(checkpoint))
+        self.net.reset_classifier(0)
         cfg = self.net.pretrained_cfg
         self.size = int(size) if size else None
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
