@@ -55,9 +55,10 @@ def test_one_class_is_refused():
 
 
 def test_without_cv_outputs_it_names_the_stage_to_run(tmp_path):
+    from test_cv import REPO
+
     from taxonomist.config import compose
     from taxonomist.crossval import label_errors
-    from test_cv import REPO
 
     cfg = compose([], conf_dir=REPO / "conf")
     with pytest.raises(StageOrderError, match="run the cv stage first"):
