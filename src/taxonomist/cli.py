@@ -7,6 +7,8 @@ Examples::
     taxonomist pipelines                    # conf/pipeline/* -> pipelines/<name>/{params,dvc}.yaml
     taxonomist check                        # fail if params.yaml or pipelines/ drift from conf/
     taxonomist train                        # one stage (what dvc.yaml runs)
+    taxonomist cv                           # k-fold cross-validation (section cv) -> reports/cv
+    taxonomist label-errors                 # cleanlab on the out-of-fold probabilities -> reports/label_errors
     taxonomist predict img1.png img2.jpg    # with models:/<name>@champion
     taxonomist predict photos/ -o out.csv   # a folder into a CSV (rerun: resumes)
     taxonomist explain img1.png photos/     # heatmap overlays of models/best.ckpt into reports/explain
@@ -165,6 +167,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--conf", default="conf")
     p.add_argument("--params", default=PARAMS_FILE)
+    p = sub.add_parser(
+        "cv",
+        parents=[common],
+        help="k-fold cross-validation over the training pool (config section cv): reports/cv/, MLflow child runs",
+    )
+    p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    p = sub.add_parser(
+        "label-errors",
+        parents=[common],
+        help="likely mislabelled training images (cleanlab on reports/cv/oof.npz): reports/label_errors/",
+    )
+    p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     sub.add_parser(
         "sweep",
         help="Hydra multirun of train + evaluate: a grid (a=1,2) or hparams_search=<name>; "
@@ -279,6 +293,11 @@ def _run(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command in ("cv", "label-errors"):
+        module = "taxonomist.crossval." + ("run" if args.command == "cv" else "label_errors")
+        result = importlib.import_module(module).run(load_params(args.params))
+        print(json.dumps(result, indent=2, default=str))
+        return 0
     cfg = load_params(args.params)
     stage = importlib.import_module(f"taxonomist.stages.{args.command}")
     result = stage.run(cfg)

@@ -228,6 +228,27 @@ class TrackingConfig:
 
 
 @dataclass
+class CvConfig:
+    """``taxonomist cv``: k-fold cross-validation over the training pool (:mod:`taxonomist.crossval`)."""
+
+    folds: int = MISSING
+    seed: int = MISSING
+    stratified: bool = MISSING
+    groups: Any = MISSING  # auto | true | false
+    work_dir: str = MISSING
+    keep_work: bool = MISSING
+
+
+@dataclass
+class LabelErrorsConfig:
+    """``taxonomist label-errors``: cleanlab on the out-of-fold probabilities of ``taxonomist cv``."""
+
+    filter_by: str = MISSING
+    rank_by: str = MISSING
+    examples: int = MISSING
+
+
+@dataclass
 class SweepConfig:
     name: Optional[str] = MISSING  # noqa: UP045
     objective: str = MISSING
@@ -255,6 +276,8 @@ class PipelineConfig:
     package: PackageConfig = MISSING
     tracking: TrackingConfig = MISSING
     sweep: SweepConfig = MISSING
+    cv: CvConfig = MISSING
+    label_errors: LabelErrorsConfig = MISSING
 
 
 RESIZE_MODES = ("squash", "center_crop", "pad")
@@ -264,6 +287,9 @@ NEAR_DUPLICATE_ACTIONS = ("warn", "drop", "fail")
 MODEL_KEYS = ("pretrained", "checkpoint", "drop_rate", "channels_last", "compile", "kwargs")
 TTA_MODES = ("none", "hflip")  # taxonomist.models.tta (not imported here: it needs torch)
 INT8_METHODS = ("static", "dynamic")  # package.int8.method (taxonomist.export.quantize)
+# label_errors.filter_by and rank_by: cleanlab.filter.find_label_issues's (not imported here: it is slow to import)
+LABEL_ERROR_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
+LABEL_ERROR_RANKS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 # Sections renamed in this version: an old params.yaml names them, and the error says the new name.
 RENAMED = {
     "train": "fit (train.early_stopping_patience -> callbacks.early_stopping.patience, train.ema -> callbacks.ema)",
@@ -313,6 +339,7 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
     if int(gate.bootstrap) < 100:
         raise ConfigError(f"{origin}: package.gate.bootstrap must be >= 100 resamples, got {gate.bootstrap}")
     _check_int8(cfg.package.int8, origin)
+    _check_cv(cfg, origin)
     serving = cfg.package.serving
     if min(int(serving.max_pixels), int(serving.max_images)) < 1 or float(serving.max_request_mb) <= 0:
         raise ConfigError(
@@ -349,6 +376,21 @@ def _check_int8(int8: DictConfig, origin: str) -> None:
     for key in ("tolerance", "class_tolerance", "threads"):
         if float(int8[key]) < 0:
             raise ConfigError(f"{origin}: package.int8.{key} must be >= 0, got {int8[key]}")
+
+
+def _check_cv(cfg: DictConfig, origin: str) -> None:
+    """``cv`` and ``label_errors``: at least two folds, a known groups setting and cleanlab method."""
+    if int(cfg.cv.folds) < 2:
+        raise ConfigError(f"{origin}: cv.folds must be >= 2, got {cfg.cv.folds}")
+    if cfg.cv.groups not in (AUTO, True, False):
+        raise ConfigError(f"{origin}: cv.groups={cfg.cv.groups!r}; use auto, true or false")
+    errors = cfg.label_errors
+    if errors.filter_by not in LABEL_ERROR_FILTERS:
+        raise ConfigError(f"{origin}: label_errors.filter_by={errors.filter_by!r}; use one of {LABEL_ERROR_FILTERS}")
+    if errors.rank_by not in LABEL_ERROR_RANKS:
+        raise ConfigError(f"{origin}: label_errors.rank_by={errors.rank_by!r}; use one of {LABEL_ERROR_RANKS}")
+    if int(errors.examples) < 0:
+        raise ConfigError(f"{origin}: label_errors.examples must be >= 0, got {errors.examples}")
 
 
 def _check_preprocess(pre: DictConfig, origin: str) -> None:

@@ -130,3 +130,23 @@ def plot_history(history: pd.DataFrame, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_image_grid(images: np.ndarray, titles: list[str], path: Path, title: str, empty: str = "no images") -> Path:
+    """A grid of images (N, H, W, C) uint8, each with its (multi-line) title, saved as PNG."""
+    n = len(images)
+    cols = min(6, max(n, 1))
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, text in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        ax.set_title("\n".join(_short(line) for line in text.split("\n")), fontsize=7)
+    if n == 0:
+        axes.flat[0].text(0.5, 0.5, empty, ha="center", va="center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

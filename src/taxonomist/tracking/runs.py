@@ -252,10 +252,12 @@ class RunSpec:
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     launched_by: str = "dvc repro"
+    record: bool = True  # write models/run.json (the pipeline's run); cross-validation folds do not
 
 
 def start_pipeline_run(cfg: DictConfig, tags: dict[str, str], spec: RunSpec | None = None) -> str:
-    """Create the run for this pipeline execution, log the config, write ``models/run.json``."""
+    """Create the run for this pipeline execution, log the config, write ``models/run.json``
+    (unless ``spec.record`` is false)."""
     import mlflow
     from mlflow.entities import Param
 
@@ -285,7 +287,8 @@ def start_pipeline_run(cfg: DictConfig, tags: dict[str, str], spec: RunSpec | No
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
-    write_run_file(cfg, run.info.run_id, experiment_id)
+    if spec.record:
+        write_run_file(cfg, run.info.run_id, experiment_id)
     return run.info.run_id
 
 
@@ -412,3 +415,15 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
     mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_run_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log numeric metrics to ``run_id`` (not the active run), in batches."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
+    client = mlflow.MlflowClient()
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start : start + 1000])
