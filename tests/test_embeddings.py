@@ -188,7 +188,7 @@ def test_config_names_a_known_extractor_and_classifier() -> None:
 
     cfg = compose(["model=embeddings", "model/classifier=knn", "model/features=lbp"], conf_dir=REPO / "conf")
     assert cfg.model.classifier.name == "knn" and cfg.model.features.name == "lbp"
-    with pytest.raises(ConfigError, match="model.classifier.name"):
+    with pytest.raises(ConfigError, match=r"model\.classifier\.name"):
         compose(["model=embeddings", "model.classifier.name=xgboost"], conf_dir=REPO / "conf")
 
 
