@@ -134,6 +134,14 @@ class MixupConfig:
 
 
 @dataclass
+class SelfTrainingConfig:
+    """Pseudo-labels from ``fit.unlabelled`` (model=embeddings): :mod:`taxonomist.models.embeddings.semi`."""
+
+    threshold: float = 0.95
+    max_iter: int = 5
+
+
+@dataclass
 class FitConfig:
     """How the model is fitted (was ``train``); the Lightning Trainer's own arguments are ``trainer``."""
 
@@ -145,6 +153,8 @@ class FitConfig:
     monitor: str = MISSING
     mixup: MixupConfig = MISSING
     finetune: FinetuneConfig = MISSING
+    unlabelled: Optional[list[str]] = None  # noqa: UP045  (model=embeddings: a pool for self-training)
+    self_training: SelfTrainingConfig = field(default_factory=lambda: SelfTrainingConfig())
 
 
 @dataclass

@@ -28,6 +28,7 @@ from taxonomist.files import atomic_write_json, atomic_write_text, read_json
 from taxonomist.models.embeddings import EmbeddingModel, create_embedding_model
 from taxonomist.models.embeddings.cache import FEATURES_DIR, split_features
 from taxonomist.models.embeddings.heads import fit_classifier, to_torch
+from taxonomist.models.embeddings.semi import read_pool, self_train
 
 log = logging.getLogger(__name__)
 SUPPORTED_TASKS = ("multiclass", "binary")
@@ -53,6 +54,23 @@ def score(model: EmbeddingModel, task: Any, features: np.ndarray, targets: np.nd
     values = {k: float(v) for k, v in metrics.compute().items()}
     values[f"{prefix}/loss"] = float(task.loss()(logits, y))
     return values
+
+
+def unlabelled_features(
+    cfg: DictConfig, model: EmbeddingModel, processed_dir: Path, batch: int
+) -> tuple[np.ndarray | None, dict[str, int]]:
+    """Features of the ``fit.unlabelled`` pool (None when unset), decoded as the cache was made."""
+    from taxonomist.data.images import ImageSpec
+    from taxonomist.models.embeddings.cache import embed
+
+    patterns = OmegaConf.select(cfg, "fit.unlabelled")
+    if not patterns:
+        return None, {}
+    patterns = [str(patterns)] if isinstance(patterns, str) else [str(p) for p in patterns]
+    pre = cfg.preprocess  # resolved: the size, channels and resize mode preprocess chose
+    spec = ImageSpec(int(pre.image_size), int(pre.channels), str(pre.resize_mode))
+    images, counts = read_pool(patterns, processed_dir, spec)
+    return embed(model.features, images, batch, desc="features unlabelled"), counts
 
 
 def write_checkpoint(path: Path, model: EmbeddingModel, cfg: DictConfig, task: Any, in_chans: int) -> None:
@@ -121,8 +139,21 @@ def fit(
         *train_x.shape,
         cfg.model.features.name,  # type: ignore[index]
     )
+    pool_x, pool_counts = unlabelled_features(cfg, model, processed_dir, batch)
     started = time.perf_counter()
-    pipeline = fit_classifier(classifier, train_x, train_y, int(cfg.seed))  # type: ignore[arg-type]
+    semi = None
+    if pool_x is None:
+        pipeline = fit_classifier(classifier, train_x, train_y, int(cfg.seed))  # type: ignore[arg-type]
+    else:
+        st = cfg.fit.self_training
+        pipeline, semi = self_train(
+            lambda x, y: fit_classifier(classifier, x, y, int(cfg.seed)),  # type: ignore[arg-type]
+            train_x,
+            train_y,
+            pool_x,
+            float(st.threshold),
+            int(st.max_iter),
+        )
     fit_seconds = time.perf_counter() - started
     model.head = to_torch(pipeline, classifier, len(task.classes), outputs)  # type: ignore[arg-type]
 
@@ -130,6 +161,10 @@ def fit(
     row.update(score(model, task, train_x, train_y, "train"))
     row.update(score(model, task, val_x, val_y, "val"))
     row = {"epoch": 1, **dict(sorted((k, v) for k, v in row.items() if k != "epoch"))}
+    if semi is not None:
+        row["fit/pseudo_labels"] = semi.added
+        row["fit/unlabelled_images"] = int(pool_counts.get("images", 0))
+        row["fit/unlabelled_in_data_set"] = int(pool_counts.get("in_data_set", 0))
     row["fit/seconds"] = round(fit_seconds, 3)
     row["fit/feature_seconds"] = round(feature_seconds, 3)
     write_history(history_file, row)
