@@ -228,3 +228,57 @@ def test_dvc_repro_with_embeddings_trains_evaluates_packages(tmp_path: Path) -> 
     # A no-op repro reruns nothing; changing the classifier retrains from the cached features.
     out = run_cmd([str(BIN / "dvc"), "repro", "train"], root).stdout
     assert "didn't change" in out
+
+
+def test_self_training_adds_confident_pseudo_labels_and_helps() -> None:
+    from taxonomist.models.embeddings.semi import self_train
+
+    x, y = _blobs(3, n=900, seed=11)
+    test_x, test_y = x[600:], y[600:]
+    labelled = np.concatenate([np.flatnonzero(y[:600] == c)[:2] for c in range(3)])  # 2 labels per class
+    pool = x[:600][np.setdiff1d(np.arange(600), labelled)]
+    spec = {"name": "logistic", "scale": True, "params": {"C": 10.0}}
+
+    def fit(a, b):
+        return fit_classifier(spec, a, b, 0)
+
+    alone = (fit(x[labelled], y[labelled]).predict(test_x) == test_y).mean()
+    model, record = self_train(fit, x[labelled], y[labelled], pool, threshold=0.9, max_iter=5)
+    assert 0 < record.added <= len(pool) and record.rounds[0] > 0
+    assert (model.predict(test_x) == test_y).mean() >= alone
+    # a threshold nothing reaches adds nothing: the plain fit
+    _, none = self_train(fit, x[labelled], y[labelled], pool, threshold=1.01)
+    assert none.added == 0 and none.rounds == []
+
+
+def test_unlabelled_pool_leaves_out_images_of_the_data_set(staged, tmp_path: Path, caplog) -> None:
+    """fit.unlabelled end to end through the train stage: pool images that are in the data set
+    are reported and not counted twice; an empty pool is one error."""
+    import shutil
+
+    from conftest import with_overrides
+
+    from taxonomist.config import compose
+    from taxonomist.errors import DataError
+    from taxonomist.stages import train
+
+    pool = make_image_folder(tmp_path / "pool", per_class=6, seed=7)
+    known = next((staged["source"] / "circle").glob("*.png"))
+    shutil.copy(known, pool / "circle" / "already_known.png")
+    overrides = [*with_overrides(staged["source"], ["model=embeddings", "model/classifier=logistic"])]
+    overrides += [f"fit.unlabelled=[{pool}]", "fit.self_training.threshold=0.5"]
+    overrides += [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_location={tmp_path / 'art'}"]
+    cfg = compose(overrides, conf_dir=REPO / "conf")
+    caplog.set_level("INFO")
+    summary = train.run(
+        cfg, processed_dir=staged["processed"], models_dir=tmp_path / "models", history_file=tmp_path / "h.csv"
+    )
+    metrics = summary["best_epoch_metrics"]
+    assert metrics["fit/unlabelled_images"] == 19 and metrics["fit/unlabelled_in_data_set"] == 1
+    assert 0 < metrics["fit/pseudo_labels"] <= 18
+    assert "already in the data set" in caplog.text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg.fit.unlabelled = [str(empty)]
+    with pytest.raises(DataError, match=r"fit\.unlabelled: .*no images"):
+        train.run(cfg, processed_dir=staged["processed"], models_dir=tmp_path / "m2", history_file=tmp_path / "h2.csv")

@@ -94,7 +94,10 @@ def read_pool(patterns: list[str], processed_dir: Path, image_spec: Any) -> tupl
     from taxonomist.data.images import InvalidImage, decode
     from taxonomist.predict.inputs import ImageReader, expand
 
-    keys = expand(patterns)
+    try:
+        keys = expand(patterns)
+    except DataError as err:  # an empty folder, a missing file: say which setting named it
+        raise DataError(f"fit.unlabelled: {err}") from None
     if not keys:
         raise DataError(f"fit.unlabelled: {', '.join(patterns)} holds no images")
     known: set[str] = set()
