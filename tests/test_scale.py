@@ -23,7 +23,7 @@ from taxonomist.data.datamodule import choose_loading
 from taxonomist.data.dataset import BlockRows, BlockShuffleSampler
 from taxonomist.data.images import ImageSpec, InvalidImage, decode, image_facts, open_image
 from taxonomist.data.manifest import RawImages, read_manifest
-from taxonomist.errors import DataError
+from taxonomist.errors import DataError, StageOrderError
 from taxonomist.stages import ingest, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,6 +236,42 @@ def test_workers_read_images_by_span_exactly_as_by_name(photos, tmp_path):
             assert raw.read_span(paths[1], (-1, 0)) == packed.read(paths[1])
         with pytest.raises(FileNotFoundError, match=r"not in .*images\.zip"):
             raw.read_span(paths[0], (-1, 0))
+
+
+def zipfile_spans(archive: Path, paths: list[str]) -> list[list[int]]:
+    """The spans :meth:`RawImages.spans` should give, from :mod:`zipfile`'s directory."""
+    with zipfile.ZipFile(archive) as zf:
+        where = {i.filename: [i.header_offset, i.compress_size] for i in zf.infolist() if i.compress_type == 0}
+    return [where.get(path, [-1, 0]) for path in paths]
+
+
+@pytest.mark.parametrize("prefix", [b"", b"#!/bin/sh\nexit 0\n"], ids=["plain", "prepended bytes"])
+def test_spans_read_the_zip_directory_as_zipfile_does(tmp_path, prefix):
+    """:meth:`RawImages.spans` reads the central directory itself (arrays, not a ZipInfo per
+    member): the same spans as zipfile's for stored, deflated, repeated, UTF-8 and zip64 members,
+    an archive comment, and bytes prepended to the archive (a self-extracting zip)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("images/a.jpg", b"a" * 5)
+        zf.writestr("images/b.jpg", b"b" * 500, compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("images/é ü.jpg", b"e" * 7)
+        zf.writestr("images/c.jpg", b"c1")
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("images/c.jpg", b"c2-longer")
+        with zf.open("images/big.jpg", "w", force_zip64=True) as member:
+            member.write(b"x" * 10)
+        zf.comment = b"an archive comment"
+    (tmp_path / "images.zip").write_bytes(prefix + buffer.getvalue())
+    paths = ["images/c.jpg", "images/a.jpg", "images/b.jpg", "images/é ü.jpg", "images/big.jpg", "images/gone.jpg"]
+    with RawImages(tmp_path) as raw:
+        spans = raw.spans(paths)
+        assert spans.tolist() == zipfile_spans(tmp_path / "images.zip", paths)
+        assert [raw.read_span(p, s) for p, s in zip(paths[:5], spans[:5], strict=True)] == [
+            raw.read(p) for p in paths[:5]
+        ]
+    (tmp_path / "images.zip").write_bytes(b"not a zip")
+    with RawImages(tmp_path) as raw, pytest.raises(StageOrderError, match="run the ingest stage again"):
+        raw.spans(paths)
 
 
 def test_two_workers_write_what_one_writes(photos):

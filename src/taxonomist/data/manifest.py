@@ -146,6 +146,125 @@ def pack_images(folder: Path, paths: Iterable[str], desc: str = "pack") -> dict[
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip member's local header: signature ... name and extra lengths
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+# The records of a zip's central directory that :func:`stored_members` reads (APPNOTE 4.3.12-16).
+_END = struct.Struct("<4s4H2LH")  # signature, disks, entries (disk, all), directory size and offset, comment length
+_END_SIGNATURE = b"PK\x05\x06"
+_END64_LOCATOR = struct.Struct("<4sLQL")  # signature, disk, offset of the zip64 end record, disks
+_END64_LOCATOR_SIGNATURE = b"PK\x06\x07"
+_END64 = struct.Struct("<4sQ2H2L2Q2Q")  # signature, size, versions, disks, entries (disk, all), directory size, offset
+_END64_SIGNATURE = b"PK\x06\x06"
+# A member's entry: signature, versions, flags, method, time, date, crc, sizes (compressed, full), name, extra
+# and comment lengths, disk, attributes, local header offset.
+_ENTRY = struct.Struct("<4s4B4HL2L5H2L")
+_ENTRY_SIGNATURE = b"PK\x01\x02"
+_UTF8_NAME = 0x800  # flag bit: the name is UTF-8 (else cp437)
+_ZIP64_EXTRA = 0x0001  # extra field holding the 64-bit sizes and offset that do not fit 32 bits
+_FULL32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class StoredMembers:
+    """The stored (uncompressed) members of a zip, column by column: ``names`` (UTF-8, a
+    fixed-width bytes array), the ``offsets`` of their local headers and their ``sizes``."""
+
+    names: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+
+def _end_of_directory(fh: BinaryIO) -> tuple[int, int, int, int]:
+    """Where a zip's central directory starts, its size in bytes, its number of entries and
+    the shift of every offset it records (bytes prepended to the archive, as :mod:`zipfile`
+    reads them), from the end record (or the zip64 one)."""
+    end = fh.seek(0, os.SEEK_END)
+    tail_start = max(0, end - _END.size - 0xFFFF)  # the end record, then a comment of up to 64 KiB
+    fh.seek(tail_start)
+    tail = fh.read()
+    found = tail.rfind(_END_SIGNATURE)
+    if found < 0 or len(tail) - found < _END.size:
+        raise zipfile.BadZipFile("no end of central directory record")
+    _, _, _, _, entries, size, offset, _ = _END.unpack_from(tail, found)
+    location = tail_start + found
+    locator_at = found - _END64_LOCATOR.size
+    if locator_at >= 0 and tail[locator_at : locator_at + 4] == _END64_LOCATOR_SIGNATURE:
+        record = fh.seek(location - _END64_LOCATOR.size - _END64.size)
+        data = fh.read(_END64.size)
+        if len(data) == _END64.size and data[:4] == _END64_SIGNATURE:
+            *_, entries, size, offset = _END64.unpack(data)
+            location = record
+    start = location - size  # the recorded offset, unless bytes were prepended to the archive
+    if start < 0:
+        raise zipfile.BadZipFile("bad offset for the central directory")
+    return start, size, entries, start - offset
+
+
+def _zip64_values(extra: bytes, fields: list[int]) -> list[int]:
+    """``fields`` (file size, compressed size, header offset) with each one stored as
+    0xFFFFFFFF replaced from the zip64 extra field, in that order."""
+    at = 0
+    while at + 4 <= len(extra):
+        kind, length = struct.unpack_from("<HH", extra, at)
+        if kind == _ZIP64_EXTRA:
+            values = iter(struct.unpack_from(f"<{length // 8}Q", extra, at + 4))
+            try:
+                return [next(values) if value == _FULL32 else value for value in fields]
+            except StopIteration:
+                raise zipfile.BadZipFile("corrupt zip64 extra field") from None
+        at += 4 + length
+    return fields
+
+
+def _fixed_width(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The byte strings ``data[start : start + length]`` as one fixed-width bytes array."""
+    width = max(1, int(lengths.max(initial=0)))
+    chars = np.zeros((len(starts), width), dtype=np.uint8)
+    for column in range(width):  # column by column: a few bytes per string at a time
+        inside = lengths > column
+        chars[inside, column] = data[starts[inside] + column]
+    return chars.view(f"S{width}").reshape(-1)
+
+
+def stored_members(archive: str | Path) -> StoredMembers:
+    """The stored members of the zip ``archive`` (later entries of a repeated name last),
+    read from its central directory into arrays: :class:`zipfile.ZipFile` makes a
+    :class:`~zipfile.ZipInfo` per member instead, several hundred bytes each. Raises
+    :class:`zipfile.BadZipFile` for a damaged directory."""
+    with open(archive, "rb") as fh:
+        start, size, entries, shift = _end_of_directory(fh)
+        fh.seek(start)
+        directory = fh.read(size)
+    if len(directory) != size:
+        raise zipfile.BadZipFile("truncated central directory")
+    name_at = np.zeros(entries, dtype=np.int64)
+    name_length = np.zeros(entries, dtype=np.int64)
+    offsets = np.zeros(entries, dtype=np.int64)
+    sizes = np.zeros(entries, dtype=np.int64)
+    stored = np.zeros(entries, dtype=bool)
+    recoded: dict[int, bytes] = {}  # non-UTF-8 names that are not ASCII, as UTF-8 (rare)
+    at = 0
+    for k in range(entries):
+        fields = _ENTRY.unpack_from(directory, at) if at + _ENTRY.size <= size else None
+        if fields is None or fields[0] != _ENTRY_SIGNATURE:
+            raise zipfile.BadZipFile("bad central directory entry")
+        flags, method, compressed, full, n_name, n_extra, n_comment, header = (*fields[5:7], *fields[10:15], fields[18])
+        name_at[k], name_length[k] = at + _ENTRY.size, n_name
+        extra_at = at + _ENTRY.size + n_name
+        if _FULL32 in (compressed, full, header):
+            full, compressed, header = _zip64_values(
+                directory[extra_at : extra_at + n_extra], [full, compressed, header]
+            )
+        if not flags & _UTF8_NAME:
+            name = directory[name_at[k] : extra_at]
+            if not name.isascii():
+                recoded[k] = name.decode("cp437").encode("utf-8")
+        offsets[k], sizes[k], stored[k] = header, compressed, method == zipfile.ZIP_STORED
+        at = extra_at + n_extra + n_comment
+    offsets += shift
+    names = _fixed_width(np.frombuffer(directory, dtype=np.uint8), name_at, name_length)
+    for k, name in recoded.items():
+        names = names.astype(f"S{max(names.dtype.itemsize, len(name))}", copy=False)
+        names[k] = name
+    return StoredMembers(names[stored], offsets[stored], sizes[stored])
 
 
 class RawImages:
@@ -201,18 +320,20 @@ class RawImages:
         compressed, or loose files): :meth:`read_span` then reads it by path. The archive's
         directory is read for this and not kept."""
         spans = np.full((len(paths), 2), (-1, 0), dtype=np.int64)
-        if not self.packed:
+        if not self.packed or not len(paths):
             return spans
-        where = {
-            info.filename: (info.header_offset, info.compress_size)
-            for info in self._archive().infolist()
-            if info.compress_type == zipfile.ZIP_STORED
-        }
-        for k, path in enumerate(paths):
-            if path in where:
-                spans[k] = where[path]
-        del where
-        self.close()
+        try:
+            members = stored_members(self.archive)
+        except (zipfile.BadZipFile, OSError, struct.error) as err:
+            raise stale_input(f"{self.archive}: {err}", "ingest") from None
+        wanted = np.array([str(path).encode("utf-8") for path in paths], dtype=bytes)
+        order = np.argsort(members.names, kind="stable")
+        names = members.names[order]
+        # the last member of a name, as zipfile reads it
+        at = np.maximum(np.searchsorted(names, wanted, side="right") - 1, 0)
+        found = (names[at] == wanted) if len(names) else np.zeros(len(paths), dtype=bool)
+        member = order[at[found]]
+        spans[found, 0], spans[found, 1] = members.offsets[member], members.sizes[member]
         return spans
 
     def read_span(self, path: str, span: Sequence[int]) -> bytes:

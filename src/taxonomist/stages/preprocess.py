@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import gc
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -398,62 +399,107 @@ def run(
         return _run(cfg, raw_dir, out_dir, health_dir or health_dir_for(out_dir), workers)
 
 
+def order_by_split(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, dict[str, slice]]:
+    """``frame`` in the order the split files store it, with the rows of each split: the
+    training split first, in a seeded random order (any block of it is a random sample), then
+    val and test in manifest order. One copy of the frame."""
+    split = frame["split"].to_numpy()
+    rows = {name: np.flatnonzero(split == name) for name in SPLITS}
+    rows["train"] = pd.Series(rows["train"]).sample(frac=1.0, random_state=seed).to_numpy()
+    bounds = np.cumsum([0, *(len(rows[name]) for name in SPLITS)])
+    slices = {name: slice(int(bounds[k]), int(bounds[k + 1])) for k, name in enumerate(SPLITS)}
+    return frame.take(np.concatenate([rows[name] for name in SPLITS])), slices
+
+
+@dataclass
+class SplitPaths:
+    """Where each written image lies (``(split, row)`` by path), for the few the health report
+    shows: the paths in split-file order, searched when asked (a dict of every path would
+    cost a few hundred bytes per image)."""
+
+    paths: pd.Series
+    slices: dict[str, slice]
+
+    def where(self, path: str) -> tuple[str, int] | None:
+        """The split and row of ``path`` (None: not written)."""
+        hits = np.flatnonzero((self.paths == path).to_numpy(dtype=bool))
+        if not len(hits):
+            return None
+        for split, rows in self.slices.items():
+            if rows.start <= hits[0] < rows.stop:
+                return split, int(hits[0]) - rows.start
+        return None
+
+
+def released() -> None:
+    """Collect the garbage of a per-image phase and hand the freed memory back (:func:`memory_returned`)."""
+    gc.collect()
+    memory_returned()
+
+
 def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, workers: Workers) -> dict:
-    pre = cfg.preprocess
-    task = task_of(cfg)
-    manifest = read_manifest(raw_dir)
-    check_class_names(manifest["labels"])
-    manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
-    with RawImages(raw_dir) as raw:  # where each image lies in the archive, read once: workers need no index
-        manifest[SPAN] = raw.spans(manifest["path"].to_numpy())
-    previous = previous_run(out_dir)
-    valid, problems, facts_table = inspect(manifest, raw_dir, workers, previous.facts)
-    images_in = len(manifest)
-    del manifest  # the frames below are what is left of it
-    memory_returned()
-
-    kept, dropped = deduplicate(valid)
-    del valid
-    memory_returned()
-    kept["stratum"] = task.strata(kept["label"], int(pre.min_images_per_class))
-    groups = group_keys(kept, cfg.data.get("group_by"))  # data.group_by: a source column or a regex
-    if groups is not None:
-        kept["group"] = groups
-    split_frame = assign_splits(
-        kept,
-        val_fraction=float(pre.val_fraction),
-        test_fraction=float(pre.test_fraction),
-        seed=int(cfg.seed),
-        min_images_per_class=int(pre.min_images_per_class),
-        by="stratum",
-        group=None if groups is None else "group",
-    )
-    space = task.from_labels(split_frame["labels"], cfg.task)
-    quarantined = pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"])
-    report_health = health.analyse(
-        split_frame, dropped, quarantined, int(pre.near_duplicate_distance), str(pre.near_duplicates)
-    )
-    memory_returned()
-    if report_health.drop:
-        split_frame = split_frame[~split_frame["path"].isin(report_health.drop)]
-
-    # The training split in a seeded random order (any block of it is a random sample); the
-    # others in manifest order.
-    parts = {split: split_frame[split_frame["split"] == split] for split in SPLITS}
-    parts["train"] = parts["train"].sample(frac=1.0, random_state=int(cfg.seed))
-    split_frame = pd.concat(parts.values())
-
-    choice = auto.choose(cfg, parts["train"])
-    chosen = choice.preprocess
-    spec = ImageSpec(size=chosen["image_size"], channels=chosen["channels"], resize_mode=chosen["resize_mode"])
-    needed = len(split_frame) * spec.size * spec.size * spec.channels
-    check_space(out_dir, needed)
-    if previous.decode != decode_key(spec):
-        previous.rows = None  # decoded at other settings (or nothing to reuse): everything is decoded
-
+    """The stage. Its outputs are written into a temporary folder that replaces ``out_dir``
+    when everything succeeded; each per-image table is written there as soon as it is final
+    and dropped, so what the stage holds at the end does not grow with the data set."""
+    needed = 0  # bytes of decoded images, once known (for a full disk's message)
     try:
         with atomic_directory(out_dir) as tmp:
+            pre = cfg.preprocess
+            task = task_of(cfg)
+            manifest = read_manifest(raw_dir)
+            check_class_names(manifest["labels"])
+            manifest["label"] = manifest["labels"]  # the key for duplicate checks: the whole label set
+            with RawImages(raw_dir) as raw:  # where each image lies in the archive, read once: workers need no index
+                manifest[SPAN] = raw.spans(manifest["path"].to_numpy())
+            previous = previous_run(out_dir)
+            valid, problems, facts_table = inspect(manifest, raw_dir, workers, previous.facts)
+            images_in = len(manifest)
+            del manifest  # the frames below are what is left of it
+            atomic_write_text(tmp / FACTS_FILE, facts_table.to_csv(index=False))
+            del facts_table
+            released()
+
+            kept, dropped = deduplicate(valid)
+            del valid
+            released()
+            kept["stratum"] = task.strata(kept["label"], int(pre.min_images_per_class))
+            groups = group_keys(kept, cfg.data.get("group_by"))  # data.group_by: a source column or a regex
+            if groups is not None:
+                kept["group"] = groups
+            split_frame = assign_splits(
+                kept,
+                val_fraction=float(pre.val_fraction),
+                test_fraction=float(pre.test_fraction),
+                seed=int(cfg.seed),
+                min_images_per_class=int(pre.min_images_per_class),
+                by="stratum",
+                group=None if groups is None else "group",
+            )
+            del kept, groups
+            space = task.from_labels(split_frame["labels"], cfg.task)
+            quarantined = pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"])
+            report_health = health.analyse(
+                split_frame, dropped, quarantined, int(pre.near_duplicate_distance), str(pre.near_duplicates)
+            )
+            if report_health.drop:
+                split_frame = split_frame[~split_frame["path"].isin(report_health.drop)]
+            split_frame, slices = order_by_split(split_frame, int(cfg.seed))
+            released()
+            parts = {split: split_frame.iloc[rows] for split, rows in slices.items()}
+
+            choice = auto.choose(cfg, parts["train"])
+            chosen = choice.preprocess
+            spec = ImageSpec(size=chosen["image_size"], channels=chosen["channels"], resize_mode=chosen["resize_mode"])
+            needed = len(split_frame) * spec.size * spec.size * spec.channels
+            check_space(out_dir, needed)
+            if previous.decode != decode_key(spec):
+                previous.rows = None  # decoded at other settings (or nothing to reuse): everything is decoded
+
             stats, _ = write_images(split_frame, raw_dir, tmp, spec, workers, previous)
+            del previous
+            split_frame = split_frame[list(COLUMNS)]  # what is left to write
+            parts = {split: split_frame.iloc[rows] for split, rows in slices.items()}
+            released()
             auto.add_normalisation(choice, cfg, stats, images=len(parts["train"]))
             for line in auto.describe(choice.to_dict()):
                 log.info("auto: %s", line)
@@ -466,13 +512,9 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
                 per_label = part["labels"].map(split_labels).explode().dropna()
                 counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
             write_labels(tmp, space)
-            atomic_write_text(tmp / "splits.csv", split_frame[list(COLUMNS)].to_csv(index=False))
-            atomic_write_text(tmp / FACTS_FILE, facts_table.to_csv(index=False))
+            atomic_write_text(tmp / "splits.csv", split_frame.to_csv(index=False))
             atomic_write_text(tmp / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]].to_csv(index=False))
-            atomic_write_text(
-                tmp / "quarantine.csv",
-                pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"]).to_csv(index=False),
-            )
+            atomic_write_text(tmp / "quarantine.csv", quarantined.to_csv(index=False))
             report = {
                 "images_in": images_in,
                 "quarantined": len(problems),
@@ -489,16 +531,14 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
                 "per_split_per_class": counts,
             }
             atomic_write_json(tmp / "report.json", report)
+            written = SplitPaths(split_frame["path"], slices)  # for the health report's example images
+            del parts, split_frame
+            released()
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise DataError(no_space(out_dir, needed)) from None
         raise
-    row_of = {
-        path: (split, row)
-        for split in SPLITS
-        for row, path in enumerate(split_frame.loc[split_frame["split"] == split, "path"])
-    }
-    report_health.write(health_dir, thumbnail=lambda path: thumbnail(out_dir, row_of.get(path)))
+    report_health.write(health_dir, thumbnail=lambda path: thumbnail(out_dir, written.where(path)))
     log.info("data health report: %s (%d warning(s))", health_dir / "health.md", len(report_health.warnings))
     log.info(
         "preprocess: %d in, %d quarantined, %d duplicates dropped, %s",
