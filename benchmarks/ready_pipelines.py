@@ -35,6 +35,7 @@ SHOWN = {
                                                                                       "off_by_one"]),
     "multiattribute": ("people and hand emoji: tone, hand, tags (npm emoji-datasource-google + openmoji)",
                        ["f1_macro", "exact_match", "tone/acc", "hand/f1", "tags/f1_macro"]),
+    "embeddings": ("Fashion-MNIST, HOG + RBF SVM, no network (model=embeddings)", ["acc", "f1_macro"]),
 }  # fmt: skip
 
 
