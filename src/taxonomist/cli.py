@@ -210,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "cluster",
         parents=[common],
-        help="group (unlabelled) images by their embeddings: k-means or a Gaussian mixture, a report in reports/clusters",
+        help="group (unlabelled) images by their embeddings (k-means or a Gaussian mixture) into reports/clusters",
     )
     p.add_argument("images", nargs="+", help="image files, folders, quoted globs, manifests, archives, .txt lists")
     p.add_argument("--out", type=Path, default=Path("reports/clusters"), help="report folder (default: %(default)s)")

@@ -302,10 +302,10 @@ NEAR_DUPLICATE_ACTIONS = ("warn", "drop", "fail")
 # Keys of a model block (with model.name=auto the chosen candidate's are used).
 MODEL_KEYS = ("pretrained", "checkpoint", "drop_rate", "channels_last", "compile", "kwargs")
 TTA_MODES = ("none", "hflip")  # taxonomist.models.tta (not imported here: it needs torch)
-INT8_METHODS = ("static", "dynamic")
+INT8_METHODS = ("static", "dynamic")  # package.int8.method (taxonomist.export.quantize)
 CLUSTER_METHODS = ("kmeans", "gmm")  # cluster.method (taxonomist.explore.cluster)
 GMM_COVARIANCES = ("full", "diag", "spherical", "tied")
-UNCERTAINTIES = ("entropy", "margin")  # suggest.uncertainty (taxonomist.explore.suggest)  # package.int8.method (taxonomist.export.quantize)
+UNCERTAINTIES = ("entropy", "margin")  # suggest.uncertainty (taxonomist.explore.suggest)
 # Sections renamed in this version: an old params.yaml names them, and the error says the new name.
 RENAMED = {
     "train": "fit (train.early_stopping_patience -> callbacks.early_stopping.patience, train.ema -> callbacks.ema)",
@@ -405,7 +405,9 @@ def _check_explore(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: cluster.k must be an integer >= 2 or auto, got {cl.k!r}")
     k_range = list(cl.k_range)
     if len(k_range) != 2 or not 2 <= int(k_range[0]) <= int(k_range[1]):
-        raise ConfigError(f"{origin}: cluster.k_range is [smallest, largest] with 2 <= smallest <= largest, got {k_range}")
+        raise ConfigError(
+            f"{origin}: cluster.k_range is [smallest, largest] with 2 <= smallest <= largest, got {k_range}"
+        )
     if cl.resize_mode not in RESIZE_MODES:
         raise ConfigError(f"{origin}: cluster.resize_mode={cl.resize_mode!r}; use one of {RESIZE_MODES}")
     if int(cl.image_size) < 8 or int(cl.examples_per_cluster) < 1 or int(cl.batch_size) < 1:

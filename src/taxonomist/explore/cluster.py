@@ -40,7 +40,15 @@ from omegaconf import DictConfig, OmegaConf
 from taxonomist.config import AUTO
 from taxonomist.data.images import ImageSpec
 from taxonomist.errors import DataError
-from taxonomist.explore.pool import MODEL_FEATURES, Pool, key_labels, model_outputs, model_spec, named_extractor, read_pool
+from taxonomist.explore.pool import (
+    MODEL_FEATURES,
+    Pool,
+    key_labels,
+    model_outputs,
+    model_spec,
+    named_extractor,
+    read_pool,
+)
 from taxonomist.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -199,8 +207,10 @@ def embed_images(args: list[str], settings: DictConfig, conf_dir: str | Path, ch
         spec = ImageSpec(int(settings.image_size), 3, str(settings.resize_mode))
         pool = read_pool(args, spec)
         features = embed(extractor, pool.images, batch, desc="features")
-        what = f"`{name}` features ({params['name']})"
-    return Embedded(pool, features, f"{what} of {spec.size} px images ({spec.resize_mode}), {features.shape[1]} numbers each")
+        what = f"`{name}` features" + (f" ({params['name']})" if params["name"] != name else "")
+    return Embedded(
+        pool, features, f"{what} of {spec.size} px images ({spec.resize_mode}), {features.shape[1]} numbers each"
+    )
 
 
 def run(
@@ -344,7 +354,8 @@ def markdown(
     method = "k-means" if s.method == "kmeans" else f"a Gaussian mixture ({s.covariance} covariances)"
     if s.k == AUTO:
         best = "best silhouette" if result.criterion == "silhouette" else "lowest BIC"
-        how_k = f"k = {k}, the {best} for k in {int(result.curve['k'].min())}..{int(result.curve['k'].max())} (`k_choice.png`)"  # type: ignore[index]
+        tried = result.curve["k"] if result.curve is not None else pd.Series([k])
+        how_k = f"k = {k}, the {best} for k in {int(tried.min())}..{int(tried.max())} (`k_choice.png`)"
     else:
         how_k = f"k = {k} (`cluster.k`)"
     reduced = f"standardised and reduced to {s.pca} principal components" if s.pca is not None else "standardised"
@@ -357,7 +368,12 @@ def markdown(
     ]
     if pool.failed:
         lines += ["", f"{len(pool.failed)} file(s) could not be read and were left out (`metrics.json` lists them)."]
-    lines += ["", "![clusters](grid.png)", "", "| cluster | images | share |" + (" most common label |" if "purity" in metrics else "")]
+    lines += [
+        "",
+        "![clusters](grid.png)",
+        "",
+        "| cluster | images | share |" + (" most common label |" if "purity" in metrics else ""),
+    ]
     lines.append("|---|---:|---:|" + ("---|" if "purity" in metrics else ""))
     for _, row in sizes.iterrows():
         extra = f" {row['most_common_label']} |" if "purity" in metrics else ""

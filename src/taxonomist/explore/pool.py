@@ -84,7 +84,9 @@ def read_pool(args: Sequence[str], spec: ImageSpec, what: str = "images") -> Poo
     if len(failed) > 5:
         log.warning("... and %d more images left out", len(failed) - 5)
     if not kept:
-        raise DataError(f"{' '.join(args)}: none of the {len(keys)} image file(s) could be read ({next(iter(failed.values()))})")
+        raise DataError(
+            f"{' '.join(args)}: none of the {len(keys)} image file(s) could be read ({next(iter(failed.values()))})"
+        )
     return Pool(kept, np.stack(images), hashes, failed)
 
 

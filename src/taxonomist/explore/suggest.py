@@ -193,8 +193,8 @@ def label_config(classes: Sequence[str], from_name: str, to_name: str) -> str:
     """A Label Studio labelling config: the image and one ``<Choices>`` of the model's classes."""
     choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in classes)
     return (
-        f"<View>\n  <Image name={quoteattr(to_name)} value=\"$image\"/>\n"
-        f"  <Choices name={quoteattr(from_name)} toName={quoteattr(to_name)} choice=\"single\" showInline=\"true\">\n"
+        f'<View>\n  <Image name={quoteattr(to_name)} value="$image"/>\n'
+        f'  <Choices name={quoteattr(from_name)} toName={quoteattr(to_name)} choice="single" showInline="true">\n'
         f"{choices}\n  </Choices>\n</View>\n"
     )
 
@@ -221,10 +221,12 @@ def run(
     pool = read_pool(args, model_spec(classifier), what="pool")
     keep, dropped = overlap(pool.keys, pool.sha256, known_hashes(processed_dir))
     in_data = int((dropped["reason"] == "in the data").sum())
-    if in_data:
-        log.warning("suggest: %d pool image(s) are already in the data (%s): left out, see overlap.csv", in_data, processed_dir)
     if not keep.any():
         raise DataError(f"{' '.join(args)}: every pool image is already in the data ({processed_dir}/splits.csv)")
+    if in_data:
+        log.warning(
+            "suggest: %d pool image(s) are already in the data (%s): left out, see overlap.csv", in_data, processed_dir
+        )
     kept = pool.subset(np.flatnonzero(keep))
     features, logits = model_outputs(classifier, kept.images, int(settings.batch_size))
     probs = class_probabilities(task, logits)
@@ -263,7 +265,13 @@ def run(
     status[candidates] = "candidate"
     status[chosen] = "suggested"
     table = pd.DataFrame(
-        {"path": kept.keys, "uncertainty": np.round(unc, 4), "predicted": predicted, "score": np.round(score, 4), "status": status}
+        {
+            "path": kept.keys,
+            "uncertainty": np.round(unc, 4),
+            "predicted": predicted,
+            "score": np.round(score, 4),
+            "status": status,
+        }
     ).sort_values("uncertainty", ascending=False, kind="stable")
     rest = pd.DataFrame(
         [{"path": r.path, "status": r.reason} for r in dropped.itertuples(index=False)]
