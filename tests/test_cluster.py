@@ -157,3 +157,45 @@ def test_cluster_cli_end_to_end_report_mlflow_and_ingest(project, capsys):
     assert ingested["images"] == 24
     raw = pd.read_csv(project / "data" / "raw" / "manifest.csv", dtype=str)
     assert set(raw["labels"]) == {"corrected", *(f"cluster_{i}" for i in range(1, k))}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cluster.method=dbscan", "cluster.method='dbscan'"),
+        ("cluster.k=1", "cluster.k must be an integer >= 2 or auto"),
+        ("cluster.k_range=[5,3]", "cluster.k_range"),
+        ("suggest.uncertainty=variance", "suggest.uncertainty='variance'"),
+        ("suggest.candidates_factor=0.5", "suggest.candidates_factor >= 1"),
+    ],
+)
+def test_bad_settings_name_the_key(override, message):
+    from taxonomist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        compose([override], conf_dir=REPO / "conf")
+
+
+def test_model_features_of_a_timm_network_are_its_pre_logits():
+    """``features: model`` / suggest on a network: pooled pre-logits features and the same logits as forward()."""
+    from types import SimpleNamespace
+
+    import timm
+    import torch
+    from omegaconf import OmegaConf
+
+    from taxonomist.explore.pool import model_outputs
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", num_classes=3, pretrained=False).eval()
+    pre = {"image_size": 32, "channels": 3, "resize_mode": "squash", "mean": [0.5] * 3, "std": [0.25] * 3}
+    classifier = SimpleNamespace(cfg=OmegaConf.create({"preprocess": pre}), model=net, channels_last=False)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    features, logits = model_outputs(classifier, images, batch_size=2)
+    assert features.shape == (5, net.num_features) and logits.shape == (5, 3)
+    x = torch.from_numpy(((images / 255.0 - 0.5) / 0.25).transpose(0, 3, 1, 2).astype(np.float32))
+    with torch.no_grad():
+        assert np.allclose(logits, net(x).numpy(), atol=1e-4)
+        assert np.allclose(
+            logits, features @ net.get_classifier().weight.numpy().T + net.get_classifier().bias.numpy(), atol=1e-4
+        )

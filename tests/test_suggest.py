@@ -199,6 +199,13 @@ def test_suggest_cli_end_to_end(trained, monkeypatch, capsys):
     assert cli.main(["suggest", "pool", "--budget", "100", "--out", "all"]) == 0
     assert json.loads(capsys.readouterr().out)["suggested"] == 18  # the budget is capped at the new images
 
+    # cluster with the trained model's own features (its extractor), k given
+    assert cli.main(["cluster", "pool", "--features", "model", "-k", "3", "--no-tracking", "--out", "groups"]) == 0
+    assert json.loads(capsys.readouterr().out)["k"] == 3
+    assert "`hog_color`" not in (trained / "groups" / "clusters.md").read_text()
+    assert "the trained model's features" in (trained / "groups" / "clusters.md").read_text()
+    assert len(pd.read_csv(trained / "groups" / "clusters.csv")) == 20
+
 
 def test_empty_pool_and_a_pool_of_known_images_are_one_error_line(trained, monkeypatch, capsys):
     monkeypatch.chdir(trained)

@@ -241,7 +241,13 @@ def run(
     summary: dict[str, Any] = {"out": str(out), "k": result.k, "images": len(pool), "unreadable": len(pool.failed)}
     summary.update({k: round(v, 4) for k, v in metrics.items() if k in ("purity", "nmi", "ari", result.criterion)})
     if track:
-        summary["mlflow_run_id"] = log_run(cfg, out, metrics, files, args)
+        try:
+            summary["mlflow_run_id"] = log_run(cfg, out, metrics, files, args)
+        except Exception as err:  # a store that is down or refuses: the report is written, say so and go on
+            from taxonomist.tracking.redact import redact
+
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            log.warning("cluster: the report is in %s, but MLflow did not take the run (%s)", out, redact(first))
     return summary
 
 
