@@ -1,5 +1,5 @@
 # Shortcuts for the project's scripts (each sets up the environment first).
-.PHONY: pipeline test bench bench-scale bench-serving
+.PHONY: pipeline test bench bench-scale bench-serving bench-active-learning
 
 pipeline:  ## set up and run the default pipeline (dvc repro)
 	bash scripts/run_pipeline.sh
@@ -16,3 +16,6 @@ bench-scale:  ## only the data-at-scale benchmark (photo folders up to 100k imag
 
 bench-serving:  ## only the using-the-model benchmark (batch predict, serving load test); needs dvc repro's outputs
 	bash scripts/bench.sh --serving $(SERVING_ARGS)
+
+bench-active-learning:  ## only the what-to-label-next benchmark (simulated labelling on Fashion-MNIST)
+	bash scripts/bench.sh --active-learning $(AL_ARGS)

@@ -14,6 +14,10 @@ if [ "${1:-}" = "--serving" ]; then
   shift
   exec .venv/bin/python benchmarks/serving.py "$@"
 fi
+if [ "${1:-}" = "--active-learning" ]; then
+  shift
+  exec .venv/bin/python benchmarks/active_learning.py "$@"
+fi
 if [ "${1:-}" = "--scale" ]; then
   shift
   exec .venv/bin/python benchmarks/scale.py "$@"
