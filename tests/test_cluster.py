@@ -58,6 +58,8 @@ def test_purity_nmi_ari_by_hand():
     truth = ["a", "a", "b", "b"]
     got = agreement(truth, np.array([0, 0, 0, 1]))
     assert got["purity"] == pytest.approx(0.75)
+    # purity is per cluster (its most common label), not per label: more clusters never lower it
+    assert agreement(["a", "a", "a", "b"], np.array([0, 1, 2, 2]))["purity"] == pytest.approx(0.75)
     assert agreement(truth, np.array([1, 1, 0, 0]))["ari"] == pytest.approx(1.0)
     assert agreement(truth, np.array([0, 1, 0, 1]))["nmi"] == pytest.approx(0.0, abs=1e-12)
 
