@@ -7,10 +7,12 @@ extractor of ``model=embeddings``), once; classifier: logistic regression
 Each run starts from 200 random labels and adds 200 per round for five rounds, chosen by
 
 * ``random``: uniformly from the rest of the pool;
-* ``uncertainty``: the highest normalised entropy (``suggest.candidates_factor: 1``);
-* ``uncertainty + diversity``: what ``taxonomist suggest`` does by default, greedy k-center on
-  the (L2-normalised) features among the ``10 x 200`` most uncertain
-  (:func:`taxonomist.explore.suggest.select`),
+* ``margin``: the smallest margin between the two most probable classes
+  (``suggest.uncertainty: margin``, ``suggest.candidates_factor: 1``);
+* ``margin + k-center (3x)``: greedy k-center on the (L2-normalised) features among the
+  ``3 x 200`` smallest margins (:func:`taxonomist.explore.suggest.select`);
+* ``entropy + k-center (10x)``: the same with normalised entropy among the ``10 x 200`` most
+  uncertain (the first default of ``taxonomist suggest``),
 
 and the test accuracy is recorded after every round, for several seeds (the seed draws the
 first 200 labels and the random picks). Writes ``reports/benchmark_active_learning.md``, the plot
@@ -35,7 +37,13 @@ from common import ROOT, machine, show_in_readme
 REPORT = ROOT / "reports" / "benchmark_active_learning.md"
 PLOT = ROOT / "reports" / "benchmark_active_learning.png"
 MARKERS = ("<!-- active-learning:start -->", "<!-- active-learning:end -->")
-STRATEGIES = {"random": None, "uncertainty": 1.0, "uncertainty + diversity": 10.0}  # candidates_factor
+# name -> (suggest.uncertainty, suggest.candidates_factor); None = random
+STRATEGIES: dict[str, tuple[str, float] | None] = {
+    "random": None,
+    "margin": ("margin", 1.0),
+    "margin + k-center (3x)": ("margin", 3.0),
+    "entropy + k-center (10x)": ("entropy", 10.0),
+}
 
 
 def load(builtin_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -63,7 +71,7 @@ def run_loop(
     y_pool: np.ndarray,
     x_test: np.ndarray,
     y_test: np.ndarray,
-    factor: float | None,
+    strategy: tuple[str, float] | None,
     seed: int,
     start: int,
     step: int,
@@ -83,12 +91,13 @@ def run_loop(
         if r == rounds:
             break
         rest = np.setdiff1d(np.arange(len(x_pool)), labelled)
-        if factor is None:
+        if strategy is None:
             new = rng.choice(rest, step, replace=False)
         else:
+            kind, factor = strategy
             probs = np.zeros((len(rest), 10))
             probs[:, model.classes_] = model.predict_proba(x_pool[rest])
-            chosen, _, _ = select(uncertainty(probs, "entropy"), x_pool[rest], step, factor)
+            chosen, _, _ = select(uncertainty(probs, kind), x_pool[rest], step, factor)
             new = rest[chosen]
         labelled = np.concatenate([labelled, new])
     return accuracy
@@ -108,12 +117,12 @@ def main() -> int:
     t0 = time.perf_counter()
     x_pool, x_test = hog_features(x_img), hog_features(t_img)
     feature_seconds = time.perf_counter() - t0
-    classifier = yaml.safe_load((ROOT / "conf/model/classifier/logistic.yaml").read_text())
+    clf = yaml.safe_load((ROOT / "conf/model/classifier/logistic.yaml").read_text())
     results: dict[str, list[list[float]]] = {name: [] for name in STRATEGIES}
     for seed in range(args.seeds):
-        for name, factor in STRATEGIES.items():
+        for name, strategy in STRATEGIES.items():
             t0 = time.perf_counter()
-            acc = run_loop(x_pool, y_pool, x_test, y_test, factor, seed, args.start, args.step, args.rounds, classifier)
+            acc = run_loop(x_pool, y_pool, x_test, y_test, strategy, seed, args.start, args.step, args.rounds, clf)
             results[name].append(acc)
             print(
                 f"seed {seed} {name:>24}: "

@@ -142,6 +142,7 @@ def trained(tmp_path_factory):
         "preprocess.val_fraction=0.2",
         "preprocess.test_fraction=0.2",
         "suggest.budget=4",
+        "suggest.candidates_factor=3",  # k-center among the 12 most uncertain
     ]
     before = Path.cwd()
     os.chdir(root)
@@ -178,6 +179,8 @@ def test_suggest_cli_end_to_end(trained, monkeypatch, capsys):
     table = pd.read_csv(out / "pool.csv", keep_default_na=False)
     assert rows["uncertainty"].iloc[0] == table["uncertainty"].replace("", np.nan).astype(float).max()
     assert (table["status"] == "suggested").sum() == 4 and len(table) == 20
+    assert (table["status"] == "candidate").sum() == 8  # 3 x 4 most uncertain, 4 of them suggested
+    assert np.isnan(rows["distance"][0]) and (rows["distance"][1:] > 0).all()
     dropped = pd.read_csv(out / "overlap.csv", keep_default_na=False)
     assert dropped[["reason", "split"]].values.tolist()[0][0] == "in the data"
     assert dropped.loc[dropped["reason"] == "in the data", "same_as"].tolist() == ["circle/circle_003.png"]

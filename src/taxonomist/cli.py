@@ -226,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "suggest",
         parents=[common],
-        help="rank an unlabelled pool for labelling (uncertainty + diversity) into a CSV and a Label Studio file",
+        help="rank an unlabelled pool for labelling (uncertainty, optionally diversity): a CSV, a Label Studio file",
     )
     p.add_argument("images", nargs="+", help="the pool: image files, folders, quoted globs, manifests, archives, lists")
     p.add_argument(

@@ -10,8 +10,9 @@ resize mode the model was trained on. Selection (:func:`select`) combines:
 * **diversity**: among the ``suggest.candidates_factor x budget`` most uncertain images, greedy
   k-center on the model's embeddings (L2-normalised) picks ``budget`` of them: the most uncertain
   first, then each time the candidate farthest from every image picked so far, so the
-  suggestions do not all show the same confusing thing. ``candidates_factor: 1`` is uncertainty
-  alone. Embeddings: a ``model=embeddings`` model's own extractor, a timm network's pooled
+  suggestions do not all show the same confusing thing. ``candidates_factor: 1`` (the default,
+  with ``uncertainty: margin``: what measured best, ``benchmarks/active_learning.py``) is
+  uncertainty alone. Embeddings: a ``model=embeddings`` model's own extractor, a timm network's pooled
   pre-logits features (:func:`taxonomist.explore.pool.model_outputs`).
 
 Pool images already in the data (the SHA-256 of their bytes equals a row's of
