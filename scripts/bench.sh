@@ -18,6 +18,14 @@ if [ "${1:-}" = "--label-errors" ]; then
   shift
   exec .venv/bin/python benchmarks/label_errors.py "$@"
 fi
+if [ "${1:-}" = "--active-learning" ]; then
+  shift
+  exec .venv/bin/python benchmarks/active_learning.py "$@"
+fi
+if [ "${1:-}" = "--embeddings" ]; then
+  shift
+  exec .venv/bin/python benchmarks/embeddings.py "$@"
+fi
 if [ "${1:-}" = "--scale" ]; then
   shift
   exec .venv/bin/python benchmarks/scale.py "$@"

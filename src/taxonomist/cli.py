@@ -13,6 +13,8 @@ Examples::
     taxonomist predict photos/ -o out.csv   # a folder into a CSV (rerun: resumes)
     taxonomist explain img1.png photos/     # heatmap overlays of models/best.ckpt into reports/explain
     taxonomist sweep optimizer.lr=1e-3,3e-3 # Hydra multirun: a grid, or hparams_search=optuna
+    taxonomist cluster photos/              # group unlabelled images into reports/clusters/
+    taxonomist suggest pool/ --budget 50    # what to label next, into reports/suggest/
 
 Output: Taxonomist's own progress and results go to the console; what the libraries log
 (ONNX optimiser passes, MLflow notes, Lightning's set-up lines) and Python warnings go to
@@ -220,6 +222,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="explain this label (default: each image's predicted label)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     p = sub.add_parser(
+        "cluster",
+        parents=[common],
+        help="group (unlabelled) images by their embeddings (k-means or a Gaussian mixture) into reports/clusters",
+    )
+    p.add_argument("images", nargs="+", help="image files, folders, quoted globs, manifests, archives, .txt lists")
+    p.add_argument("--out", type=Path, default=Path("reports/clusters"), help="report folder (default: %(default)s)")
+    p.add_argument("--features", default=None, help="cluster.features: a conf/model/features/ name, or model")
+    p.add_argument("--method", choices=("kmeans", "gmm"), default=None, help="cluster.method")
+    p.add_argument("-k", default=None, help="cluster.k: an integer, or auto")
+    p.add_argument(
+        "--checkpoint", type=Path, default=MODELS_DIR / "best.ckpt", help="for --features model (default: %(default)s)"
+    )
+    p.add_argument("--no-tracking", action="store_true", help="do not log the run to MLflow")
+    p.add_argument("--conf", default="conf", help="config folder, for the feature configs (default: %(default)s)")
+    p.add_argument("--params", default=PARAMS_FILE)
+    p = sub.add_parser(
+        "suggest",
+        parents=[common],
+        help="rank an unlabelled pool for labelling (uncertainty, optionally diversity): a CSV, a Label Studio file",
+    )
+    p.add_argument("images", nargs="+", help="the pool: image files, folders, quoted globs, manifests, archives, lists")
+    p.add_argument(
+        "--checkpoint", type=Path, default=MODELS_DIR / "best.ckpt", help="trained model (default: %(default)s)"
+    )
+    p.add_argument("--budget", type=int, default=None, help="images to suggest (default: suggest.budget)")
+    p.add_argument("--out", type=Path, default=Path("reports/suggest"), help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--processed",
+        type=Path,
+        default=Path("data/processed"),
+        help="the training data's split table, to leave out pool images already in it (default: %(default)s)",
+    )
+    p.add_argument("--params", default=PARAMS_FILE)
+    p = sub.add_parser(
         "serve", parents=[common], help="serve a registered model over HTTP (MLflow's server, with request guards)"
     )
     p.add_argument("--model", default=None, help="model URI or MLflow model folder (default: models:/<name>@champion)")
@@ -298,6 +334,10 @@ def _run(args: argparse.Namespace) -> int:
         result = importlib.import_module(module).run(load_params(args.params))
         print(json.dumps(result, indent=2, default=str))
         return 0
+    if args.command == "cluster":
+        return _cluster(args)
+    if args.command == "suggest":
+        return _suggest(args)
     cfg = load_params(args.params)
     stage = importlib.import_module(f"taxonomist.stages.{args.command}")
     result = stage.run(cfg)
@@ -458,6 +498,41 @@ def _explain(args: argparse.Namespace) -> int:
                 tqdm.write(lines[key])
             bar.update(len(keys[start : start + size]))
     return 1 if failed else 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    """``taxonomist cluster``: :mod:`taxonomist.explore.cluster` with params.yaml's ``cluster`` section."""
+    from omegaconf import OmegaConf
+
+    from taxonomist.config import validate
+    from taxonomist.explore.cluster import run
+
+    cfg = load_params(args.params)
+    changes = {"features": args.features, "method": args.method, "k": args.k}
+    changes = {key: value for key, value in changes.items() if value is not None}
+    if "k" in changes and changes["k"] != "auto":
+        try:
+            changes["k"] = int(changes["k"])
+        except ValueError:
+            raise DataError(f"-k {changes['k']}: an integer, or auto") from None
+    if changes:
+        cfg = validate(OmegaConf.merge(cfg, {"cluster": changes}), origin="the command line")
+    summary = run(list(args.images), cfg, args.out, args.checkpoint, args.conf, track=not args.no_tracking)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    """``taxonomist suggest``: :mod:`taxonomist.explore.suggest` with params.yaml's ``suggest`` section."""
+    from taxonomist.explore.suggest import run
+
+    cfg = load_params(args.params)
+    budget = int(cfg.suggest.budget) if args.budget is None else args.budget
+    if budget < 1:
+        raise DataError(f"--budget {budget}: suggest at least one image")
+    summary = run(list(args.images), cfg, args.checkpoint, budget, args.out, args.processed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
 
 
 def _unique_stem(key: str, used: set[str]) -> str:

@@ -266,6 +266,43 @@ class SweepConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """``taxonomist cluster`` (:mod:`taxonomist.explore.cluster`)."""
+
+    features: str = MISSING  # a conf/model/features/ name, or "model" (the trained model's features)
+    method: str = MISSING  # kmeans | gmm
+    k: Any = MISSING  # int | auto
+    k_range: list[int] = MISSING
+    pca: Optional[int] = MISSING  # noqa: UP045  (principal components before clustering; null = none)
+    covariance: str = MISSING  # gmm covariance_type
+    image_size: int = MISSING
+    resize_mode: str = MISSING
+    examples_per_cluster: int = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class LabelStudioConfig:
+    """How ``taxonomist suggest`` writes Label Studio tasks."""
+
+    from_name: str = MISSING
+    to_name: str = MISSING
+    document_root: Optional[str] = MISSING  # noqa: UP045  (null: the pool's common folder)
+
+
+@dataclass
+class SuggestConfig:
+    """``taxonomist suggest`` (:mod:`taxonomist.explore.suggest`)."""
+
+    budget: int = MISSING
+    uncertainty: str = MISSING  # entropy | margin
+    candidates_factor: float = MISSING
+    batch_size: int = MISSING
+    label_studio: LabelStudioConfig = MISSING
+
+
+@dataclass
 class PipelineConfig:
     """Schema of ``params.yaml``. ``optimizer``, ``scheduler`` and ``callbacks`` are ``_target_``
     blocks built with ``hydra.utils.instantiate``: their keys are the arguments of the class
@@ -288,6 +325,8 @@ class PipelineConfig:
     sweep: SweepConfig = MISSING
     cv: CvConfig = MISSING
     label_errors: LabelErrorsConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    suggest: SuggestConfig = MISSING
 
 
 RESIZE_MODES = ("squash", "center_crop", "pad")
@@ -300,6 +339,9 @@ INT8_METHODS = ("static", "dynamic")  # package.int8.method (taxonomist.export.q
 # label_errors.filter_by and rank_by: cleanlab.filter.find_label_issues's (not imported here: it is slow to import)
 LABEL_ERROR_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
 LABEL_ERROR_RANKS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+CLUSTER_METHODS = ("kmeans", "gmm")  # cluster.method (taxonomist.explore.cluster)
+GMM_COVARIANCES = ("full", "diag", "spherical", "tied")
+UNCERTAINTIES = ("entropy", "margin")  # suggest.uncertainty (taxonomist.explore.suggest)
 # Sections renamed in this version: an old params.yaml names them, and the error says the new name.
 RENAMED = {
     "train": "fit (train.early_stopping_patience -> callbacks.early_stopping.patience, train.ema -> callbacks.ema)",
@@ -350,6 +392,7 @@ def _check_values(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: package.gate.bootstrap must be >= 100 resamples, got {gate.bootstrap}")
     _check_int8(cfg.package.int8, origin)
     _check_cv(cfg, origin)
+    _check_explore(cfg, origin)
     serving = cfg.package.serving
     if min(int(serving.max_pixels), int(serving.max_images)) < 1 or float(serving.max_request_mb) <= 0:
         raise ConfigError(
@@ -401,6 +444,33 @@ def _check_cv(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: label_errors.rank_by={errors.rank_by!r}; use one of {LABEL_ERROR_RANKS}")
     if int(errors.examples) < 0:
         raise ConfigError(f"{origin}: label_errors.examples must be >= 0, got {errors.examples}")
+
+
+def _check_explore(cfg: DictConfig, origin: str) -> None:
+    """``cluster`` and ``suggest``: known methods, k an integer >= 2 or auto, sane ranges."""
+    cl = cfg.cluster
+    if cl.method not in CLUSTER_METHODS:
+        raise ConfigError(f"{origin}: cluster.method={cl.method!r}; use one of {CLUSTER_METHODS}")
+    if cl.covariance not in GMM_COVARIANCES:
+        raise ConfigError(f"{origin}: cluster.covariance={cl.covariance!r}; use one of {GMM_COVARIANCES}")
+    if cl.k != AUTO and (isinstance(cl.k, bool) or not isinstance(cl.k, int) or cl.k < 2):
+        raise ConfigError(f"{origin}: cluster.k must be an integer >= 2 or auto, got {cl.k!r}")
+    k_range = list(cl.k_range)
+    if len(k_range) != 2 or not 2 <= int(k_range[0]) <= int(k_range[1]):
+        raise ConfigError(
+            f"{origin}: cluster.k_range is [smallest, largest] with 2 <= smallest <= largest, got {k_range}"
+        )
+    if cl.resize_mode not in RESIZE_MODES:
+        raise ConfigError(f"{origin}: cluster.resize_mode={cl.resize_mode!r}; use one of {RESIZE_MODES}")
+    if int(cl.image_size) < 8 or int(cl.examples_per_cluster) < 1 or int(cl.batch_size) < 1:
+        raise ConfigError(f"{origin}: cluster.image_size >= 8, examples_per_cluster >= 1 and batch_size >= 1")
+    if cl.pca is not None and int(cl.pca) < 1:
+        raise ConfigError(f"{origin}: cluster.pca is a number of components >= 1, or null, got {cl.pca}")
+    sg = cfg.suggest
+    if sg.uncertainty not in UNCERTAINTIES:
+        raise ConfigError(f"{origin}: suggest.uncertainty={sg.uncertainty!r}; use one of {UNCERTAINTIES}")
+    if int(sg.budget) < 1 or float(sg.candidates_factor) < 1 or int(sg.batch_size) < 1:
+        raise ConfigError(f"{origin}: suggest.budget >= 1, suggest.candidates_factor >= 1 and batch_size >= 1")
 
 
 def _check_preprocess(pre: DictConfig, origin: str) -> None:

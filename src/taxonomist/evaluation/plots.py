@@ -150,3 +150,25 @@ def plot_image_grid(images: np.ndarray, titles: list[str], path: Path, title: st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_image_rows(rows: list[tuple[str, np.ndarray, list[str]]], path: Path, title: str, columns: int = 8) -> Path:
+    """One row of images per group (``(heading, images, captions)``): the heading on the left,
+    then up to ``columns`` images with their captions (e.g. the clusters of ``taxonomist cluster``)."""
+    n = max(1, len(rows))
+    cols = 1 + max(1, min(columns, max((len(images) for _, images, _ in rows), default=1)))
+    fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols + 0.6, 1.6 * n + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (heading, images, captions) in enumerate(rows):
+        axes[r, 0].text(0.95, 0.5, heading, ha="right", va="center", fontsize=8, transform=axes[r, 0].transAxes)
+        for c, img in enumerate(images[: cols - 1]):
+            ax = axes[r, c + 1]
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+            if c < len(captions) and captions[c]:
+                ax.set_title(_short(captions[c], 18), fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
