@@ -67,23 +67,9 @@ def plot_misclassified(
     images: np.ndarray, true: list[str], pred: list[str], conf: list[float | None], path: Path
 ) -> Path:
     """A grid of misclassified test images titled with true, predicted and confidence."""
-    n = len(images)
-    cols = min(6, max(n, 1))
-    rows = max(1, int(np.ceil(n / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, t, p, c in zip(axes.flat, images, true, pred, conf, strict=False):
-        ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray")
-        score = f" ({c:.0%})" if c is not None else ""
-        ax.set_title(f"true: {_short(t)}\npred: {_short(p)}{score}", fontsize=7)
-    if n == 0:
-        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    fig.suptitle("Misclassified test images (most confident first)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    scores = [f" ({c:.0%})" if c is not None else "" for c in conf]
+    titles = [f"true: {t}\npred: {p}{score}" for t, p, score in zip(true, pred, scores, strict=False)]
+    return plot_image_grid(images, titles, path, "Misclassified test images (most confident first)", "no mistakes")
 
 
 def _short(text: str, width: int = 28) -> str:
