@@ -36,7 +36,7 @@ import pandas as pd
 
 from taxonomist.data.manifest import SPLITS, split_labels
 from taxonomist.errors import ConfigError, DataError
-from taxonomist.files import atomic_write_bytes, atomic_write_text
+from taxonomist.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -503,16 +503,11 @@ class Health:
         long = self.class_counts.rename_axis(index="class", columns="split").stack().rename("images").reset_index()
         written = [
             atomic_write_text(out_dir / "class_counts.csv", long.to_csv(index=False)),
-            atomic_write_text(
+            atomic_write_csv(
                 out_dir / "near_duplicates.csv",
-                self.pairs[
-                    ["path_a", "path_b", "split_a", "split_b", "labels_a", "labels_b", "distance", "action"]
-                ].to_csv(index=False),
+                self.pairs[["path_a", "path_b", "split_a", "split_b", "labels_a", "labels_b", "distance", "action"]],
             ),
-            atomic_write_text(
-                out_dir / "image_sizes.csv",
-                self.sizes[["path", "split", "width", "height", "mode"]].to_csv(index=False),
-            ),
+            atomic_write_csv(out_dir / "image_sizes.csv", self.sizes[["path", "split", "width", "height", "mode"]]),
             _save(_plot_class_counts(self.class_counts), out_dir / "class_counts.png"),
             _save(_plot_short_sides(self.sizes), out_dir / "sizes.png"),
             _save(_plot_aspect_ratios(self.sizes), out_dir / "aspect_ratios.png"),
