@@ -86,7 +86,7 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     first = np.ones(len(key), dtype=bool)  # the copy that is kept (the first of its hash), in sorted order
     first[1:] = sorted_key[1:] != sorted_key[:-1]
     is_conflict = conflicting[sorted_key]
-    gone = is_conflict | (~first & ~is_conflict)
+    gone = is_conflict | ~first  # every copy of a hash with conflicting labels, and the repeats of the others
     dropped = frame.take(order[gone])
     dropped["reason"] = np.where(is_conflict[gone], "conflicting labels for identical images", "duplicate")
     kept_row = np.empty(len(conflicting), dtype=np.int64)  # the row kept of each hash
