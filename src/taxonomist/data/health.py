@@ -36,7 +36,7 @@ import pandas as pd
 
 from taxonomist.data.manifest import SPLITS, split_labels
 from taxonomist.errors import ConfigError, DataError
-from taxonomist.files import atomic_write_bytes, atomic_write_text
+from taxonomist.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 def parse_hashes(values: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     """Hex pHashes (16 digits) as uint64, and a mask of the values that are such hashes
     (others are 0 in the first array)."""
-    text = pd.Series(values if isinstance(values, pd.Series) else list(values), dtype=object)
+    # A Series stays in its own dtype: pandas' text (Arrow) is parsed without a Python string each.
+    text = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
     text = text.astype(str).str.strip().str.lower()
     valid = text.str.fullmatch(r"[0-9a-f]{16}").to_numpy(dtype=bool)
     hashes = np.zeros(len(text), dtype=np.uint64)
@@ -266,6 +267,14 @@ def _label_key(text: str) -> str:
     return "|".join(sorted(set(split_labels(text))))
 
 
+def _label_codes(labels: pd.Series) -> np.ndarray:
+    """An integer code per image for its label set (:func:`_label_key`; -1: missing), numbered
+    in order of first appearance; computed on the few distinct cells, not on every image's text."""
+    codes, cells = pd.factorize(labels.astype(str))
+    per_cell = pd.factorize(pd.Series([_label_key(cell) for cell in cells], dtype=object))[0]
+    return np.where(codes >= 0, per_cell[np.maximum(codes, 0)], -1) if len(cells) else codes
+
+
 def _find_near_duplicates(images: pd.DataFrame, split_code: np.ndarray, max_distance: int) -> _NearDuplicates:
     """Near-duplicate pairs of ``images``: counted exactly by split pair, listed up to a cap."""
     started = time.perf_counter()
@@ -286,8 +295,7 @@ def _find_near_duplicates(images: pd.DataFrame, split_code: np.ndarray, max_dist
             "distance": np.r_[found.distance, np.zeros(len(shared), np.uint8)].astype(int),
         }
     )
-    labels = images["labels"].astype(str)
-    label_code = labels.map({text: _label_key(text) for text in labels.unique()}).factorize()[0]
+    label_code = _label_codes(images["labels"])
 
     # An image is leaky when an image of a later split has its hash or a near one.
     split_rows = split_code[rows]
@@ -367,9 +375,8 @@ def _pair_table(
     """Image pairs as rows, oriented so that ``a`` is the copy a drop removes (the earlier
     split: train before val before test); cross-split pairs first, then those with different
     labels, the nearest first; at most :data:`LISTED_MAX`."""
-    col = {c: images[c].to_numpy() for c in ("path", "split", "labels", "source_id")}
-    path_rank = np.empty(len(images), dtype=np.int64)
-    path_rank[np.argsort(col["path"], kind="stable")] = np.arange(len(images))
+    path_rank = np.empty(len(images), dtype=np.int64)  # sorted in pandas' (Arrow) text, not as Python strings
+    path_rank[images["path"].argsort(kind="stable").to_numpy()] = np.arange(len(images))
     swap = (split_code[first] > split_code[second]) | (
         (split_code[first] == split_code[second]) & (path_rank[first] > path_rank[second])
     )
@@ -390,18 +397,22 @@ def _pair_table(
     else:
         order = np.argsort(key)
     a, b = a[order], b[order]
+    col = {
+        c: (images[c].take(a).to_numpy(), images[c].take(b).to_numpy())
+        for c in ("path", "split", "labels", "source_id")
+    }
     return pd.DataFrame(
         {
-            "path_a": col["path"][a],
-            "path_b": col["path"][b],
-            "split_a": col["split"][a],
-            "split_b": col["split"][b],
-            "labels_a": col["labels"][a],
-            "labels_b": col["labels"][b],
+            "path_a": col["path"][0],
+            "path_b": col["path"][1],
+            "split_a": col["split"][0],
+            "split_b": col["split"][1],
+            "labels_a": col["labels"][0],
+            "labels_b": col["labels"][1],
             "distance": distance[order].astype(int),
             "action": "",
-            "source_a": col["source_id"][a],
-            "source_b": col["source_id"][b],
+            "source_a": col["source_id"][0],
+            "source_b": col["source_id"][1],
             "conflicting": conflicting[order],
         }
     )
@@ -492,16 +503,11 @@ class Health:
         long = self.class_counts.rename_axis(index="class", columns="split").stack().rename("images").reset_index()
         written = [
             atomic_write_text(out_dir / "class_counts.csv", long.to_csv(index=False)),
-            atomic_write_text(
+            atomic_write_csv(
                 out_dir / "near_duplicates.csv",
-                self.pairs[
-                    ["path_a", "path_b", "split_a", "split_b", "labels_a", "labels_b", "distance", "action"]
-                ].to_csv(index=False),
+                self.pairs[["path_a", "path_b", "split_a", "split_b", "labels_a", "labels_b", "distance", "action"]],
             ),
-            atomic_write_text(
-                out_dir / "image_sizes.csv",
-                self.sizes[["path", "split", "width", "height", "mode"]].to_csv(index=False),
-            ),
+            atomic_write_csv(out_dir / "image_sizes.csv", self.sizes[["path", "split", "width", "height", "mode"]]),
             _save(_plot_class_counts(self.class_counts), out_dir / "class_counts.png"),
             _save(_plot_short_sides(self.sizes), out_dir / "sizes.png"),
             _save(_plot_aspect_ratios(self.sizes), out_dir / "aspect_ratios.png"),
@@ -827,7 +833,7 @@ def analyse(
         max_distance=max_distance,
         action=action,
         class_counts=counts,
-        sizes=kept[["path", "split", "width", "height", "mode", "gray"]].reset_index(drop=True),
+        sizes=_sizes_table(kept),
         pair_counts=near.counts.assign(splits=[k.replace("-", "–") for k in by_pair])[
             ["splits", "pairs", "conflicting"]
         ],
@@ -836,6 +842,14 @@ def analyse(
         duplicates=duplicates.reset_index(drop=True),
         quarantined=quarantined.reset_index(drop=True),
     )
+
+
+def _sizes_table(images: pd.DataFrame) -> pd.DataFrame:
+    """Every image's path, split, size, mode and gray flag, as :attr:`Health.sizes` keeps them
+    until the report is written: the split and mode (a few distinct values) as categories and
+    the sizes as 32-bit numbers, a few bytes per image."""
+    sizes = images[["path", "split", "width", "height", "mode", "gray"]].reset_index(drop=True)
+    return sizes.astype({"split": "category", "mode": "category", "width": np.int32, "height": np.int32})
 
 
 def _size_summary(images: pd.DataFrame) -> dict[str, Any]:

@@ -81,9 +81,10 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 class Rows(Sequence[tuple[Any, ...]]):
-    """Items for :func:`map_chunks` kept column by column (NumPy arrays or lists of one length):
-    item ``i`` is the tuple of the columns' values at ``i`` (plain Python values; a 2-D array
-    column gives a tuple). Many items cost a few bytes each instead of a tuple of Python objects."""
+    """Items for :func:`map_chunks` kept column by column (NumPy arrays, pandas arrays or lists of
+    one length): item ``i`` is the tuple of the columns' values at ``i`` (plain Python values; a
+    2-D array column gives a tuple). Many items cost a few bytes each instead of a tuple of
+    Python objects (a column of pandas text makes its Python strings only for the items asked)."""
 
     def __init__(self, *columns: Sequence[Any] | np.ndarray) -> None:
         lengths = {len(column) for column in columns}

@@ -116,8 +116,11 @@ def assign_splits(
     whole groups are drawn (:func:`_grouped`), so a group's images share a split. Unmarked rows
     of a group the source put in test or val join that split; a group the source put in
     several splits is kept as the source has it, with a warning naming it.
+
+    The draws see only the columns they need (a copy of the whole frame would cost its size
+    again for every image); the result is ``frame`` with its new ``split`` column.
     """
-    out = frame.copy()
+    out = frame[list(dict.fromkeys([by, "split"] if group is None else [by, group, "split"]))].copy()
     require_min_images(out.groupby(by).size(), min_images_per_class, "class(es)", "remove the class")
     if group is not None:
         _follow_fixed_groups(out, group)
@@ -138,7 +141,7 @@ def assign_splits(
     if group is not None:
         drawn = [split for split, fixed in (("test", has_test), ("val", has_val)) if not fixed]
         _warn_missing_classes(out, by, group, drawn)
-    return out
+    return frame.assign(split=out["split"].array)
 
 
 def _follow_fixed_groups(out: pd.DataFrame, group: str) -> None:

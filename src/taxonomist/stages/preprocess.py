@@ -35,12 +35,14 @@ import functools
 import gc
 import logging
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -51,7 +53,7 @@ from taxonomist.data.manifest import COLUMNS, SPLITS, RawImages, read_manifest, 
 from taxonomist.data.parallel import Rows, Workers, local, map_chunks, resolve_workers
 from taxonomist.data.split import assign_splits, group_keys
 from taxonomist.errors import DataError
-from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text, read_json
+from taxonomist.files import atomic_directory, atomic_write_csv, atomic_write_json, read_json
 from taxonomist.stages.paths import PROCESSED_DIR, RAW_DIR, health_dir_for
 from taxonomist.tasks import task_of
 
@@ -60,8 +62,10 @@ log = logging.getLogger(__name__)
 FACTS = {"width": "int64", "height": "int64", "mode": "str", "gray": "bool", "blank": "bool"}
 FACTS_FILE = "facts.csv"  # every inspected image's facts (or why it was quarantined), by content hash
 FACT_COLUMNS = ["sha256", *FACTS, "phash", "reason"]
+AUTO_FACTS = ["width", "height", "gray"]  # the facts auto.choose looks at
 SPAN = ["span_offset", "span_size"]  # where an image lies in images.zip (RawImages.spans), carried by the frames
 GB = 1e9
+PHASH_TEXT = "S16"  # a perceptual hash (images.phashes: 16 hex digits) as fixed-width bytes; b"": none
 
 
 def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -69,25 +73,30 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Copies with one label keep a single row (a test copy wins, so the test split is not
     shrunk); copies with conflicting labels are all dropped, since neither label can be trusted.
-    The hashes are matched as integer codes (``pd.factorize``): sorting and grouping
-    64-character strings costs far more memory.
+    The hashes and labels are matched as integer codes (``pd.factorize``) and the decisions
+    made on arrays of them: sorting and grouping the frame's text costs far more memory.
     """
     key = pd.factorize(frame["sha256"])[0]
-    order = frame.assign(_key=key, _rank=(frame["split"] != "test").astype(np.int8))
-    order = order.sort_values(["_key", "_rank"], kind="stable")
-    labels_per_hash = order.groupby("_key", sort=False)["label"].nunique()
-    conflicting = labels_per_hash.index[labels_per_hash.to_numpy() > 1].to_numpy()
-    is_conflict = np.isin(order["_key"].to_numpy(), conflicting)
-    is_repeat = order.duplicated("_key", keep="first").to_numpy() & ~is_conflict
-    gone = is_conflict | is_repeat
-    dropped = order[gone].copy()
+    label = pd.factorize(frame["label"])[0]
+    rank = (frame["split"] != "test").to_numpy(dtype=np.int8)
+    order = np.lexsort((rank, key))  # stable: by hash, a test copy first, then in frame order
+    pairs = np.unique(np.c_[key, label][label >= 0], axis=0)  # (hash, label) pairs present
+    conflicting = np.bincount(pairs[:, 0], minlength=key.max(initial=-1) + 1) > 1
+    sorted_key = key[order]
+    first = np.ones(len(key), dtype=bool)  # the copy that is kept (the first of its hash), in sorted order
+    first[1:] = sorted_key[1:] != sorted_key[:-1]
+    is_conflict = conflicting[sorted_key]
+    gone = is_conflict | ~first  # every copy of a hash with conflicting labels, and the repeats of the others
+    dropped = frame.take(order[gone])
     dropped["reason"] = np.where(is_conflict[gone], "conflicting labels for identical images", "duplicate")
-    first_of = order.loc[~order.duplicated("_key", keep="first"), ["_key", "path"]].set_index("_key")["path"]
-    dropped["duplicate_of"] = np.where(
-        dropped["reason"] == "duplicate", dropped["_key"].map(first_of).fillna("").astype(str), ""
-    )
-    kept = order[~gone].drop(columns=["_rank", "_key"]).sort_index()
-    return kept, dropped.drop(columns=["_rank", "_key"])
+    kept_row = np.empty(len(conflicting), dtype=np.int64)  # the row kept of each hash
+    kept_row[sorted_key[first]] = order[first]
+    kept_path = frame["path"].take(kept_row[sorted_key[gone]]).fillna("").astype(str).to_numpy()
+    dropped["duplicate_of"] = np.where(dropped["reason"] == "duplicate", kept_path, "")
+    is_gone = np.zeros(len(frame), dtype=bool)
+    is_gone[order[gone]] = True
+    kept = frame[~is_gone] if is_gone.any() else frame.copy(deep=False)  # (a filter copies every row)
+    return (kept if kept.index.is_monotonic_increasing else kept.sort_index()), dropped
 
 
 def source_namer(frame: pd.DataFrame) -> Callable[[str], str]:
@@ -113,6 +122,21 @@ def memory_returned() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's default starting threshold
+
+
+def large_blocks_mapped() -> None:
+    """Keep every block of at least :data:`MMAP_THRESHOLD` in its own memory mapping, which
+    ``free`` unmaps at once (glibc ``mallopt``). By default glibc raises that threshold each
+    time a mapped block is freed, so the column arrays made and dropped one phase after the
+    other land in the heap instead, where the small objects left between them keep the pages
+    (measured: 15-20 MB more at the peak with 100k images). Set before the workers are forked,
+    so they inherit it. A no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def arrow_on_malloc() -> None:
     """Make pandas' string columns (Arrow) allocate with malloc, which :func:`memory_returned`
     can trim, instead of Arrow's own pool, which keeps what it freed."""
@@ -131,32 +155,86 @@ def _rows_file(path: str) -> NpyRows:
     return local(("rows", path), lambda: NpyRows(path, writable=True))
 
 
-def _inspect_chunk(raw_dir: str, items: Sequence[tuple[str, tuple[int, int]]]) -> dict[str, list[object]]:
+def _inspect_chunk(raw_dir: str, items: Sequence[tuple[str, tuple[int, int]]]) -> dict[str, np.ndarray]:
     """:func:`~taxonomist.data.images.image_facts` of each ``(path, span)`` image (with its
-    perceptual hash), or its quarantine ``reason``, as a list per fact (:data:`FACT_COLUMNS`
-    after ``sha256``). Runs in a worker process."""
+    perceptual hash), or its quarantine ``reason``, as one NumPy array per fact
+    (:data:`FACT_COLUMNS` after ``sha256``; :func:`_FoundFacts.put` says how). Runs in a worker process."""
     images = _raw_images(raw_dir)
-    out: list[dict[str, object]] = []
+    n = len(items)
+    width, height = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    gray, blank = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    mode, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
+    phash = np.zeros(n, dtype=PHASH_TEXT)
     thumbnails: list[np.ndarray] = []
-    for path, span in items:
+    for k, (path, span) in enumerate(items):
         try:  # a missing image is quarantined too (the reason names it)
             facts, thumbnail = image_facts(images.read_span(path, span))
         except (InvalidImage, OSError) as err:
-            out.append({"reason": str(err)})
+            reason[k] = str(err)
             continue
-        out.append({**facts, "reason": ""})
+        width[k], height[k], mode[k] = facts["width"], facts["height"], facts["mode"]
+        gray[k], blank[k] = facts["gray"], facts["blank"]
         thumbnails.append(thumbnail)
-    hashes = iter(phashes(np.stack(thumbnails)) if thumbnails else [])
-    for facts in out:
-        if not facts["reason"]:
-            small = min(int(facts["width"]), int(facts["height"])) < PHASH_SIZE
-            # pHash scales an image to 32x32: below that it compares outlines (a sneaker and a
-            # boot alike), so small images are left out of the near-duplicate search.
-            facts["phash"] = "" if small else next(hashes)
-            if small:
-                next(hashes)
-    # column by column: a list per fact costs a pointer per image, a dict per image a kilobyte
-    return {column: [facts.get(column) for facts in out] for column in FACT_COLUMNS[1:]}
+    decoded = np.flatnonzero(reason == "")
+    if len(decoded):
+        # pHash scales an image to 32x32: below that it compares outlines (a sneaker and a
+        # boot alike), so small images are left out of the near-duplicate search.
+        hashes = np.array(phashes(np.stack(thumbnails)), dtype=phash.dtype)
+        large = np.minimum(width[decoded], height[decoded]) >= PHASH_SIZE
+        phash[decoded[large]] = hashes[large]
+    facts = {"width": width, "height": height, "mode": mode, "gray": gray, "blank": blank}
+    return {**facts, "phash": phash, "reason": reason}
+
+
+class _FoundFacts:
+    """The facts of ``n`` images as :func:`_inspect_chunk` returns them, chunk by chunk, in
+    NumPy arrays: a few dozen bytes per image, where a Python object per fact cost hundreds."""
+
+    def __init__(self, n: int) -> None:
+        self.width, self.height = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        self.gray, self.blank = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        self.phash = np.zeros(n, dtype=PHASH_TEXT)
+        self.mode = np.full(n, "", dtype=object)  # a few distinct modes, shared (sys.intern)
+        self.reason = np.full(n, "", dtype=object)
+
+    def put(self, start: int, chunk: dict[str, np.ndarray]) -> None:
+        """Store a chunk's facts from row ``start``."""
+        rows = slice(start, start + len(chunk["reason"]))
+        for column in ("width", "height", "gray", "blank", "phash", "reason"):
+            getattr(self, column)[rows] = chunk[column]
+        self.mode[rows] = [sys.intern(str(mode)) for mode in chunk["mode"]]
+
+    def frame(self, index: pd.Index) -> pd.DataFrame:
+        """The facts as a table (:func:`typed_facts`) with ``index``: a quarantined image (a
+        ``reason``) has missing numbers and flags, and no mode or hash."""
+        bad = self.reason != ""
+        text = pa.array(self.phash).cast(pa.string())  # to pandas' (Arrow) text without a Python string each
+        table = pd.DataFrame(
+            {
+                "width": pd.arrays.IntegerArray(self.width, bad),
+                "height": pd.arrays.IntegerArray(self.height, bad),
+                "mode": self.mode,
+                "gray": pd.arrays.BooleanArray(self.gray, bad),
+                "blank": pd.arrays.BooleanArray(self.blank, bad),
+                "phash": pd.array(text, dtype="str"),
+                "reason": self.reason,
+            },
+            index=index,
+        )
+        return typed_facts(table)
+
+
+def positions(keys: pd.Series, values: pd.Series | pd.Index) -> np.ndarray:
+    """The position in ``values`` of each of ``keys`` (the first, when repeated; -1: absent).
+
+    The text is matched as integer codes (``pd.factorize``): an index of text or ``isin``
+    would make a Python string of every value (about 150 bytes per content hash)."""
+    codes, uniques = pd.factorize(pd.concat([pd.Series(values, copy=False), keys], ignore_index=True))
+    n = len(values)
+    first = np.full(len(uniques) + 1, -1, dtype=np.int64)  # the last entry stays -1 for missing keys (code -1)
+    held = np.flatnonzero(codes[:n] >= 0)[::-1]  # backwards, so the first of repeated values is written last
+    first[codes[held]] = held
+    return first[codes[n:]]
 
 
 def inspect(
@@ -170,11 +248,16 @@ def inspect(
     """
     table = pd.DataFrame(columns=FACT_COLUMNS) if known is None else known
     table = table.drop_duplicates("sha256").set_index("sha256")
-    todo = manifest.loc[~manifest["sha256"].isin(table.index)].drop_duplicates("sha256")
+    hashes = manifest["sha256"]
+    # the first image of each content hash not known yet (filtered only when some are known or
+    # repeated: a filter copies)
+    unseen = (positions(hashes, table.index) < 0) & (positions(hashes, hashes) == np.arange(len(manifest)))
+    todo = manifest[["path", "sha256", "source_id", *SPAN]]
+    todo = todo if unseen.all() else todo[unseen]
     if len(table):
         log.info("inspect: %d image(s) known from the previous run, %d new", len(manifest) - len(todo), len(todo))
-    found: dict[str, list[object]] = {column: [None] * len(todo) for column in FACT_COLUMNS[1:]}
-    items = Rows(todo["path"].to_numpy(), todo[SPAN].to_numpy())
+    found = _FoundFacts(len(todo))
+    items = Rows(todo["path"].array, todo[SPAN].to_numpy())
     source_name = source_namer(todo)
     for start, results in map_chunks(
         functools.partial(_inspect_chunk, str(raw_dir)),
@@ -183,13 +266,16 @@ def inspect(
         desc="inspect",
         name=lambda item: source_name(item[0]),
     ):
-        for column, values in results.items():
-            found[column][start : start + len(values)] = values
-    new = typed_facts(pd.DataFrame(found, index=pd.Index(todo["sha256"], name="sha256"), columns=FACT_COLUMNS[1:]))
-    del found
+        found.put(start, results)
+    new = found.frame(pd.Index(todo["sha256"], name="sha256"))
+    del found, items
     table = pd.concat([table[FACT_COLUMNS[1:]], new]) if len(table) else new
-    table = table.loc[table.index.isin(manifest["sha256"])]  # only what this data set has
-    facts = table.loc[manifest["sha256"]].set_axis(manifest.index)
+    present = positions(pd.Series(table.index), manifest["sha256"]) >= 0
+    if not present.all():  # only what this data set has (filtered only then: a copy of every image's facts)
+        table = table[present]
+    rows = positions(manifest["sha256"], table.index)
+    in_order = np.array_equal(rows, np.arange(len(table)))  # (a first run without duplicates: no copy needed)
+    facts = (table if in_order else table.iloc[rows]).set_axis(manifest.index)
     bad = facts["reason"] != ""
     problems = [
         {"path": row.path, "labels": row.labels, "source_id": row.source_id, "reason": reason}
@@ -199,7 +285,10 @@ def inspect(
         log.warning("quarantined %s: %s", problem["source_id"] or problem["path"], problem["reason"])
     if len(problems) > 20:
         log.warning("... and %d more quarantined (data/processed/quarantine.csv lists them)", len(problems) - 20)
-    valid = manifest[~bad].join(facts.loc[~bad, [*FACTS, "phash"]].astype(FACTS))
+    looked = facts[[*FACTS, "phash"]]
+    if bad.any():  # (a boolean filter copies every row)
+        manifest, looked = manifest[~bad], looked[~bad]
+    valid = manifest.join(looked.astype(FACTS))
     out = table.reset_index()[FACT_COLUMNS].sort_values("sha256", kind="stable")
     return valid, problems, out
 
@@ -297,20 +386,32 @@ def write_images(
     images were decoded (not reused)."""
     stats = auto.PixelStats(spec.channels)
     source_name = source_namer(frame)  # what messages name
-    job_columns: list[tuple[np.ndarray, ...]] = []  # split, row, path, span of what is decoded
+    split_names: list[np.ndarray] = []  # per split, of what is decoded: the split, its row, the frame position
+    split_rows: list[np.ndarray] = []
+    at: list[np.ndarray] = []
     reuse: list[tuple[str, int, str, int]] = []  # (split, row, old split, old row)
     files = {}
+    # where each image is in the previous run's table of decoded images (-1: not decoded there)
+    before = positions(frame["sha256"], previous.rows.index) if previous.rows is not None else None
     for split in SPLITS:
-        part = frame[frame["split"] == split]
-        files[split] = NpyRows.create(images_path(out_dir, split), (len(part), spec.size, spec.size, spec.channels))
-        known = previous.rows.reindex(part["sha256"]) if previous.rows is not None else None
-        found = known["split"].notna().to_numpy() if known is not None else np.zeros(len(part), dtype=bool)
+        where = np.flatnonzero((frame["split"] == split).to_numpy(dtype=bool))  # frame positions, in order
+        files[split] = NpyRows.create(images_path(out_dir, split), (len(where), spec.size, spec.size, spec.channels))
+        found = before[where] >= 0 if before is not None else np.zeros(len(where), dtype=bool)
         for row in np.flatnonzero(found):
-            reuse.append((split, int(row), known["split"].iat[row], int(known["row"].iat[row])))
+            old = before[where[row]]
+            reuse.append((split, int(row), previous.rows["split"].iat[old], int(previous.rows["row"].iat[old])))
         rows = np.flatnonzero(~found)
-        split_column = np.full(len(rows), split, dtype=object)
-        job_columns.append((split_column, rows, part["path"].to_numpy()[rows], part[SPAN].to_numpy()[rows]))
-    jobs = Rows(*(np.concatenate(column) for column in zip(*job_columns, strict=True)))
+        split_names.append(np.full(len(rows), split, dtype=object))
+        split_rows.append(rows)
+        at.append(where[rows])
+    decoded = np.concatenate(at)
+    # The paths stay pandas text (a Python string each only for the chunk being sent).
+    jobs = Rows(
+        np.concatenate(split_names),
+        np.concatenate(split_rows),
+        frame["path"].array.take(decoded),
+        frame[SPAN].to_numpy()[decoded],
+    )
     try:
         if reuse:
             old = {split: NpyRows(images_path(previous.folder, split)) for split in SPLITS}
@@ -395,6 +496,7 @@ def run(
     :func:`~taxonomist.stages.paths.health_dir_for` ``out_dir``)."""
     # The worker processes start before any table is loaded, so they do not copy it.
     arrow_on_malloc()
+    large_blocks_mapped()
     with Workers(resolve_workers(cfg.preprocess.get("workers", "auto"))) as workers:
         return _run(cfg, raw_dir, out_dir, health_dir or health_dir_for(out_dir), workers)
 
@@ -455,7 +557,7 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
             valid, problems, facts_table = inspect(manifest, raw_dir, workers, previous.facts)
             images_in = len(manifest)
             del manifest  # the frames below are what is left of it
-            atomic_write_text(tmp / FACTS_FILE, facts_table.to_csv(index=False))
+            atomic_write_csv(tmp / FACTS_FILE, facts_table)
             del facts_table
             released()
 
@@ -476,6 +578,7 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
                 group=None if groups is None else "group",
             )
             del kept, groups
+            split_frame = split_frame.drop(columns=["label", "stratum"])  # drawn: the split is all that counts now
             space = task.from_labels(split_frame["labels"], cfg.task)
             quarantined = pd.DataFrame(problems, columns=["path", "labels", "source_id", "reason"])
             report_health = health.analyse(
@@ -483,6 +586,8 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
             )
             if report_health.drop:
                 split_frame = split_frame[~split_frame["path"].isin(report_health.drop)]
+            # what is left to use: the facts auto.choose looks at, and what write_images and the CSVs need
+            split_frame = split_frame[[*COLUMNS, *SPAN, *AUTO_FACTS]]
             split_frame, slices = order_by_split(split_frame, int(cfg.seed))
             released()
             parts = {split: split_frame.iloc[rows] for split, rows in slices.items()}
@@ -512,9 +617,9 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
                 per_label = part["labels"].map(split_labels).explode().dropna()
                 counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
             write_labels(tmp, space)
-            atomic_write_text(tmp / "splits.csv", split_frame.to_csv(index=False))
-            atomic_write_text(tmp / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]].to_csv(index=False))
-            atomic_write_text(tmp / "quarantine.csv", quarantined.to_csv(index=False))
+            atomic_write_csv(tmp / "splits.csv", split_frame)
+            atomic_write_csv(tmp / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]])
+            atomic_write_csv(tmp / "quarantine.csv", quarantined)
             report = {
                 "images_in": images_in,
                 "quarantined": len(problems),
