@@ -169,6 +169,8 @@ def test_cluster_cli_end_to_end_report_mlflow_and_ingest(project, capsys):
         ("cluster.k_range=[5,3]", "cluster.k_range"),
         ("suggest.uncertainty=variance", "suggest.uncertainty='variance'"),
         ("suggest.candidates_factor=0.5", "suggest.candidates_factor >= 1"),
+        ("suggest.diversity=coreset", "suggest.diversity='coreset'"),
+        ("suggest.kmeans_pick=medoid", "suggest.kmeans_pick='medoid'"),
     ],
 )
 def test_bad_settings_name_the_key(override, message):

@@ -23,6 +23,7 @@ from taxonomist.explore.suggest import (
     overlap,
     select,
     uncertainty,
+    weighted_kmeans,
 )
 
 
@@ -64,13 +65,68 @@ def test_k_center_takes_one_point_per_group_first():
 def test_select_diversity_among_the_most_uncertain():
     x = groups()
     unc = np.linspace(0.0, 1.0, 30)[::-1].copy()  # the first group is the most uncertain
-    alone, _, cands = select(unc, x, 3, candidates_factor=1)
+    alone, _, cands = select(unc, x, 3, candidates_factor=1, diversity="kcenter")
     assert list(alone) == [0, 1, 2] and list(cands) == [0, 1, 2]  # uncertainty only: all from group 0
-    diverse, _, cands = select(unc, x, 3, candidates_factor=10)
+    alone, gaps, cands = select(unc, x, 3, candidates_factor=10, diversity="none")
+    assert list(alone) == [0, 1, 2] and list(cands) == [0, 1, 2] and np.isnan(gaps).all()
+    diverse, _, cands = select(unc, x, 3, candidates_factor=10, diversity="kcenter")
     assert diverse[0] == 0 and sorted(i // 10 for i in diverse) == [0, 1, 2]
     unc[20:] = 0.0  # the third group is certain: with 2 x 3 candidates, k-center never reaches it
-    diverse, _, cands = select(unc, x, 3, candidates_factor=2)
+    diverse, _, cands = select(unc, x, 3, candidates_factor=2, diversity="kcenter")
     assert len(cands) == 6 and all(i < 20 for i in diverse)
+    with pytest.raises(ValueError, match="unknown diversity"):
+        select(unc, x, 3, diversity="coreset")
+
+
+@pytest.mark.parametrize("pick", ["centre", "uncertain"])
+def test_kmeans_takes_one_image_per_cluster_most_uncertain_first(pick):
+    x = groups()
+    rng = np.random.default_rng(1)
+    unc = rng.uniform(0.2, 1.0, 30)
+    chosen, dist, cands = select(unc, x, 3, candidates_factor=10, diversity="kmeans", pick=pick)
+    assert len(cands) == 30 and sorted(i // 10 for i in chosen) == [0, 1, 2]  # one per group
+    assert list(unc[chosen]) == sorted(unc[chosen], reverse=True)  # ranked by uncertainty
+    assert (dist >= 0).all() and (dist < 0.1).all()  # each close to its own cluster's centre
+    if pick == "uncertain":  # the most uncertain image of each group
+        assert sorted(chosen) == sorted(int(g * 10 + np.argmax(unc[g * 10 : g * 10 + 10])) for g in range(3))
+
+
+def test_kmeans_picks_only_among_the_candidates():
+    x = groups()
+    unc = np.concatenate([np.full(10, 0.9), np.full(10, 0.8), np.full(10, 0.1)])
+    unc += np.linspace(0, 0.01, 30)
+    # 20 candidates (groups 0 and 1): 3 clusters split them, group 2 (certain) is never picked
+    chosen, _, cands = select(unc, x, 3, candidates_factor=20 / 3, diversity="kmeans")
+    assert sorted(cands) == list(range(20)) and set(chosen) <= set(cands)
+    assert {i // 10 for i in chosen} == {0, 1} and len(set(chosen)) == 3
+
+
+def test_kmeans_centre_or_most_uncertain_of_a_cluster():
+    # one cluster around the origin direction (1, 0): a point at its centre, two either side
+    angles = np.array([0.0, 0.2, -0.2, 0.1, -0.1])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    unc = np.array([0.5, 0.5, 0.5, 0.51, 0.5])  # row 3 a little more uncertain
+    assert list(weighted_kmeans(x, unc, 1, pick="centre")[0]) == [0]
+    assert list(weighted_kmeans(x, unc, 1, pick="uncertain")[0]) == [3]
+    with pytest.raises(ValueError, match="k-means pick"):
+        weighted_kmeans(x, unc, 1, pick="medoid")
+
+
+def test_kmeans_is_deterministic_with_the_seed_and_fills_empty_clusters():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5))
+    unc = rng.uniform(size=200)
+    first = select(unc, x, 20, candidates_factor=5, diversity="kmeans", seed=0)[0]
+    again = select(unc, x, 20, candidates_factor=5, diversity="kmeans", seed=0)[0]
+    assert list(first) == list(again) and len(set(first)) == 20
+    others = [list(select(unc, x, 20, candidates_factor=5, diversity="kmeans", seed=s)[0]) for s in range(1, 6)]
+    assert any(o != list(first) for o in others)  # the seed reaches k-means
+    # 4 identical rows and 2 others: 3 distinct points for 4 clusters, the 4th pick is the next most uncertain
+    dup = np.array([[1.0, 0], [1.0, 0], [1.0, 0], [1.0, 0], [0, 1.0], [-1.0, 0]])
+    u = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    with pytest.warns(Warning):  # sklearn: fewer distinct clusters than asked
+        chosen, _ = weighted_kmeans(dup, u, 4)
+    assert len(set(chosen)) == 4 and {4, 5} <= set(chosen) and 0 in chosen
 
 
 def test_overlap_with_the_data_and_duplicates_in_the_pool(tmp_path):
@@ -142,7 +198,8 @@ def trained(tmp_path_factory):
         "preprocess.val_fraction=0.2",
         "preprocess.test_fraction=0.2",
         "suggest.budget=4",
-        "suggest.candidates_factor=3",  # k-center among the 12 most uncertain
+        "suggest.diversity=kcenter",  # k-center among the 12 most uncertain (k-means: a run() below)
+        "suggest.candidates_factor=3",
     ]
     before = Path.cwd()
     os.chdir(root)
@@ -198,6 +255,19 @@ def test_suggest_cli_end_to_end(trained, monkeypatch, capsys):
         conf_dir=REPO / "conf",
     )
     assert ingest.run(cfg, out_dir=trained / "labelled")["images"] == 4
+
+    from omegaconf import OmegaConf
+
+    from taxonomist.explore.suggest import run
+
+    params = OmegaConf.load("params.yaml")
+    params.suggest.diversity = "kmeans"  # weighted k-means among the same 12 candidates
+    assert run(["pool"], params, out=Path("kmeans"))["suggested"] == 4
+    picked = pd.read_csv(trained / "kmeans" / "suggestions.csv")
+    assert len(set(picked["path"])) == 4 and picked["uncertainty"].is_monotonic_decreasing
+    assert (picked["distance"] >= 0).all()
+    table = pd.read_csv(trained / "kmeans" / "pool.csv", keep_default_na=False)
+    assert (table["status"] == "candidate").sum() == 8
 
     assert cli.main(["suggest", "pool", "--budget", "100", "--out", "all"]) == 0
     assert json.loads(capsys.readouterr().out)["suggested"] == 18  # the budget is capped at the new images

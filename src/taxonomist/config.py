@@ -297,7 +297,9 @@ class SuggestConfig:
 
     budget: int = MISSING
     uncertainty: str = MISSING  # entropy | margin
+    diversity: str = MISSING  # none | kmeans | kcenter
     candidates_factor: float = MISSING
+    kmeans_pick: str = MISSING  # centre | uncertain
     batch_size: int = MISSING
     label_studio: LabelStudioConfig = MISSING
 
@@ -342,6 +344,8 @@ LABEL_ERROR_RANKS = ("self_confidence", "normalized_margin", "confidence_weighte
 CLUSTER_METHODS = ("kmeans", "gmm")  # cluster.method (taxonomist.explore.cluster)
 GMM_COVARIANCES = ("full", "diag", "spherical", "tied")
 UNCERTAINTIES = ("entropy", "margin")  # suggest.uncertainty (taxonomist.explore.suggest)
+DIVERSITIES = ("none", "kmeans", "kcenter")  # suggest.diversity
+KMEANS_PICKS = ("centre", "uncertain")  # suggest.kmeans_pick
 # Sections renamed in this version: an old params.yaml names them, and the error says the new name.
 RENAMED = {
     "train": "fit (train.early_stopping_patience -> callbacks.early_stopping.patience, train.ema -> callbacks.ema)",
@@ -469,6 +473,10 @@ def _check_explore(cfg: DictConfig, origin: str) -> None:
     sg = cfg.suggest
     if sg.uncertainty not in UNCERTAINTIES:
         raise ConfigError(f"{origin}: suggest.uncertainty={sg.uncertainty!r}; use one of {UNCERTAINTIES}")
+    if sg.diversity not in DIVERSITIES:
+        raise ConfigError(f"{origin}: suggest.diversity={sg.diversity!r}; use one of {DIVERSITIES}")
+    if sg.kmeans_pick not in KMEANS_PICKS:
+        raise ConfigError(f"{origin}: suggest.kmeans_pick={sg.kmeans_pick!r}; use one of {KMEANS_PICKS}")
     if int(sg.budget) < 1 or float(sg.candidates_factor) < 1 or int(sg.batch_size) < 1:
         raise ConfigError(f"{origin}: suggest.budget >= 1, suggest.candidates_factor >= 1 and batch_size >= 1")
 

@@ -7,20 +7,24 @@ resize mode the model was trained on. Selection (:func:`select`) combines:
 * **uncertainty** (``suggest.uncertainty``): ``entropy`` of the predicted class probabilities
   divided by ``log K`` (0 = sure, 1 = uniform), or ``margin``: ``1 - (p1 - p2)`` of the two most
   probable classes. Both in [0, 1].
-* **diversity**: among the ``suggest.candidates_factor x budget`` most uncertain images, greedy
-  k-center on the model's embeddings (L2-normalised) picks ``budget`` of them: the most uncertain
-  first, then each time the candidate farthest from every image picked so far, so the
-  suggestions do not all show the same confusing thing. ``candidates_factor: 1`` (the default,
-  with ``uncertainty: margin``: what measured best, ``benchmarks/active_learning.py``) is
-  uncertainty alone. Embeddings: a ``model=embeddings`` model's own extractor, a timm network's pooled
-  pre-logits features (:func:`taxonomist.explore.pool.model_outputs`).
+* **diversity** (``suggest.diversity``) among the ``suggest.candidates_factor x budget`` most
+  uncertain images, on the model's embeddings (L2-normalised), so the suggestions do not all
+  show the same confusing thing: ``kmeans`` (Zhdanov 2019, "Diverse mini-batch Active
+  Learning"): k-means with ``k = budget`` weighted by the uncertainty, and from each cluster the
+  image closest to its centre (``suggest.kmeans_pick: centre``) or its most uncertain one
+  (``uncertain``); ``kcenter``: greedy k-center, the most uncertain first, then each time the
+  candidate farthest from every image picked so far (it tends to pick outliers); ``none``: the
+  ``budget`` most uncertain. The defaults follow ``benchmarks/active_learning.py`` (README).
+  Embeddings: a ``model=embeddings`` model's own extractor, a timm network's pooled pre-logits
+  features (:func:`taxonomist.explore.pool.model_outputs`).
 
 Pool images already in the data (the SHA-256 of their bytes equals a row's of
 ``data/processed/splits.csv``, any split) are reported in ``overlap.csv`` and left out; an image
 that appears twice in the pool counts once. Output in ``reports/suggest/`` (or ``--out``):
 
 * ``suggestions.csv``: ``rank, path, uncertainty, predicted, score`` (the model's probability of
-  its predicted label) and ``distance`` (k-center: to the nearest earlier suggestion);
+  its predicted label) and ``distance`` (k-means: to its cluster's centre; k-center: to the
+  nearest earlier suggestion; empty without diversity);
 * ``suggestions.json``: Label Studio tasks to import, ``{"data": {"image": <url>}, "predictions":
   [...]}`` with the model's answer as a pre-annotation of a ``<Choices>`` control
   (``suggest.label_studio``), and ``label_config.xml``, the labelling config they fit. Image URLs
@@ -48,6 +52,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from taxonomist.config import DIVERSITIES, KMEANS_PICKS
 from taxonomist.errors import DataError, ModelError
 from taxonomist.explore.pool import model_outputs, model_spec, read_pool
 from taxonomist.files import atomic_write_json, atomic_write_text
@@ -108,19 +113,77 @@ def normalise_rows(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def weighted_kmeans(
+    features: np.ndarray, weights: np.ndarray, budget: int, pick: str = "centre", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zhdanov 2019 ("Diverse mini-batch Active Learning"): k-means with ``k = budget`` on
+    ``features`` weighted by ``weights`` (the uncertainty), then one row per cluster: the one
+    closest to its centre (``pick="centre"``) or the one of highest weight (``"uncertain"``).
+    Returns the rows, most weighted first, and each one's distance to its cluster centre. A
+    cluster left empty (identical rows) is made up by the heaviest rows not taken."""
+    from sklearn.cluster import KMeans
+
+    if pick not in KMEANS_PICKS:
+        raise ValueError(f"unknown k-means pick {pick!r}; use one of {KMEANS_PICKS}")
+    x = np.asarray(features, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    budget = min(int(budget), len(x))
+    if budget == len(x):
+        order = np.argsort(-w, kind="stable")
+        return order, np.zeros(len(order))
+    # a small floor keeps every row in play when the uncertainties are all (nearly) zero
+    sample_weight = np.maximum(w, 0.0) + 1e-6
+    km = KMeans(n_clusters=budget, n_init=1, random_state=seed).fit(x, sample_weight=sample_weight)
+    dist = np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1)
+    chosen: list[int] = []
+    for c in range(budget):
+        members = np.flatnonzero(km.labels_ == c)
+        if len(members) == 0:
+            continue
+        if pick == "centre":
+            best = members[np.lexsort((-w[members], dist[members]))[0]]
+        else:
+            best = members[np.lexsort((dist[members], -w[members]))[0]]
+        chosen.append(int(best))
+    if len(chosen) < budget:  # empty clusters: fill with the heaviest rows left
+        taken = set(chosen)
+        rest = [int(i) for i in np.argsort(-w, kind="stable") if int(i) not in taken]
+        chosen += rest[: budget - len(chosen)]
+    rows = np.asarray(chosen)
+    rows = rows[np.argsort(-w[rows], kind="stable")]
+    return rows, dist[rows]
+
+
 def select(
-    unc: np.ndarray, features: np.ndarray, budget: int, candidates_factor: float = 10.0
+    unc: np.ndarray,
+    features: np.ndarray,
+    budget: int,
+    candidates_factor: float = 10.0,
+    diversity: str = "kmeans",
+    pick: str = "centre",
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``budget`` rows to label: k-center on ``features`` among the ``candidates_factor x budget``
-    rows of highest ``unc``, starting at the most uncertain. Returns the chosen rows in order,
-    their k-center distances, and the candidate rows."""
+    """``budget`` rows to label among the ``candidates_factor x budget`` rows of highest ``unc``:
+    ``diversity="kmeans"`` (:func:`weighted_kmeans` on the L2-normalised ``features``, weighted by
+    ``unc``), ``"kcenter"`` (:func:`k_center`, starting at the most uncertain) or ``"none"`` (the
+    ``budget`` most uncertain). Returns the chosen rows in order, their distances (k-means: to the
+    cluster centre; k-center: to the nearest earlier pick; none: NaN), and the candidate rows."""
+    if diversity not in DIVERSITIES:
+        raise ValueError(f"unknown diversity {diversity!r}; use one of {DIVERSITIES}")
+    unc = np.asarray(unc, dtype=np.float64)
     budget = min(int(budget), len(unc))
     size = min(len(unc), max(budget, int(np.ceil(candidates_factor * budget))))
-    order = np.argsort(-np.asarray(unc), kind="stable")
+    if diversity == "none":
+        size = budget
+    order = np.argsort(-unc, kind="stable")
     candidates = order[:size]
     if size == budget:
         return candidates, np.full(budget, np.nan), candidates
-    picked, gaps = k_center(normalise_rows(features[candidates]), budget, first=0)
+    x = normalise_rows(features[candidates])
+    if diversity == "kcenter":
+        picked, gaps = k_center(x, budget, first=0)
+        return candidates[picked], gaps, candidates
+    picked, gaps = weighted_kmeans(x, unc[candidates], budget, pick=pick, seed=seed)
     return candidates[picked], gaps, candidates
 
 
@@ -234,7 +297,15 @@ def run(
     unc = uncertainty(probs, str(settings.uncertainty))
     if budget > len(kept):
         log.info("suggest: budget %d is more than the %d new pool images: all are suggested", budget, len(kept))
-    chosen, gaps, candidates = select(unc, features, budget, float(settings.candidates_factor))
+    chosen, gaps, candidates = select(
+        unc,
+        features,
+        budget,
+        float(settings.candidates_factor),
+        diversity=str(settings.diversity),
+        pick=str(settings.kmeans_pick),
+        seed=int(cfg.seed),
+    )
     classes = list(task.classes)
     top = probs.argmax(1)
     predicted = [classes[i] for i in top]
@@ -280,10 +351,11 @@ def run(
     )
     atomic_write_text(out / "pool.csv", pd.concat([table, rest], ignore_index=True).to_csv(index=False))
     log.info(
-        "suggest: %d of %d new pool image(s) suggested (%s, k-center among the %d most uncertain) into %s",
+        "suggest: %d of %d new pool image(s) suggested (%s, diversity %s among the %d most uncertain) into %s",
         len(chosen),
         len(kept),
         settings.uncertainty,
+        settings.diversity,
         len(candidates),
         out,
     )
