@@ -15,6 +15,8 @@ Examples::
     taxonomist sweep optimizer.lr=1e-3,3e-3 # Hydra multirun: a grid, or hparams_search=optuna
     taxonomist cluster photos/              # group unlabelled images into reports/clusters/
     taxonomist suggest pool/ --budget 50    # what to label next, into reports/suggest/
+    taxonomist push                         # dvc push to the default remote (checked first)
+    taxonomist pull                         # dvc pull from it (then `dvc repro` reruns nothing)
 
 Output: Taxonomist's own progress and results go to the console; what the libraries log
 (ONNX optimiser passes, MLflow notes, Lightning's set-up lines) and Python warnings go to
@@ -164,6 +166,14 @@ def _parser() -> argparse.ArgumentParser:
         "pipelines", parents=[common], help="write params.yaml and dvc.yaml of every ready pipeline under pipelines/"
     )
     p.add_argument("--conf", default="conf")
+    for command, direction in (("push", "to"), ("pull", "from")):
+        p = sub.add_parser(
+            command,
+            parents=[common],
+            help=f"dvc {command}: data, processed cache and models {direction} the DVC remote (checked first)",
+        )
+        p.add_argument("-r", "--remote", default=None, help="remote name (default: the default remote)")
+        p.add_argument("targets", nargs="*", help="DVC outputs or stages (default: all)")
     p = sub.add_parser(
         "check", parents=[common], help=f"fail if {PARAMS_FILE} or pipelines/ differ from the composition of conf/"
     )
@@ -323,6 +333,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check":
         return _check(args.conf, args.params)
+    if args.command in ("push", "pull"):
+        from taxonomist.remote import transfer
+
+        return transfer(args.command, args.remote, args.targets)
     if args.command == "predict":
         return _predict(args)
     if args.command == "serve":

@@ -165,7 +165,10 @@ class TrainerConfig:
     _target_: str = MISSING
     max_epochs: int = MISSING
     accelerator: str = MISSING
-    devices: Any = MISSING
+    devices: Any = MISSING  # int | auto | list of GPU ids: per machine (taxonomist.models.distributed)
+    strategy: Any = MISSING  # auto | ddp | a _target_ block (e.g. lightning.pytorch.strategies.DDPStrategy)
+    num_nodes: int = MISSING
+    sync_batchnorm: bool = MISSING
     precision: str = MISSING
     deterministic: Any = MISSING
     gradient_clip_val: Optional[float] = MISSING  # noqa: UP045

@@ -23,6 +23,7 @@ from taxonomist.data.dataset import (
     seed_worker_augment,
 )
 from taxonomist.data.transforms import build_augment
+from taxonomist.models.distributed import RankShard
 
 log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.5  # loading: auto reads the training split into memory up to this share of the RAM
@@ -94,7 +95,8 @@ class ImageDataModule(L.LightningDataModule):
                 entries = fill_size(
                     OmegaConf.to_container(self.cfg.augment.train, resolve=True), arrays.images.shape[1]
                 )
-                augment = build_augment(entries, seed=int(self.cfg.seed))
+                # Under DDP each process augments its own images with its own draws (rank 0: the seed).
+                augment = build_augment(entries, seed=int(self.cfg.seed) + 7919 * self.replicas()[1])
             self.datasets[split] = CachedImageDataset(arrays, mean, std, augment)
 
     def _training_arrays(self, arrays: SplitArrays) -> SplitArrays:
@@ -113,12 +115,24 @@ class ImageDataModule(L.LightningDataModule):
         self.block = max(BLOCK_BATCHES * batch, -(-BLOCK_BYTES // row_bytes))
         return SplitArrays(BlockRows(images_path(self.processed_dir, "train"), self.block), arrays.labels)
 
+    def replicas(self) -> tuple[int, int]:
+        """The number of training processes and this one's rank (1, 0 outside DDP)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         """A loader of ``split``. A shuffled loader draws its order from ``(seed, epoch)`` alone
         (the sampler's ``set_epoch``, which Lightning calls each epoch), never from the global
         RNG, and its own generator gives the loader's worker seeds: so an epoch's order does not
         depend on when the loader's iterator was made, and training resumed from a checkpoint
-        (:mod:`taxonomist.models.resume`) sees the same batches as an uninterrupted run."""
+        (:mod:`taxonomist.models.resume`) sees the same batches as an uninterrupted run.
+
+        Under DDP (:mod:`taxonomist.models.distributed`) each process takes its shard of that
+        order (:class:`RankShard`); an unshuffled loader (val, test) is the whole split in every
+        process. Lightning's own sampler replacement is off (``use_distributed_sampler``: see
+        :func:`taxonomist.models.callbacks.build_trainer`)."""
         workers = int(self.cfg.fit.num_workers)
         seed = int(self.cfg.seed)
         sampler: Sampler[int] | None = None
@@ -126,6 +140,9 @@ class ImageDataModule(L.LightningDataModule):
             sampler = self.balanced_sampler()
         elif shuffle:  # in memory: one block, the whole split shuffled
             sampler = BlockShuffleSampler(len(self.datasets[split]), self.block or len(self.datasets[split]), seed)
+        world, rank = self.replicas()
+        if sampler is not None and world > 1:
+            sampler = RankShard(sampler, world, rank)
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,

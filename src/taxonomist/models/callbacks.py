@@ -21,7 +21,12 @@ from taxonomist.errors import ConfigError
 from taxonomist.files import atomic_write_text
 
 # The ``_target_`` values conf/callbacks and conf/trainer may name.
-CALLBACK_TARGETS = ("lightning.pytorch.callbacks.*", "lightning.Trainer", "taxonomist.models.callbacks.*")
+CALLBACK_TARGETS = (
+    "lightning.pytorch.callbacks.*",
+    "lightning.pytorch.strategies.*",  # trainer.strategy as a _target_ block (e.g. DDPStrategy's arguments)
+    "lightning.Trainer",
+    "taxonomist.models.callbacks.*",
+)
 MONITORING = ("monitor", "mode")  # arguments the train stage fills from fit.monitor
 
 
@@ -56,8 +61,13 @@ def _takes_monitor(target: str) -> bool:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], default_root_dir: Path, **overrides) -> L.Trainer:
-    """The Trainer of the ``trainer`` config section with ``callbacks``; ``overrides`` replace any argument."""
+    """The Trainer of the ``trainer`` config section with ``callbacks``; ``overrides`` replace any argument.
+
+    ``use_distributed_sampler`` is off: :class:`taxonomist.data.datamodule.ImageDataModule`
+    shards the training order itself, and keeps the whole val split in every process (Lightning's
+    replacement would pad the val split with duplicates, :mod:`taxonomist.models.distributed`)."""
     block = OmegaConf.to_container(cfg.trainer, resolve=True)
+    overrides.setdefault("use_distributed_sampler", False)
     try:
         return instantiate(
             block,
@@ -106,6 +116,7 @@ class EpochHistory(L.Callback):
     The file feeds ``dvc plots`` (training curves) and is rewritten atomically each epoch.
     ``on_row`` (e.g. logging to MLflow with the epoch as the step) gets each new row. The rows
     are the callback's checkpoint state: a resumed run restores them (and rewrites the file).
+    Under DDP only the first process (global rank 0) writes the file and calls ``on_row``.
     """
 
     def __init__(self, path: str | Path, on_row: Callable[[dict[str, float]], None] | None = None):
@@ -134,8 +145,10 @@ class EpochHistory(L.Callback):
         return {"rows": [dict(row) for row in self.rows]}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        from lightning.pytorch.utilities import rank_zero_only
+
         self.rows = [dict(row) for row in state_dict.get("rows", [])]
-        if self.rows:
+        if self.rows and rank_zero_only.rank == 0:
             self._write()  # DVC deleted the file before the stage ran again
 
     def _record_once(self, trainer: L.Trainer, epoch: int) -> None:
@@ -150,7 +163,9 @@ class EpochHistory(L.Callback):
         }
         row = {"epoch": epoch, **dict(sorted(metrics.items()))}
         row["train/lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self.rows.append(row)
+        self.rows.append(row)  # in every process (the rows are checkpoint state), written by the first
+        if not trainer.is_global_zero:
+            return
         self._write()
         if self.on_row is not None:
             self.on_row(row)

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.optim import param_groups_weight_decay
+from torchmetrics import MeanMetric, Metric
 
 from taxonomist.models.backbone import create_backbone
 from taxonomist.tasks import load_task
@@ -60,6 +61,7 @@ class ClassifierModule(L.LightningModule):
         self.eval_criterion = self.task.loss()
         self.mixup = build_mixup(self.cfg, self.task.num_outputs)
         self.train_metrics = self.task.metrics().clone(prefix="train/")
+        self.train_loss = MeanMetric()  # the epoch's mean loss per image (over all DDP processes)
         self.val_metrics = self.task.metrics().clone(prefix="val/")
 
     @property
@@ -74,6 +76,15 @@ class ClassifierModule(L.LightningModule):
         if self.cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        """Under DDP every process validates the whole val split (:mod:`taxonomist.models.distributed`):
+        its metrics are computed where they are, not summed over processes (which would count
+        every image once per process). Train metrics, over disjoint shards, are reduced."""
+        if self.trainer.world_size > 1:
+            for metric in self.val_metrics.modules():
+                if isinstance(metric, Metric):
+                    metric.sync_on_compute = False
 
     def on_fit_start(self) -> None:
         if OmegaConf.select(self.cfg, "model.compile", default=False):
@@ -102,10 +113,15 @@ class ClassifierModule(L.LightningModule):
         self._update(self.train_metrics, logits, y)
         # The progress bar shows the batch loss; loggers and the history get the epoch mean.
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        # The epoch mean over all processes (DDP): logged, computed, in on_train_epoch_end.
+        self.train_loss.update(loss.detach(), weight=len(y))
         return loss
 
     def on_train_epoch_end(self) -> None:
+        # Reduced across DDP processes here, in every process alike; logged as plain values (a
+        # synced log value would be reduced when the progress bar, in the first process only, reads it).
+        self.log("train/loss", self.train_loss.compute())
+        self.train_loss.reset()
         self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
 
@@ -114,6 +130,7 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = self.eval_criterion(logits, y)
         self._update(self.val_metrics, logits, y)
+        # Under DDP every process validates the whole split: the same value everywhere, not reduced.
         self.log("val/loss", loss, on_epoch=True, prog_bar=False, batch_size=len(y))
 
     def on_validation_epoch_end(self) -> None:

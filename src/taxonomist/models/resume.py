@@ -167,14 +167,20 @@ class EpochEndCheckpoint(Checkpoint):
             return
         if self.history is not None:
             self.history.record_epoch_end(trainer)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Every process takes part in save_checkpoint (a collective call under DDP); only the
+        # first writes the file, so only it renames it and records the epoch.
+        primary = trainer.is_global_zero
+        if primary:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             trainer.save_checkpoint(tmp)
-            os.replace(tmp, self.path)
+            if primary:
+                os.replace(tmp, self.path)
         finally:
-            tmp.unlink(missing_ok=True)
-        if self.on_saved is not None:
+            if primary:
+                tmp.unlink(missing_ok=True)
+        if self.on_saved is not None and primary:
             self.on_saved(trainer.current_epoch + 1)
 
     def state_dict(self) -> dict[str, Any]:

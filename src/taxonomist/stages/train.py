@@ -26,11 +26,18 @@ SIGKILL leaves the last completed epoch's checkpoint. On SIGTERM Lightning's han
 training after the current batch (never while a checkpoint is written); the last completed
 epoch's checkpoint is on disk, and the stage fails with one line saying to run it again. A stage
 that finishes deletes the resume folder.
+
+Several processes (``trainer=ddp``): every process runs this stage; only the first (global rank
+0) creates the MLflow run and writes ``models/``, the history and the resume state, and it hands
+the run id and the checkpoint to resume from to the processes Lightning starts
+(:mod:`taxonomist.models.distributed`). ``trainer.devices`` beyond what the machine has fails
+in one line before anything runs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -44,22 +51,26 @@ from taxonomist.data import auto
 from taxonomist.data.datamodule import ImageDataModule
 from taxonomist.errors import ConfigError, Interrupted, StageOrderError
 from taxonomist.files import atomic_write_json, read_json, sha256_file
+from taxonomist.models import distributed
 from taxonomist.models.callbacks import EpochHistory, build_callbacks, build_trainer
 from taxonomist.models.embeddings import is_embeddings
 from taxonomist.models.module import ClassifierModule
 from taxonomist.models.resume import EpochEndCheckpoint, RandomStates, ResumeFolder, fingerprint
 from taxonomist.stages.paths import HISTORY_FILE, MODELS_DIR, PROCESSED_DIR, RESUME_DIR, health_dir_for
-from taxonomist.tasks import task_of
+from taxonomist.tasks import Task, task_of
 from taxonomist.tracking import runs
 
 log = logging.getLogger(__name__)
 
 
 def configure_torch(cfg: DictConfig) -> None:
-    """Seed everything and set the CPU thread count."""
+    """Seed everything and set the CPU thread count (``fit.num_threads: 0`` under DDP on CPU:
+    the cores shared among this machine's training processes)."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    threads = int(cfg.fit.num_threads)
+    threads = distributed.threads_per_process(cfg)
     if threads > 0:
+        if threads != int(cfg.fit.num_threads):
+            log.info("fit.num_threads: %d per training process", threads)
         torch.set_num_threads(threads)
 
 
@@ -107,11 +118,21 @@ def run(
     """Train and write the best checkpoint; return the run id, the monitored metric, its best
     value, the epoch that reached it and that epoch's train/ and val/ metrics. ``spec`` names
     and places the MLflow run (sweeps). ``resume_dir`` keeps the resume state (module docstring)."""
+    distributed.check_devices(cfg)  # before any side effect
+    primary = distributed.is_primary()
     batch_auto = auto.is_auto(cfg.fit.batch_size)
     precision_auto = auto.is_auto(cfg.trainer.precision)
     cfg = auto.resolve(cfg, processed_dir)  # the numbers preprocess chose for every `auto`
     if batch_auto:
         log.info("auto: fit.batch_size = %s", cfg.fit.batch_size)
+    if distributed.requested_devices(cfg.trainer.devices) not in (None, 1) or int(cfg.trainer.num_nodes) > 1:
+        processes = (distributed.requested_devices(cfg.trainer.devices) or 1) * int(cfg.trainer.num_nodes)
+        log.info(
+            "fit.batch_size = %s per process: global batch %d over %d processes",
+            cfg.fit.batch_size,
+            int(cfg.fit.batch_size) * processes,
+            processes,
+        )
     if precision_auto:
         log.info("auto: trainer.precision = %s (%s)", *auto.choose_precision(str(cfg.trainer.accelerator)))
     configure_torch(cfg)
@@ -132,6 +153,8 @@ def run(
     digest = data_hash(processed_dir)
     resume = ResumeFolder(resume_dir)
     same = fingerprint(OmegaConf.to_container(cfg, resolve=True), digest)
+    if not primary:  # another DDP process: the primary decided (its environment), or the saved state says
+        return _follow(cfg, module, datamodule, task, resume, same, models_dir, history_file)
     state = resume.matching(same)
     if state is not None and not runs.reopen_pipeline_run(cfg, state["run_id"]):
         log.info("resume: run %s is no longer in the tracking store: starting afresh", state["run_id"])
@@ -156,6 +179,9 @@ def run(
     history = EpochHistory(history_file, on_row=runs.epoch_logger(run_id, after=logged))
     last = EpochEndCheckpoint(resume.last, history=history, on_saved=resume.record_epochs)
     trainer = build_trainer(cfg, [RandomStates(), *configured.values(), history, last], default_root_dir=models_dir)
+    # The processes DDP starts on this machine inherit the environment: the run and the checkpoint.
+    os.environ[distributed.RUN_ID_VARIABLE] = run_id
+    os.environ[distributed.RESUME_VARIABLE] = str(ckpt_path or "")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
@@ -164,6 +190,9 @@ def run(
             f"training stopped by SIGTERM after {done} completed epoch(s); run the stage again "
             f"(dvc repro) to resume run {run_id} from {resume.last}"
         ) from None
+    finally:
+        os.environ.pop(distributed.RUN_ID_VARIABLE, None)
+        os.environ.pop(distributed.RESUME_VARIABLE, None)
     if not checkpoint.best_model_path:
         raise ConfigError(f"training produced no checkpoint: train.monitor={monitor!r} was never logged")
     shutil.copyfile(checkpoint.best_model_path, models_dir / "best.ckpt")
@@ -183,3 +212,35 @@ def run(
     resume.clear()  # finished: nothing to resume
     log.info("train: best %s = %.4f at epoch %s (run %s)", monitor, best, best_epoch, run_id)
     return summary
+
+
+def _follow(
+    cfg: DictConfig,
+    module: ClassifierModule,
+    datamodule: ImageDataModule,
+    task: Task,
+    resume: ResumeFolder,
+    same: str,
+    models_dir: Path,
+    history_file: Path,
+) -> dict:
+    """A DDP process other than the first: train with it, write nothing (no MLflow run, no
+    ``models/``, no history file, no resume state). The run and the checkpoint to resume from
+    come from the first process's environment (:data:`distributed.RESUME_VARIABLE`); a process
+    of another machine, without it, reads the saved resume state (the project on a shared file
+    system) and resumes from it when its fingerprint matches."""
+    run_id = os.environ.get(distributed.RUN_ID_VARIABLE, "")
+    if distributed.RESUME_VARIABLE in os.environ:
+        ckpt_path: Path | str | None = os.environ[distributed.RESUME_VARIABLE] or None
+    else:
+        state = read_json(resume.state_file) if resume.state_file.is_file() else {}
+        matches = state.get("fingerprint") == same and resume.last.is_file()
+        ckpt_path = resume.last if matches else None
+        run_id = str(state.get("run_id", "")) if matches else run_id
+    monitor = task.val_metric(str(cfg.fit.monitor))
+    configured = build_callbacks(cfg, monitor, checkpoint={"dirpath": str(resume.checkpoints)})
+    history = EpochHistory(history_file)  # rows kept (checkpoint state), never written here
+    last = EpochEndCheckpoint(resume.last, history=history)
+    trainer = build_trainer(cfg, [RandomStates(), *configured.values(), history, last], default_root_dir=models_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return {"run_id": run_id, "monitor": monitor, "rank": trainer.global_rank, "epochs": trainer.current_epoch}
