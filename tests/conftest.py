@@ -77,6 +77,17 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "shapes")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _tracking_variable_restored_per_module():
+    """As :func:`_tracking_variable_restored`, for module-scoped fixtures that point MLflow at a store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(autouse=True)
 def _tracking_variable_restored():
     """``mlflow.set_tracking_uri`` (a test pointing MLflow at its project) exports

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -368,11 +369,16 @@ def store(tmp_path_factory):
     import mlflow
 
     folder = tmp_path_factory.mktemp("registry")
-    previous = mlflow.get_tracking_uri()
+    previous, variable = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("gate", (folder / "artifacts").as_uri()))
     yield mlflow.MlflowClient()
+    # set_tracking_uri exports MLFLOW_TRACKING_URI, which later tests' stages would read as the user's store
     mlflow.set_tracking_uri(previous)
+    if variable is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
 def test_registry_flow(store, tmp_path):
