@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up everything Taxonomist needs on a fresh clone: Debian's Fashion-MNIST and Chromium packages (when
-# root and missing), uv, and the locked Python environment in .venv.
+# Set up everything Taxonomist needs on a fresh clone: Debian's Fashion-MNIST, Chromium, PostgreSQL, SLURM and
+# MUNGE packages (when root and missing), uv, and the locked Python environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +42,32 @@ if [ ! -x /usr/bin/chromium ]; then
     else
         echo "==> chromium is not installed and this is not root: the browser test needs /usr/bin/chromium" \
              "(sudo apt-get install chromium)"
+    fi
+fi
+
+# The shared-tracking-server test (tests/test_mlflow_postgres.py) starts its own PostgreSQL
+# cluster on loopback with Debian's server programs (no system cluster is started or needed).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "==> installing postgresql with apt-get (for the tracking-server test)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
+    else
+        echo "==> PostgreSQL is not installed and this is not root: the tracking-server test needs it" \
+             "(sudo apt-get install postgresql)"
+    fi
+fi
+
+# The SLURM test (tests/test_slurm.py) brings up a one-node cluster with scripts/local_slurm.py
+# from Debian's slurm-wlm and munge (no system daemon is started or configured).
+if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "==> installing slurm-wlm and munge with apt-get (for the SLURM test)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge iproute2
+    else
+        echo "==> SLURM is not installed and this is not root: the SLURM test needs slurm-wlm and munge" \
+             "(sudo apt-get install slurm-wlm munge)"
     fi
 fi
 

@@ -300,10 +300,13 @@ class MlflowServer:
 
 
 @contextmanager
-def running_mlflow_server(workdir: Path, jobs: bool = False, timeout: float = 120.0) -> Iterator[MlflowServer]:
-    """Run ``mlflow server`` on a free loopback port: SQLite store and proxied artifacts under
-    ``workdir``, in its own process group. Yields once ``/health`` answers; on exit stops the
-    whole group (the server starts many processes) and fails if any process is left.
+def running_mlflow_server(
+    workdir: Path, jobs: bool = False, timeout: float = 120.0, backend_store_uri: str | None = None
+) -> Iterator[MlflowServer]:
+    """Run ``mlflow server`` on a free loopback port: the backend store (``backend_store_uri``,
+    else SQLite under ``workdir``) and proxied artifacts under ``workdir``, in its own process
+    group. Yields once ``/health`` answers; on exit stops the whole group (the server starts many
+    processes) and fails if any process is left.
 
     ``jobs=False`` leaves out the server's job runner (about eight huey processes that run
     GenAI jobs such as trace scoring; nothing Taxonomist logs uses them) to spare the CPU."""
@@ -314,7 +317,7 @@ def running_mlflow_server(workdir: Path, jobs: bool = False, timeout: float = 12
     log = workdir / "server.log"
     args = [
         str(BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}",
         "--artifacts-destination", str(workdir / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port),
         "--workers", "1",
@@ -351,3 +354,54 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """A fresh ``mlflow server`` for the test module (empty store); stopped, all processes, after it."""
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server
+
+
+# --- a real PostgreSQL server ----------------------------------------------------------------
+
+
+def postgres_bin() -> Path:
+    """The folder of PostgreSQL's server programs (``initdb``, ``pg_ctl``): Debian keeps them
+    under ``/usr/lib/postgresql/<version>/bin`` (the newest wins), other systems on ``PATH``."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if found:
+        return found[-1].parent
+    on_path = shutil.which("initdb")
+    assert on_path, "PostgreSQL is not installed: run scripts/setup.sh as root (it installs Debian's postgresql)"
+    return Path(on_path).parent
+
+
+@contextmanager
+def running_postgres(user: str = "taxonomist", database: str = "mlflow") -> Iterator[str]:
+    """A throwaway PostgreSQL cluster in a fresh temporary folder, listening on a free loopback
+    port (and a socket in that folder, not the system's), with ``database`` owned by ``user``
+    (trust authentication: loopback only); yields its SQLAlchemy URL. Durability is off
+    (``fsync``): it starts in about a second and lives as long as the block; on exit ``pg_ctl
+    stop`` ends it (the test fails if it is still running) and the folder is deleted.
+    PostgreSQL refuses to run as root: as root, its programs run as the ``postgres`` user
+    Debian's package creates (hence a folder of its own: pytest's are private to root)."""
+    import tempfile
+
+    binaries = postgres_bin()
+    workdir = Path(tempfile.mkdtemp(prefix="taxonomist-pg-"))
+    data, log, port = workdir / "data", workdir / "postgres.log", free_port()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+
+    def pg(*args: str) -> None:
+        proc = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+    try:
+        pg(str(binaries / "initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        pg(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
+        try:
+            pg(str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user, database)
+            yield f"postgresql://{user}@127.0.0.1:{port}/{database}"
+        finally:
+            pg(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+            assert not (data / "postmaster.pid").exists(), f"PostgreSQL still running:\n{log.read_text()[-2000:]}"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
