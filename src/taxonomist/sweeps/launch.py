@@ -5,6 +5,7 @@ Examples::
     taxonomist sweep model.name=resnet10_narrow,resnet18 optimizer.lr=1e-3,3e-3   # a 2x2 grid
     taxonomist sweep hparams_search=optuna hydra.sweeper.n_trials=10              # Optuna (TPE)
     taxonomist sweep hparams_search=optuna hydra/launcher=joblib hydra.launcher.n_jobs=2
+    taxonomist sweep hparams_search=optuna hydra/launcher=slurm                   # trials as SLURM jobs
 
 Before Hydra starts, every swept value is checked (:mod:`~taxonomist.sweeps.preflight`), the
 sweep gets a stable default name (so the same command resumes it) and the Optuna storage
@@ -23,6 +24,7 @@ from omegaconf import OmegaConf
 
 from taxonomist.config import CONF_DIR, CONFIG_NAME
 from taxonomist.sweeps.preflight import check_sweep
+from taxonomist.sweeps.slurm import check_launcher
 from taxonomist.sweeps.state import is_optuna, pipeline_config
 from taxonomist.sweeps.trial import run_trial
 from taxonomist.tracking.runs import tracking_uri
@@ -111,6 +113,7 @@ def main(args: list[str]) -> int:
         if not any(o.startswith("sweep.name=") for o in overrides):
             extra.append(f"sweep.name={default_name(overrides)}")
         base = check_sweep(overrides + extra, CONF_DIR, config_name)
+        check_launcher(base)  # hydra/launcher=slurm: the cluster answers and has the partition
         storage = base.sweep.storage or optuna_storage(base, root)
         if base.sweep.storage is None:
             extra.append(f"sweep.storage='{storage}'")

@@ -33,6 +33,18 @@ DATA_CACHE = Path("sweeps/.data")
 DATA_SECTIONS = ("seed", "data", "task", "preprocess")
 
 
+def scheduler_tags() -> dict[str, str]:
+    """The SLURM job the trial runs in (``hydra/launcher=slurm``), as ``squeue`` shows it (an
+    array task as ``<array job>_<task>``, which also names its folder under ``.submitit/``)."""
+    env = os.environ
+    if not env.get("SLURM_JOB_ID"):
+        return {}
+    job = env["SLURM_JOB_ID"]
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return {"slurm.job_id": job, "slurm.node": env.get("SLURMD_NODENAME", "")}
+
+
 def data_params(root: Path) -> list[str]:
     """The params ingest and preprocess read, from the project's ``dvc.yaml``."""
     dvc_file = root / "dvc.yaml"
@@ -148,6 +160,7 @@ def run_trial(cfg: DictConfig) -> float:
             "sweep.trial_key": key,
             "sweep.overrides": json.dumps(values),
             "sweep.objective_metric": objective,
+            **scheduler_tags(),
         },
         launched_by=f"`taxonomist sweep` (sweep `{state['name']}`, trial {number}: {label})",
     )
