@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up everything Taxonomist needs on a fresh clone: Debian's Fashion-MNIST, Chromium, PostgreSQL, SLURM and
-# MUNGE packages (when root and missing), uv, and the locked Python environment in .venv.
+# Set up everything Taxonomist needs on a fresh clone: Debian's Fashion-MNIST, Chromium, PostgreSQL, SLURM,
+# MUNGE and OpenSSH server packages (when root and missing), uv, and the locked Python environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,6 +68,19 @@ if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1
     else
         echo "==> SLURM is not installed and this is not root: the SLURM test needs slurm-wlm and munge" \
              "(sudo apt-get install slurm-wlm munge)"
+    fi
+fi
+
+# The SSH remote test (tests/test_dvc_remote.py) starts OpenSSH's sshd on loopback with a config
+# and keys of its own (the system's sshd is not started or configured).
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "==> installing openssh-server with apt-get (for the SSH remote test)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server openssh-client
+    else
+        echo "==> sshd is not installed and this is not root: the SSH remote test needs it" \
+             "(sudo apt-get install openssh-server)"
     fi
 fi
 

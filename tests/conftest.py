@@ -405,3 +405,86 @@ def running_postgres(user: str = "taxonomist", database: str = "mlflow") -> Iter
             assert not (data / "postmaster.pid").exists(), f"PostgreSQL still running:\n{log.read_text()[-2000:]}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- a real SSH/SFTP server ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshServer:
+    """A running ``sshd`` on loopback: where it listens, who may log in and with which key."""
+
+    port: int
+    user: str
+    key: Path  # the client's private key (its public half is the only authorised key)
+    home: Path  # a HOME whose ~/.ssh/known_hosts trusts this server's host key, and nothing else
+
+    def url(self, path: Path) -> str:
+        """``ssh://user@127.0.0.1:port/path``, as DVC takes a remote."""
+        return f"ssh://{self.user}@127.0.0.1:{self.port}{path}"
+
+
+@contextmanager
+def running_sshd(timeout: float = 30.0) -> Iterator[SshServer]:
+    """OpenSSH's ``sshd`` (Debian's ``openssh-server``, installed by ``scripts/setup.sh``) on a
+    free loopback port with a throwaway host key, a config of its own and one authorised client
+    key (no passwords), in its own process group; stopped, and its folder deleted, on exit."""
+    import getpass
+    import tempfile
+
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    assert Path(sshd).is_file(), "sshd is not installed: run scripts/setup.sh as root (it installs openssh-server)"
+    folder = Path(tempfile.mkdtemp(prefix="taxonomist-sshd-"))
+    port = free_port()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
+    shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
+    (folder / "sshd_config").write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {folder / 'host_key'}",
+                f"AuthorizedKeysFile {folder / 'authorized_keys'}",
+                f"PidFile {folder / 'sshd.pid'}",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                "StrictModes no",
+                "UsePAM no",
+                "Subsystem sftp internal-sftp",
+                "",
+            ]
+        )
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege-separation folder
+    log = folder / "sshd.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sshd, "-D", "-e", "-f", str(folder / "sshd_config")], stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"sshd exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    if sock.recv(4).startswith(b"SSH-"):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"sshd not answering after {timeout} s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        home = folder / "home"
+        (home / ".ssh").mkdir(parents=True)
+        host_key = (folder / "host_key.pub").read_text().split()
+        (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+        yield SshServer(port=port, user=getpass.getuser(), key=folder / "client_key", home=home)
+    finally:
+        left = stop_process_group(proc.pid)
+        proc.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+        assert not left, f"sshd processes still alive: {left}"
