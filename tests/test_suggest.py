@@ -227,6 +227,18 @@ def test_suggest_cli_end_to_end(trained, monkeypatch, capsys):
     assert summary["pool"] == 20 and summary["new"] == 18 and summary["in_data"] == 1 and summary["duplicates"] == 1
     assert summary["suggested"] == 4  # suggest.budget
     out = trained / "reports" / "suggest"
+
+    # the run is in MLflow's explore experiment: settings, numbers, the files
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "taxonomist-explore"
+    assert run.data.tags["command"] == "suggest" and run.data.tags["inputs"] == "pool"
+    assert run.data.params["suggest.diversity"] == "kcenter" and run.data.params["suggest.budget"] == "4"
+    assert run.data.metrics["suggest/suggested"] == 4 and run.data.metrics["suggest/in_data"] == 1
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "suggest")}
+    assert {"suggest/suggestions.csv", "suggest/suggestions.json", "suggest/overlap.csv"} <= logged
     rows = pd.read_csv(out / "suggestions.csv")
     assert list(rows.columns) == ["rank", "path", "uncertainty", "predicted", "score", "distance"]
     assert rows["rank"].tolist() == [1, 2, 3, 4]

@@ -258,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", type=int, default=None, help="images to suggest (default: suggest.budget)")
     p.add_argument("--out", type=Path, default=Path("reports/suggest"), help="output folder (default: %(default)s)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log the run to MLflow")
     p.add_argument(
         "--processed",
         type=Path,
@@ -544,7 +545,7 @@ def _suggest(args: argparse.Namespace) -> int:
     budget = int(cfg.suggest.budget) if args.budget is None else args.budget
     if budget < 1:
         raise DataError(f"--budget {budget}: suggest at least one image")
-    summary = run(list(args.images), cfg, args.checkpoint, budget, args.out, args.processed)
+    summary = run(list(args.images), cfg, args.checkpoint, budget, args.out, args.processed, track=not args.no_tracking)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from taxonomist.config import AUTO
 from taxonomist.data.images import ImageSpec
 from taxonomist.errors import DataError
+from taxonomist.explore import track
 from taxonomist.explore.pool import (
     MODEL_FEATURES,
     Pool,
@@ -49,6 +50,7 @@ from taxonomist.explore.pool import (
     named_extractor,
     read_pool,
 )
+from taxonomist.explore.track import try_log
 from taxonomist.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -241,13 +243,9 @@ def run(
     summary: dict[str, Any] = {"out": str(out), "k": result.k, "images": len(pool), "unreadable": len(pool.failed)}
     summary.update({k: round(v, 4) for k, v in metrics.items() if k in ("purity", "nmi", "ari", result.criterion)})
     if track:
-        try:
-            summary["mlflow_run_id"] = log_run(cfg, out, metrics, files, args)
-        except Exception as err:  # a store that is down or refuses: the report is written, say so and go on
-            from taxonomist.tracking.redact import redact
-
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            log.warning("cluster: the report is in %s, but MLflow did not take the run (%s)", out, redact(first))
+        run_id = try_log("cluster", out, lambda: log_run(cfg, out, metrics, files, args))
+        if run_id is not None:
+            summary["mlflow_run_id"] = run_id
     return summary
 
 
@@ -413,27 +411,10 @@ def markdown(
 
 
 def log_run(cfg: DictConfig, out: Path, metrics: dict[str, float], files: list[Path], args: list[str]) -> str:
-    """An MLflow run in ``<tracking.experiment>-explore``: params, metrics, the report."""
-    import mlflow
-
+    """The run in ``<tracking.experiment>-explore``: ``cluster.*`` params, metrics, the report."""
     from taxonomist.config import flatten
-    from taxonomist.tracking import runs
-    from taxonomist.tracking.redact import redact, redact_all
 
-    explore = OmegaConf.merge(cfg, {"tracking": {"experiment": f"{cfg.tracking.experiment}-explore"}})
-    experiment_id = runs.setup(explore)  # type: ignore[arg-type]
-    client = mlflow.MlflowClient()
-    name = f"cluster-{cfg.cluster.method}-k{int(metrics['k'])}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = {"command": "cluster", "inputs": " ".join(args)[:500], "git_commit": runs.git_commit()}
-    run = client.create_run(experiment_id, run_name=name, tags=redact_all(tags))
     params = flatten(cfg.cluster, prefix="cluster.")
     params["images"] = int(metrics["images"])
-    for key, value in redact_all(params).items():
-        client.log_param(run.info.run_id, key, str(value)[: runs.MAX_PARAM_LENGTH])
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, runs.metric_name(f"cluster/{key}"), float(value))
-    for path in files:
-        client.log_artifact(run.info.run_id, str(path), artifact_path="clusters")
-    client.set_terminated(run.info.run_id)
-    log.info("cluster: MLflow run %s (%s)", run.info.run_id, redact(runs.tracking_uri(cfg)))
-    return run.info.run_id
+    name = f"cluster-{cfg.cluster.method}-k{int(metrics['k'])}"
+    return track.log_run(cfg, "cluster", name, params, metrics, files, args, artifact_path="clusters")

@@ -270,8 +270,10 @@ def run(
     budget: int | None = None,
     out: Path = OUT_DIR,
     processed_dir: Path = Path("data/processed"),
+    track: bool = True,
 ) -> dict[str, Any]:
-    """``taxonomist suggest``: score the pool, leave out what the data holds, pick, write."""
+    """``taxonomist suggest``: score the pool, leave out what the data holds, pick, write, and
+    log the run (settings, numbers, files) to MLflow's ``<experiment>-explore`` experiment."""
     from taxonomist.models.inference import load_classifier
 
     settings = cfg.suggest
@@ -359,7 +361,7 @@ def run(
         len(candidates),
         out,
     )
-    return {
+    summary = {
         "out": str(out),
         "suggested": len(chosen),
         "pool": len(pool) + len(pool.failed),
@@ -371,3 +373,16 @@ def run(
         "mean_uncertainty_pool": round(float(unc.mean()), 4),
         "label_studio_root": str(root) if root is not None else None,
     }
+    if track:
+        from taxonomist.config import flatten
+        from taxonomist.explore.track import log_run, try_log
+
+        params = {**flatten(settings, prefix="suggest."), "suggest.budget": budget, "checkpoint": str(checkpoint)}
+        numbers = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        written = ("suggestions.csv", "suggestions.json", "label_config.xml", "pool.csv", "overlap.csv")
+        files = [out / n for n in written if (out / n).is_file()]
+        name = f"suggest-{settings.uncertainty}-{settings.diversity}-{len(chosen)}"
+        run_id = try_log("suggest", out, lambda: log_run(cfg, "suggest", name, params, numbers, files, args))
+        if run_id is not None:
+            summary["mlflow_run_id"] = run_id
+    return summary
