@@ -77,28 +77,35 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "shapes")
 
 
+@contextmanager
+def tracking_variable_kept() -> Iterator[None]:
+    """Put ``MLFLOW_TRACKING_URI`` back as it was (set or unset) when the block ends.
+
+    ``mlflow.set_tracking_uri`` (a test pointing MLflow at its project) exports the variable,
+    which the stages read as the user's store: it must not move the next test's runs (and
+    registry) into this test's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _tracking_variable_restored_per_module():
-    """As :func:`_tracking_variable_restored`, for module-scoped fixtures that point MLflow at a store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    """:func:`tracking_variable_kept` around each module (its module-scoped fixtures)."""
+    with tracking_variable_kept():
+        yield
 
 
 @pytest.fixture(autouse=True)
 def _tracking_variable_restored():
-    """``mlflow.set_tracking_uri`` (a test pointing MLflow at its project) exports
-    ``MLFLOW_TRACKING_URI``, which the stages read as the user's store: it must not move the
-    next test's runs (and registry) into this test's store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    """:func:`tracking_variable_kept` around each test."""
+    with tracking_variable_kept():
+        yield
 
 
 def tiny_overrides(source: Path) -> list[str]:

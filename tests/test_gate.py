@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, tracking_variable_kept
 from omegaconf import OmegaConf
 from onnx import TensorProto, helper
 from PIL import Image
@@ -369,16 +368,12 @@ def store(tmp_path_factory):
     import mlflow
 
     folder = tmp_path_factory.mktemp("registry")
-    previous, variable = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("gate", (folder / "artifacts").as_uri()))
-    yield mlflow.MlflowClient()
-    # set_tracking_uri exports MLFLOW_TRACKING_URI, which later tests' stages would read as the user's store
-    mlflow.set_tracking_uri(previous)
-    if variable is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = variable
+    previous = mlflow.get_tracking_uri()
+    with tracking_variable_kept():  # set_tracking_uri exports MLFLOW_TRACKING_URI: later stages would read it
+        mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("gate", (folder / "artifacts").as_uri()))
+        yield mlflow.MlflowClient()
+        mlflow.set_tracking_uri(previous)
 
 
 def test_registry_flow(store, tmp_path):
