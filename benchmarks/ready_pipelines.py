@@ -36,6 +36,8 @@ SHOWN = {
     "multiattribute": ("people and hand emoji: tone, hand, tags (npm emoji-datasource-google + openmoji)",
                        ["f1_macro", "exact_match", "tone/acc", "hand/f1", "tags/f1_macro"]),
     "embeddings": ("Fashion-MNIST, HOG + RBF SVM, no network (model=embeddings)", ["acc", "f1_macro"]),
+    "digits": ("digits 0-9 (scikit-learn), HOG + RBF SVM, no network (model=embeddings), plus the cv and "
+               "label_errors stages", ["acc", "f1_macro"]),
 }  # fmt: skip
 
 

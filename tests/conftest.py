@@ -225,6 +225,25 @@ def make_dvc_project(root: Path, source: Path, overrides: Sequence[str] = ()) ->
     return root
 
 
+def ready_pipeline_project(root: Path, name: str) -> Path:
+    """A git + DVC project in ``root`` holding this repo's ``conf/``, ``src/``, ``dvc.yaml`` and
+    ready pipeline ``pipelines/<name>`` (its dvc.yaml and params.yaml); returns the pipeline's
+    folder, where ``dvc repro`` runs it."""
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in ("conf", "src"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / file, root / file)
+    pipeline = root / "pipelines" / name
+    pipeline.mkdir(parents=True)
+    for file in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / "pipelines" / name / file, pipeline / file)
+    run_cmd(["git", "init", "-q"], root)
+    run_cmd([str(BIN / "dvc"), "init", "-q"], root)
+    run_cmd([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    return pipeline
+
+
 def git_commit_all(root: Path, message: str) -> None:
     """Commit everything in the test project ``root`` (a throwaway repo)."""
     run_cmd(["git", "add", "-A"], root)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, make_image_folder, tiny_overrides
+import yaml
+from conftest import BIN, REPO, make_image_folder, ready_pipeline_project, run_cmd, tiny_overrides
 
 from taxonomist.config import compose
 from taxonomist.crossval.folds import assign_folds, effective_folds, fold_statistics
@@ -202,3 +204,41 @@ def test_cv_without_processed_data_names_the_stage_to_run(tmp_path):
     cfg = cv_config(tmp_path, tmp_path, EMBEDDINGS)
     with pytest.raises(StageOrderError, match="run the preprocess stage first"):
         cv.run(cfg, processed_dir=tmp_path / "nothing", out_dir=tmp_path / "cv")
+
+
+# --- cv and label errors as DVC stages of a ready pipeline ----------------------------------
+
+
+def test_ready_pipelines_get_the_optional_stages_they_ask_for():
+    from taxonomist.pipelines import compose_pipeline, render_dvc
+
+    plain = yaml.safe_load(render_dvc("binary", compose_pipeline("binary", REPO / "conf"), REPO / "dvc.yaml"))
+    assert "cv" not in plain["stages"] and "label_errors" not in plain["stages"]
+    spec = yaml.safe_load(render_dvc("digits", compose_pipeline("digits", REPO / "conf"), REPO / "dvc.yaml"))
+    names = list(spec["stages"])
+    assert names == ["ingest", "preprocess", "train", "evaluate", "package", "cv", "label_errors"]
+    assert "../../src/taxonomist/crossval" in spec["stages"]["cv"]["deps"]
+    assert spec["stages"]["label_errors"]["deps"][:2] == ["data/processed", "reports/cv"]
+    with pytest.raises(ConfigError, match=r"label_errors\.stage=true .* set cv\.stage=true too"):
+        compose(["label_errors.stage=true"], conf_dir=REPO / "conf")
+
+
+@pytest.mark.e2e
+def test_dvc_repro_of_the_digits_pipeline_cross_validates_and_ranks_label_errors(tmp_path):
+    """pipelines/digits (HOG + SVM on scikit-learn's digits): `dvc repro` runs the five stages,
+    then cv and label_errors; a second repro reruns nothing; the cv runs are in MLflow."""
+    folder = ready_pipeline_project(tmp_path / "project", "digits")
+    dvc = str(BIN / "dvc")
+    run_cmd([dvc, "repro"], folder)
+    oof = np.load(folder / "reports/cv/oof.npz")
+    splits = pd.read_csv(folder / "data/processed/splits.csv")
+    assert len(oof["path"]) == int(splits["split"].isin(["train", "val"]).sum())  # every pool image, once
+    summary = json.loads((folder / "reports/cv/cv.json").read_text())
+    assert summary["folds"] == 5 and summary["metrics"]["acc_mean"] > 0.9  # digits: HOG + SVM is strong
+    table = pd.read_csv(folder / "reports/label_errors/label_errors.csv")
+    assert list(table["rank"]) == list(range(1, len(table) + 1)) and len(table) < 0.05 * len(oof["path"])
+    again = run_cmd([dvc, "repro"], folder).stdout
+    assert "Running stage" not in again, again
+    _, found = mlflow_runs(tmp_path / "project")
+    roles = [r.data.tags.get("taxonomist.role") for r in found]
+    assert roles.count("cv") == 1 and roles.count("cv-fold") == 5

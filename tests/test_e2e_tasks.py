@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import BIN, REPO, draw_shape, make_image_folder, run_cmd, tiny_overrides
+from conftest import BIN, REPO, draw_shape, make_image_folder, ready_pipeline_project, run_cmd, tiny_overrides
 from PIL import Image, ImageDraw
 
 from taxonomist.config import compose
@@ -234,21 +233,10 @@ def test_dvc_repro_inside_a_ready_pipeline(tmp_path):
     """pipelines/binary runs with `dvc repro` in its folder, logs to the project's MLflow store
     and registers its own model name."""
     root = tmp_path / "project"
-    root.mkdir()
-    for name in ("conf", "src"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    folder = root / "pipelines" / "binary"
-    folder.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / "pipelines" / "binary" / name, folder / name)
+    folder = ready_pipeline_project(root, "binary")
     params = yaml.safe_load((folder / "params.yaml").read_text())
     params["trainer"]["max_epochs"] = 3
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run_cmd(["git", "init", "-q"], root)
-    run_cmd([str(BIN / "dvc"), "init", "-q"], root)
-    run_cmd([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
     run_cmd([str(BIN / "dvc"), "repro"], folder)
 
     metrics = json.loads((folder / "reports/metrics.json").read_text())["test"]

@@ -250,6 +250,7 @@ class CvConfig:
     groups: Any = MISSING  # auto | true | false
     work_dir: str = MISSING
     keep_work: bool = MISSING
+    stage: bool = MISSING  # ready pipelines: `taxonomist pipelines` adds a `cv` DVC stage
 
 
 @dataclass
@@ -259,6 +260,7 @@ class LabelErrorsConfig:
     filter_by: str = MISSING
     rank_by: str = MISSING
     examples: int = MISSING
+    stage: bool = MISSING  # ready pipelines: a `label_errors` DVC stage after `cv` (needs cv.stage)
 
 
 @dataclass
@@ -445,6 +447,8 @@ def _check_cv(cfg: DictConfig, origin: str) -> None:
     if cfg.cv.groups not in (AUTO, True, False):
         raise ConfigError(f"{origin}: cv.groups={cfg.cv.groups!r}; use auto, true or false")
     errors = cfg.label_errors
+    if errors.stage and not cfg.cv.stage:
+        raise ConfigError(f"{origin}: label_errors.stage=true reads the cv stage's outputs: set cv.stage=true too")
     if errors.filter_by not in LABEL_ERROR_FILTERS:
         raise ConfigError(f"{origin}: label_errors.filter_by={errors.filter_by!r}; use one of {LABEL_ERROR_FILTERS}")
     if errors.rank_by not in LABEL_ERROR_RANKS:

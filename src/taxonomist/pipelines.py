@@ -9,6 +9,8 @@ they drift from ``conf/`` and ``dvc.yaml``.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +42,57 @@ def _up(path: str) -> str:
     return path if path.startswith(("/", "..")) else f"../../{path}"
 
 
+# Stages a ready pipeline can ask for beyond the five (``cv.stage``, ``label_errors.stage``):
+# cross-validation over the training pool, then cleanlab on its out-of-fold probabilities.
+# Not in the project's dvc.yaml: there every `dvc repro` would multiply the training time.
+OPTIONAL_STAGES: dict[str, dict[str, Any]] = {
+    "cv": {
+        "cmd": "taxonomist cv",
+        "deps": ["data/processed", "src/taxonomist/crossval", "src/taxonomist/models", "src/taxonomist/tasks"],
+        "params": [
+            "seed",
+            "cv",
+            "task.name",
+            "preprocess.mean",
+            "preprocess.std",
+            "model",
+            "augment.train",
+            "optimizer",
+            "scheduler",
+            "trainer",
+            "callbacks",
+            "fit",
+        ],
+        "outs": ["reports/cv"],
+    },
+    "label_errors": {
+        "cmd": "taxonomist label-errors",
+        "deps": ["data/processed", "reports/cv", "src/taxonomist/crossval"],
+        "params": ["label_errors"],
+        "outs": ["reports/label_errors"],
+    },
+}
+
+
+def optional_stages(cfg: DictConfig, up: Callable[[str], str] = _up) -> dict[str, dict[str, Any]]:
+    """The optional stages ``cfg`` asks for, code paths passed through ``up``."""
+    wanted = [name for name, on in (("cv", cfg.cv.stage), ("label_errors", cfg.label_errors.stage)) if on]
+    stages = {}
+    for name in wanted:
+        stage = copy.deepcopy(OPTIONAL_STAGES[name])
+        stage["deps"] = [up(d) if d.startswith("src/") else d for d in stage["deps"]]
+        stages[name] = stage
+    return stages
+
+
 def render_dvc(name: str, cfg: DictConfig, root_dvc: str | Path = DVC_FILE) -> str:
-    """The ``dvc.yaml`` text of a pipeline: the root stages with code paths made relative to
-    ``pipelines/<name>/`` and the pipeline's own inputs (taxonomy, npm lock) as dependencies."""
+    """The ``dvc.yaml`` text of a pipeline: the root stages (plus the :data:`OPTIONAL_STAGES` its
+    config asks for) with code paths made relative to ``pipelines/<name>/`` and the pipeline's
+    own inputs (taxonomy, npm lock) as dependencies."""
     spec: dict[str, Any] = yaml.safe_load(Path(root_dvc).read_text())
     for stage in spec["stages"].values():
         stage["deps"] = [_up(d) if d.startswith("src/") else d for d in stage.get("deps", [])]
+    spec["stages"].update(optional_stages(cfg))
     ingest_deps = spec["stages"]["ingest"]["deps"]
     if cfg.task.taxonomy:
         ingest_deps.append(str(cfg.task.taxonomy))
