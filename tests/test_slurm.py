@@ -21,13 +21,13 @@ from omegaconf import OmegaConf
 
 from taxonomist.errors import ConfigError
 from taxonomist.sweeps.preflight import check_sweep
-from taxonomist.sweeps.slurm import SLURM_LAUNCHER, check_launcher, uses_slurm
+from taxonomist.sweeps.slurm import SLURM_LAUNCHER, check_launcher, partitions, uses_slurm
 
 
-def fake_slurm(folder: Path, partitions: str, monkeypatch: pytest.MonkeyPatch, rc: int = 0) -> None:
-    """``sinfo`` printing ``partitions`` (and exiting ``rc``) and an ``sbatch``, first on PATH."""
+def fake_slurm(folder: Path, listing: str, monkeypatch: pytest.MonkeyPatch, rc: int = 0) -> None:
+    """``sinfo`` printing ``listing`` (and exiting ``rc``) and an ``sbatch``, first on PATH."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, body in (("sinfo", f"printf '{partitions}'\nexit {rc}\n"), ("sbatch", "exit 1\n")):
+    for name, body in (("sinfo", f"printf '{listing}'\nexit {rc}\n"), ("sbatch", "exit 1\n")):
         script = folder / name
         script.write_text(f"#!/bin/sh\n{body}")
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -49,17 +49,28 @@ def test_the_launcher_config_is_hydras_submitit_slurm():
 
 
 def test_a_partition_that_does_not_exist_is_named(tmp_path, monkeypatch):
-    fake_slurm(tmp_path / "bin", "debug*\\ngpu\\n", monkeypatch)
+    fake_slurm(tmp_path / "bin", "debug* 4 8000\\ngpu 32+ 256000\\ngpu 16 128000\\n", monkeypatch)
+    assert [(p.name, p.default, p.cpus, p.memory_mb) for p in partitions()] == [
+        ("debug", True, 4, 8000),
+        ("gpu", False, 32, 256000),  # the most of its node groups
+    ]
     check_launcher(slurm_config("hydra.launcher.partition=gpu"))
-    check_launcher(slurm_config())  # the default partition
-    with pytest.raises(
-        ConfigError, match=r"hydra.launcher.partition=nope: no such SLURM partition \(partitions: debug, gpu\)"
-    ):
+    check_launcher(slurm_config("hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4"))  # the default one
+    named = r"hydra\.launcher\.partition=nope: no such SLURM partition \(partitions: debug, gpu\)"
+    with pytest.raises(ConfigError, match=named):
         check_launcher(slurm_config("hydra.launcher.partition=nope"))
 
 
+def test_a_trial_larger_than_any_node_is_refused(tmp_path, monkeypatch):
+    fake_slurm(tmp_path / "bin", "debug* 4 8000\\n", monkeypatch)
+    with pytest.raises(ConfigError, match=r"cpus_per_task=4 x tasks_per_node=2: .* 'debug' have at most 4 CPUs"):
+        check_launcher(slurm_config("hydra.launcher.tasks_per_node=2"))  # the config's 4 CPUs each
+    with pytest.raises(ConfigError, match=r"mem_gb=16: the nodes of partition 'debug' have at most 7\.8 GB"):
+        check_launcher(slurm_config("hydra.launcher.cpus_per_task=1"))  # the config's 16 GB
+
+
 def test_no_default_partition_or_no_answer(tmp_path, monkeypatch):
-    fake_slurm(tmp_path / "a", "gpu\\n", monkeypatch)
+    fake_slurm(tmp_path / "a", "gpu 8 64000\\n", monkeypatch)
     with pytest.raises(ConfigError, match=r"no default partition: set hydra\.launcher\.partition"):
         check_launcher(slurm_config())
     fake_slurm(tmp_path / "b", "", monkeypatch, rc=1)
