@@ -17,6 +17,8 @@ The cluster has one node (this machine's CPUs and memory) and one partition, ``l
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -149,6 +151,9 @@ def run_cluster(command: list[str], keep: bool) -> int:
         print(f"local SLURM: node {NODE} idle, partition {PARTITION!r} (SLURM_CONF={conf})", flush=True)
         return subprocess.run(command, env=env).returncode
     finally:
+        if procs:  # jobs still queued or running (an interrupted command) end with the cluster
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(["scancel", "--full", "--user", getpass.getuser()], env=env, timeout=30, **quiet)
         stop(procs)
         if keep:
             print(f"local SLURM: kept {folder}", flush=True)
