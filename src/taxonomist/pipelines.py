@@ -10,7 +10,6 @@ they drift from ``conf/`` and ``dvc.yaml``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +73,10 @@ OPTIONAL_STAGES: dict[str, dict[str, Any]] = {
 }
 
 
-def optional_stages(cfg: DictConfig, up: Callable[[str], str] = _up) -> dict[str, dict[str, Any]]:
-    """The optional stages ``cfg`` asks for, code paths passed through ``up``."""
+def optional_stages(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The :data:`OPTIONAL_STAGES` ``cfg`` asks for (copies, paths as in the project's dvc.yaml)."""
     wanted = [name for name, on in (("cv", cfg.cv.stage), ("label_errors", cfg.label_errors.stage)) if on]
-    stages = {}
-    for name in wanted:
-        stage = copy.deepcopy(OPTIONAL_STAGES[name])
-        stage["deps"] = [up(d) if d.startswith("src/") else d for d in stage["deps"]]
-        stages[name] = stage
-    return stages
+    return {name: copy.deepcopy(OPTIONAL_STAGES[name]) for name in wanted}
 
 
 def render_dvc(name: str, cfg: DictConfig, root_dvc: str | Path = DVC_FILE) -> str:
@@ -90,9 +84,9 @@ def render_dvc(name: str, cfg: DictConfig, root_dvc: str | Path = DVC_FILE) -> s
     config asks for) with code paths made relative to ``pipelines/<name>/`` and the pipeline's
     own inputs (taxonomy, npm lock) as dependencies."""
     spec: dict[str, Any] = yaml.safe_load(Path(root_dvc).read_text())
+    spec["stages"].update(optional_stages(cfg))
     for stage in spec["stages"].values():
         stage["deps"] = [_up(d) if d.startswith("src/") else d for d in stage.get("deps", [])]
-    spec["stages"].update(optional_stages(cfg))
     ingest_deps = spec["stages"]["ingest"]["deps"]
     if cfg.task.taxonomy:
         ingest_deps.append(str(cfg.task.taxonomy))
