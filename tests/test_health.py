@@ -322,6 +322,23 @@ def test_a_large_group_of_identical_hashes_is_counted_exactly_and_listed_in_part
     assert nd["blank_skipped"] == 4  # blank images are left out (they all hash alike)
 
 
+def test_pairs_joined_block_by_block_count_and_list_as_in_one_block(monkeypatch):
+    """The hash pairs are joined with their images a block at a time (bounded memory): blocks
+    of a few pairs give the same counts, listing and leaks as one block of all of them."""
+    rng = np.random.default_rng(4)
+    h = clustered_hashes(40, 6, max_flips=2, seed=4)
+    h = np.r_[h, h[:30]]  # some hashes shared by several images
+    frame = images_frame(h, rng.choice(["train", "val", "test"], len(h)), rng.choice(["a", "b"], len(h)))
+    monkeypatch.setattr(health, "LISTED_MAX", 60)  # the listing keeps the first 60 of every block's
+    whole = run(frame)
+    monkeypatch.setattr(health, "PAIR_BLOCK", 7)
+    blocks = run(frame)
+    assert whole.summary["near_duplicates"]["pairs"] > 100
+    assert blocks.summary == whole.summary
+    pd.testing.assert_frame_equal(blocks.pairs, whole.pairs)
+    assert len(whole.pairs) == 60 and not whole.summary["near_duplicates"]["all_listed"]
+
+
 def test_images_without_a_hash_are_left_out_and_counted():
     frame = near_duplicate_set()
     frame.loc[0, "phash"] = ""

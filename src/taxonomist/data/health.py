@@ -27,7 +27,7 @@ import logging
 import time
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +55,7 @@ BLOCK_CELLS = 2_000_000  # hash comparisons per dense block ...
 BAND_ROWS = 256  # ... of at most this many rows
 LISTED_PER_HASH = 10  # images per (hash, split) whose pairs are listed (all pairs are counted)
 LISTED_MAX = 50_000  # pairs in near_duplicates.csv (cross-split and conflicting ones first)
+PAIR_BLOCK = 16_384  # hash pairs joined with their images at a time
 SHOWN = 20  # rows of a table on the page
 PLOTTED_CLASSES = 40  # bars per split in class_counts.png (the most and the least frequent)
 GRID_PAIRS = 8  # example pairs in near_duplicates.png
@@ -172,7 +173,13 @@ def near_pairs(
             else:
                 high = mid - 1
         window = low
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    # Each pair found is kept as one int64, lo * n + hi (and its distance as a byte): up to
+    # 2 * max_pairs of them before the search stops.
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def pair_keys(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return np.minimum(i, j) * n + np.maximum(i, j)
+
     total = 0
     for order, bounds, sizes in buckets:
         sorted_h = h[order]
@@ -184,7 +191,7 @@ def near_pairs(
             active = active[active + step < end[active]]
             dist = _popcount(sorted_h[active] ^ sorted_h[active + step])
             hit = active[dist <= max_distance]
-            found.append((order[hit], order[hit + step], dist[dist <= max_distance]))
+            found.append((pair_keys(order[hit], order[hit + step]), dist[dist <= max_distance].astype(np.uint8)))
             total += len(hit)
             step += 1
         # Large buckets: dense blocks.
@@ -192,23 +199,23 @@ def near_pairs(
             if total > 2 * max_pairs:  # (a pair can be found once per chunk)
                 break
             i, j, dist = _band_pairs(sorted_h[start : start + size], max_distance, window)
-            found.append((order[start + i], order[start + j], dist))
+            found.append((pair_keys(order[start + i], order[start + j]), dist.astype(np.uint8)))
             total += len(i)
         if total > 2 * max_pairs:
             break
     capped = "" if window is None else "window"
     if not found:
         return _no_pairs()
-    a = np.concatenate([f[0] for f in found]).astype(np.int64)
-    b = np.concatenate([f[1] for f in found]).astype(np.int64)
-    dist = np.concatenate([f[2] for f in found]).astype(np.uint8)
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    _, first = np.unique(lo * n + hi, return_index=True)  # a pair agreeing on several chunks: once
+    keys = np.concatenate([f[0] for f in found])
+    dist = np.concatenate([f[1] for f in found])
+    found.clear()
+    _, first = np.unique(keys, return_index=True)  # a pair agreeing on several chunks: once
     if len(first) > max_pairs or total > 2 * max_pairs:
         first = first[np.argsort(dist[first], kind="stable")[:max_pairs]]
         first.sort()
         capped = "pairs"
-    return HashPairs(lo[first], hi[first], dist[first], capped)
+    keys = keys[first]
+    return HashPairs(keys // n, keys % n, dist[first], capped)
 
 
 def _no_pairs() -> HashPairs:
@@ -320,36 +327,37 @@ def _find_near_duplicates(images: pd.DataFrame, split_code: np.ndarray, max_dist
     )
 
     # Exact counts from groups of images with the same (hash, split, labels): a group pair
-    # holds c1 * c2 image pairs (c * (c - 1) / 2 within one group).
+    # holds c1 * c2 image pairs (c * (c - 1) / 2 within one group). The hash pairs are joined
+    # with their groups (and images) a block at a time, so the memory this takes does not grow
+    # with the number of pairs (up to MAX_PAIRS of them, each joined with several groups).
     groups = members.groupby(["u", "s", "l"]).size().rename("c").reset_index()
-    g = hash_pairs.merge(groups, left_on="a", right_on="u").merge(
-        groups, left_on="b", right_on="u", suffixes=("1", "2")
-    )
-    same_hash = g["a"] == g["b"]
-    same_group = same_hash & (g["s1"] == g["s2"]) & (g["l1"] == g["l2"])
-    ordered = (g["s1"] < g["s2"]) | ((g["s1"] == g["s2"]) & (g["l1"] < g["l2"]))
-    g = g.assign(pairs=np.where(same_group, g["c1"] * (g["c1"] - 1) // 2, g["c1"] * g["c2"]))
-    g = g[~same_hash | same_group | ordered]
-    g = g.assign(
-        split_a=np.minimum(g["s1"], g["s2"]),
-        split_b=np.maximum(g["s1"], g["s2"]),
-        conflicting=np.where(g["l1"] != g["l2"], g["pairs"], 0),
-    )
-    counts = g.groupby(["split_a", "split_b"], as_index=False)[["pairs", "conflicting"]].sum()
-    counts = counts[counts["pairs"] > 0].reset_index(drop=True)
-
     # The listed pairs: up to LISTED_PER_HASH images per (hash, split), different labels first.
     rank = members.groupby(["u", "s", "l"]).cumcount()  # members are in row order
     members = members.assign(rank=rank).sort_values(["u", "s", "rank", "row"])
     keep = members.groupby(["u", "s"]).cumcount() < LISTED_PER_HASH
     all_listed = bool(keep.all())
     m = members.loc[keep, ["row", "u"]]
-    p = hash_pairs.merge(m, left_on="a", right_on="u").merge(m, left_on="b", right_on="u", suffixes=("1", "2"))
-    p = p[(p["a"] != p["b"]) | (p["row1"] < p["row2"])]
-    listed = _pair_table(
-        images, split_code, label_code, p["row1"].to_numpy(), p["row2"].to_numpy(), p["distance"].to_numpy()
-    )
-    all_listed = all_listed and len(p) <= LISTED_MAX
+    del members, rank, keep
+    path_rank = np.empty(len(images), dtype=np.int64)  # sorted in pandas' (Arrow) text, not as Python strings
+    path_rank[images["path"].argsort(kind="stable").to_numpy()] = np.arange(len(images))
+    per_block = [_no_counts()]
+    best = _PairKeys.none()
+    candidates = 0
+    for start in range(0, len(hash_pairs), PAIR_BLOCK):
+        block = hash_pairs.iloc[start : start + PAIR_BLOCK]
+        per_block.append(_pair_counts(block, groups))  # a row per split pair
+        p = block.merge(m, left_on="a", right_on="u").merge(m, left_on="b", right_on="u", suffixes=("1", "2"))
+        p = p[(p["a"] != p["b"]) | (p["row1"] < p["row2"])]
+        candidates += len(p)
+        found_keys = _PairKeys.of(
+            split_code, label_code, path_rank, p["row1"].to_numpy(), p["row2"].to_numpy(), p["distance"].to_numpy()
+        )
+        best = best.join(found_keys).first(LISTED_MAX)
+    counts = pd.concat([c for c in per_block if len(c)] or per_block)
+    counts = counts.groupby(["split_a", "split_b"], as_index=False).sum()
+    counts = counts[counts["pairs"] > 0].reset_index(drop=True)
+    listed = best.table(images)
+    all_listed = all_listed and candidates <= LISTED_MAX
     return _NearDuplicates(
         counts=counts,
         listed=listed,
@@ -364,58 +372,114 @@ def _find_near_duplicates(images: pd.DataFrame, split_code: np.ndarray, max_dist
     )
 
 
-def _pair_table(
-    images: pd.DataFrame,
-    split_code: np.ndarray,
-    label_code: np.ndarray,
-    first: np.ndarray,
-    second: np.ndarray,
-    distance: np.ndarray,
-) -> pd.DataFrame:
-    """Image pairs as rows, oriented so that ``a`` is the copy a drop removes (the earlier
-    split: train before val before test); cross-split pairs first, then those with different
-    labels, the nearest first; at most :data:`LISTED_MAX`."""
-    path_rank = np.empty(len(images), dtype=np.int64)  # sorted in pandas' (Arrow) text, not as Python strings
-    path_rank[images["path"].argsort(kind="stable").to_numpy()] = np.arange(len(images))
-    swap = (split_code[first] > split_code[second]) | (
-        (split_code[first] == split_code[second]) & (path_rank[first] > path_rank[second])
+def _no_counts() -> pd.DataFrame:
+    """An empty table of image pairs by split pair (the columns of :attr:`_NearDuplicates.counts`)."""
+    return pd.DataFrame({c: pd.Series(dtype=np.int64) for c in ("split_a", "split_b", "pairs", "conflicting")})
+
+
+def _pair_counts(hash_pairs: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
+    """Image pairs (and those with different labels) by split pair, for some ``hash_pairs``
+    (``a``, ``b``; ``a == b``: images sharing a hash) and the ``groups`` of images with the same
+    hash ``u``, split ``s`` and labels ``l`` (``c`` images each)."""
+    g = hash_pairs.merge(groups, left_on="a", right_on="u").merge(
+        groups, left_on="b", right_on="u", suffixes=("1", "2")
     )
-    a, b = np.where(swap, second, first), np.where(swap, first, second)
-    cross, conflicting = split_code[a] != split_code[b], label_code[a] != label_code[b]
-    # One int64 sort key (cross-split, different labels, distance, paths: < 2**27 images) and only
-    # the first LISTED_MAX sorted.
-    key = (
-        ((~cross).astype(np.int64) << 62)
-        | ((~conflicting).astype(np.int64) << 61)
-        | (distance.astype(np.int64) << 54)
-        | (path_rank[a] << 27)
-        | path_rank[b]
-    )
-    if len(key) > LISTED_MAX:
-        key_part = np.argpartition(key, LISTED_MAX - 1)[:LISTED_MAX]
-        order = key_part[np.argsort(key[key_part])]
-    else:
-        order = np.argsort(key)
-    a, b = a[order], b[order]
-    col = {
-        c: (images[c].take(a).to_numpy(), images[c].take(b).to_numpy())
-        for c in ("path", "split", "labels", "source_id")
-    }
-    return pd.DataFrame(
+    same_hash = (g["a"] == g["b"]).to_numpy()
+    s1, s2, l1, l2 = (g[c].to_numpy() for c in ("s1", "s2", "l1", "l2"))
+    c1, c2 = g["c1"].to_numpy(dtype=np.int64), g["c2"].to_numpy(dtype=np.int64)
+    same_group = same_hash & (s1 == s2) & (l1 == l2)
+    ordered = (s1 < s2) | ((s1 == s2) & (l1 < l2))
+    pairs = np.where(same_group, c1 * (c1 - 1) // 2, c1 * c2)
+    use = ~same_hash | same_group | ordered  # a pair of groups of one hash: once
+    table = pd.DataFrame(
         {
-            "path_a": col["path"][0],
-            "path_b": col["path"][1],
-            "split_a": col["split"][0],
-            "split_b": col["split"][1],
-            "labels_a": col["labels"][0],
-            "labels_b": col["labels"][1],
-            "distance": distance[order].astype(int),
-            "action": "",
-            "source_a": col["source_id"][0],
-            "source_b": col["source_id"][1],
-            "conflicting": conflicting[order],
+            "split_a": np.minimum(s1, s2)[use],
+            "split_b": np.maximum(s1, s2)[use],
+            "pairs": pairs[use],
+            "conflicting": np.where(l1 != l2, pairs, 0)[use],
         }
     )
+    return table.groupby(["split_a", "split_b"], as_index=False).sum()
+
+
+@dataclass
+class _PairKeys:
+    """Image pairs (rows ``a``, ``b`` of the analysed frame), oriented so that ``a`` is the copy a
+    drop removes (the earlier split: train before val before test), with the sort key of the
+    listing: cross-split pairs first, then those with different labels, the nearest first, then
+    by paths."""
+
+    a: np.ndarray
+    b: np.ndarray
+    distance: np.ndarray
+    conflicting: np.ndarray
+    key: np.ndarray
+
+    @classmethod
+    def none(cls) -> _PairKeys:
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(empty, empty, np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=bool), empty)
+
+    @classmethod
+    def of(
+        cls,
+        split_code: np.ndarray,
+        label_code: np.ndarray,
+        path_rank: np.ndarray,
+        first: np.ndarray,
+        second: np.ndarray,
+        distance: np.ndarray,
+    ) -> _PairKeys:
+        """The pairs ``first[k]``, ``second[k]`` (``path_rank``: each image's place in path order)."""
+        swap = (split_code[first] > split_code[second]) | (
+            (split_code[first] == split_code[second]) & (path_rank[first] > path_rank[second])
+        )
+        a, b = np.where(swap, second, first), np.where(swap, first, second)
+        cross, conflicting = split_code[a] != split_code[b], label_code[a] != label_code[b]
+        # One int64 sort key (cross-split, different labels, distance, paths: < 2**27 images).
+        key = (
+            ((~cross).astype(np.int64) << 62)
+            | ((~conflicting).astype(np.int64) << 61)
+            | (distance.astype(np.int64) << 54)
+            | (path_rank[a] << 27)
+            | path_rank[b]
+        )
+        return cls(a, b, distance.astype(np.uint8), conflicting, key)
+
+    def join(self, other: _PairKeys) -> _PairKeys:
+        """These pairs and ``other``'s."""
+        return _PairKeys(*(np.concatenate([x, y]) for x, y in zip(astuple(self), astuple(other), strict=True)))
+
+    def first(self, limit: int) -> _PairKeys:
+        """The ``limit`` pairs of the smallest keys, in key order (only those are sorted)."""
+        if len(self.key) > limit:
+            part = np.argpartition(self.key, limit - 1)[:limit]
+            order = part[np.argsort(self.key[part])]
+        else:
+            order = np.argsort(self.key)
+        return _PairKeys(*(x[order] for x in astuple(self)))
+
+    def table(self, images: pd.DataFrame) -> pd.DataFrame:
+        """The pairs as rows: the near_duplicates.csv columns + source_a, source_b, conflicting."""
+        col = {
+            c: (images[c].take(self.a).to_numpy(), images[c].take(self.b).to_numpy())
+            for c in ("path", "split", "labels", "source_id")
+        }
+        return pd.DataFrame(
+            {
+                "path_a": col["path"][0],
+                "path_b": col["path"][1],
+                "split_a": col["split"][0],
+                "split_b": col["split"][1],
+                "labels_a": col["labels"][0],
+                "labels_b": col["labels"][1],
+                "distance": self.distance.astype(int),
+                "action": "",
+                "source_a": col["source_id"][0],
+                "source_b": col["source_id"][1],
+                "conflicting": self.conflicting,
+            }
+        )
 
 
 # ---------------------------------------------------------------------------- the other checks
