@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
+from taxonomist import files
 from taxonomist.files import (
     atomic_directory,
     atomic_write_bytes,
@@ -122,3 +124,34 @@ def test_sha256_file_matches_hashlib(tmp_path, size):
     path = tmp_path / "f.bin"
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest() == sha256_bytes(data)
+
+
+def test_write_back_hands_each_full_window_to_the_disk_once(monkeypatch, tmp_path):
+    calls: list[tuple[int, int, int, int]] = []
+    monkeypatch.setattr(files, "_sync_file_range", lambda: lambda *args: calls.append(args) or 0)
+    monkeypatch.setattr(files, "WRITE_BACK_WINDOW", 100)
+    write_back = files.WriteBack(7)
+    for end in (40, 99, 130, 180, 231, 250):
+        write_back.written(end)
+    assert calls == [(7, 0, 130, 2), (7, 130, 101, 2)]  # [0, 130) then [130, 231): SYNC_FILE_RANGE_WRITE
+
+
+@pytest.mark.skipif(files._sync_file_range() is None, reason="sync_file_range is Linux's")
+def test_write_back_starts_real_writes_without_changing_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(files, "WRITE_BACK_WINDOW", 4096)
+    data = os.urandom(3 * 4096 + 5)
+    with open(tmp_path / "f", "wb") as fh:
+        write_back = files.WriteBack(fh.fileno())
+        for start in range(0, len(data), 1000):
+            fh.write(data[start : start + 1000])
+            fh.flush()
+            write_back.written(fh.tell())
+        assert write_back.started == 10_000  # [0, 5000) and [5000, 10000) were accepted by the kernel
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_write_back_does_nothing_where_the_call_is_missing(monkeypatch):
+    monkeypatch.setattr(files, "_sync_file_range", lambda: None)
+    write_back = files.WriteBack(-1)  # (a bad descriptor: it must not be used)
+    write_back.written(10 * files.WRITE_BACK_WINDOW)
+    assert write_back.started == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -325,6 +326,24 @@ def test_pack_images_does_not_depend_on_order_or_file_times(tmp_path):
             os.utime(folder / rel, (mtime, mtime))
         pack_images(folder, order)
     assert (tmp_path / "a" / "images.zip").read_bytes() == (tmp_path / "b" / "images.zip").read_bytes()
+
+
+def test_pack_images_reads_ahead_in_threads_but_packs_and_hashes_in_order(tmp_path):
+    """Many more files than are read ahead: every member holds its own file's bytes, under its
+    name, in path order, with its own SHA-256; a file that cannot be read fails the packing."""
+    files = {f"images/{i:03d}.bin": os.urandom(int(n)) for i, n in enumerate(np.linspace(1, 50_000, 60))}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    hashes = pack_images(tmp_path, reversed(list(files)))
+    assert hashes == {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    with zipfile.ZipFile(tmp_path / "images.zip") as zf:
+        assert zf.namelist() == sorted(files)
+        assert all(zf.read(rel) == data for rel, data in files.items())
+    (tmp_path / "images/030.bin").unlink()
+    (tmp_path / "images/030.bin").symlink_to(tmp_path / "gone.bin")
+    with pytest.raises(FileNotFoundError, match=r"030\.bin"):
+        pack_images(tmp_path, list(files))
 
 
 def test_preprocess_reads_an_old_raw_folder_of_loose_files(staged, tmp_path):

@@ -33,7 +33,9 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -43,7 +45,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from taxonomist.errors import StageOrderError, missing_input, stale_input
-from taxonomist.files import atomic_write_text, sha256_bytes
+from taxonomist.files import WriteBack, atomic_write_text, sha256_bytes
 
 COLUMNS = ["path", "labels", "split", "sha256", "source_id", "group"]
 OPTIONAL_COLUMNS = {"group": ""}  # added later: an older manifest without them reads with this value
@@ -114,31 +116,57 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     return frame
 
 
+READ_AHEAD = 16  # images read and hashed ahead of the one being packed (by READERS threads)
+READERS = 4  # threads reading and hashing (file reads and SHA-256 run outside the GIL)
+
+
+def _read_hashed(path: Path) -> tuple[bytes, str]:
+    """The bytes of the file at ``path`` and their SHA-256."""
+    data = path.read_bytes()
+    return data, sha256_bytes(data)
+
+
 def pack_images(folder: Path, paths: Iterable[str], desc: str = "pack") -> dict[str, str]:
     """Pack the files at ``paths`` (relative to ``folder``) into ``folder/images.zip``; return
     the sha256 of each, by path.
 
     Each file is read once, then written to the archive and hashed from memory (a staged file
     may be a link to the user's image: see :func:`~taxonomist.data.sources.common.stage_images`).
-    Members are stored uncompressed under their ``path``, sorted by path, with a fixed date,
-    permissions and host system, so the same images always give a byte-identical archive.
-    The loose files are left in place (the caller removes them). Meant for a folder being
-    built (ingest writes it inside :func:`~taxonomist.files.atomic_directory`), so the archive
-    is not written atomically itself.
+    :data:`READERS` threads read and hash the next :data:`READ_AHEAD` files while this one
+    is written, so reading (several requests in flight), hashing and writing overlap; at most
+    that many files are held in memory. The archive goes to the disk as it grows
+    (:class:`~taxonomist.files.WriteBack`), not all at the final ``fsync``. Members are stored
+    uncompressed under their ``path``, sorted by path, with a fixed date, permissions and host
+    system, so the same images always give a byte-identical archive. The loose files are left
+    in place (the caller removes them). Meant for a folder being built (ingest writes it inside
+    :func:`~taxonomist.files.atomic_directory`), so the archive is not written atomically itself.
     """
     folder = Path(folder)
     target = folder / IMAGES_ARCHIVE
     hashes: dict[str, str] = {}
     ordered = sorted(set(paths))
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
-        for path in tqdm(ordered, desc=desc, unit="img", mininterval=1, disable=not ordered):
-            info = zipfile.ZipInfo(path, date_time=ZIP_DATE_TIME)
-            info.compress_type = zipfile.ZIP_STORED
-            info.create_system = 3  # unix, whatever the platform (it is in the bytes)
-            info.external_attr = 0o644 << 16
-            data = (folder / path).read_bytes()
-            zf.writestr(info, data)
-            hashes[path] = sha256_bytes(data)
+    with (
+        zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf,
+        ThreadPoolExecutor(READERS, thread_name_prefix="pack") as readers,
+    ):
+        pending: deque[Future[tuple[bytes, str]]] = deque()
+        ahead = iter(ordered)
+        write_back = WriteBack(zf.fp.fileno())
+        try:
+            for path in tqdm(ordered, desc=desc, unit="img", mininterval=1, disable=not ordered):
+                while len(pending) <= READ_AHEAD and (following := next(ahead, None)) is not None:
+                    pending.append(readers.submit(_read_hashed, folder / following))
+                data, digest = pending.popleft().result()  # a file that cannot be read fails here, in order
+                info = zipfile.ZipInfo(path, date_time=ZIP_DATE_TIME)
+                info.compress_type = zipfile.ZIP_STORED
+                info.create_system = 3  # unix, whatever the platform (it is in the bytes)
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, data)
+                hashes[path] = digest
+                write_back.written(zf.start_dir)  # (the end of the members written so far)
+        finally:
+            for future in pending:  # after an error: the files not yet read are not read
+                future.cancel()
     with open(target, "rb") as fh:  # on disk before the stage swaps its folder in (and counted in its time)
         os.fsync(fh.fileno())
     return hashes
