@@ -7,7 +7,8 @@
    from the full decode.
 2. **Flat memory, linear time**: ``taxonomist ingest`` and ``taxonomist preprocess`` at each of
    ``--sizes`` images: seconds per image and the peak memory of the stage's whole process tree
-   (the sum of its processes' PSS, sampled every 0.5 s: shared pages counted once).
+   (the sum of its processes' PSS, sampled every 0.5 s: shared pages counted once); and the
+   disk's floor for ingest: ``cat`` copying the same photos into one file, then ``fsync``.
 3. **Incremental data**: 1,000 images added to the data set of the second size: ingest and
    preprocess again (only the new images are decoded).
 4. **DVC**: at the largest size, the outputs are committed (``cache.type hardlink``, as the
@@ -120,6 +121,22 @@ def stage(project: Path, name: str, src: Path | None = None) -> tuple[float, int
     env = dict(os.environ, PYTHONPATH=str(src)) if src else None
     code = "import sys; from taxonomist.cli import main; sys.exit(main(sys.argv[1:]))"
     return run([sys.executable, "-c", code, name, "--params", "params.yaml"], project, project / f"{name}.log", env)
+
+
+def copy_seconds(source: Path, target: Path) -> float:
+    """The disk's floor for ingest: the seconds to read every image of ``source`` (in path order,
+    from a cold page cache when allowed) and write them one after another into ``target``, then
+    ``fsync`` it (``cat`` does the copy). The file is removed afterwards."""
+    files = sorted(str(path) for path in source.rglob("*.jpg"))
+    drop_page_cache()
+    start = time.perf_counter()
+    with open(target, "wb") as out:
+        for at in range(0, len(files), 1000):  # (a command line of 1,000 paths at a time)
+            subprocess.run(["cat", *files[at : at + 1000]], stdout=out, check=True)
+        os.fsync(out.fileno())
+    seconds = time.perf_counter() - start
+    target.unlink()
+    return seconds
 
 
 def make_project(folder: Path, source: Path, src: Path | None = None) -> Path:
@@ -318,11 +335,15 @@ def loader_rows(project: Path, cap_gib: float) -> list[Row]:
 
 def size_rows(pool: Path, work: Path, sizes: list[int], cap_gib: float) -> list[Row]:
     rows: list[Row] = []
-    per_image: dict[str, dict[int, float]] = {"ingest": {}, "preprocess": {}}
+    per_image: dict[str, dict[int, float]] = {"copy": {}, "ingest": {}, "preprocess": {}}
     peaks: dict[int, int] = {}
     for n, size in enumerate(sizes):
         source = photos.view(pool, work / f"photos-{size}", size)
         project = make_project(work / f"project-{size}", source)
+        copy = copy_seconds(source, work / "copy.bin")
+        per_image["copy"][size] = copy / size
+        rows.append(Row(f"copy {size:,} photos into one file (`cat`, fsync): the disk's floor", copy, "s",
+                        label=f"{1000 * copy / size:.2f} ms/img"))  # fmt: skip
         for name in ("ingest", "preprocess"):
             seconds, peak = stage(project, name)
             per_image[name][size] = seconds / size
@@ -351,6 +372,8 @@ def size_rows(pool: Path, work: Path, sizes: list[int], cap_gib: float) -> list[
             ratio = per_image[name][last] / per_image[name][first]
             rows.append(Row(f"{name} time per image, {last:,} / {first:,}", ratio, "", target=1.1,
                             higher_is_better=False, digits=2))  # fmt: skip
+        copy_ratio = per_image["copy"][last] / per_image["copy"][first]
+        rows.append(Row(f"  the disk's floor (copy) per image, {last:,} / {first:,}", copy_ratio, "", digits=2))
         spread = max(peaks.values()) / min(peaks.values())
         rows.append(Row("preprocess peak memory, largest / smallest", spread, "", target=1.1, higher_is_better=False,
                         digits=2))  # fmt: skip
