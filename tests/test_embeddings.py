@@ -16,7 +16,7 @@ from taxonomist.errors import ConfigError
 from taxonomist.models.embeddings import EmbeddingModel
 from taxonomist.models.embeddings.cache import embed, split_features
 from taxonomist.models.embeddings.features import HOG, UniformLBP, build_extractor
-from taxonomist.models.embeddings.heads import CLASSIFIERS, build_head, fit_classifier, to_torch
+from taxonomist.models.embeddings.heads import ABSENT, CLASSIFIERS, build_head, fit_classifier, to_torch
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (30, 33, 3), (64, 48)])
@@ -122,6 +122,29 @@ def test_binary_head_gives_the_positive_class_logit(name: str) -> None:
     assert agree.mean() > 0.97  # ties at p = 0.5 aside
 
 
+def test_exact_svm_head_for_a_binary_task_and_with_a_class_absent(tmp_path: Path) -> None:
+    """The one logit of a binary task is SVC's decision value; a class training never saw gets
+    the absent logit and the others SVC's one-vs-rest values; the head exports to ONNX (the
+    votes are comparisons) with the same logits."""
+    from taxonomist.export.onnx import export_onnx, verify_onnx
+
+    x, y = _blobs(2, seed=5)
+    spec = {"name": "svc", "scale": True, "params": {"C": 1.0}}
+    pipeline = fit_classifier(spec, x, y, seed=0)
+    logit = to_torch(pipeline, spec, 2, 1)(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(logit[:, 0], pipeline.decision_function(x), atol=1e-3, rtol=1e-4)
+    x, y = _blobs(4, seed=6)
+    seen = y != 2
+    pipeline = fit_classifier(spec, x[seen], y[seen], seed=0)
+    logits = to_torch(pipeline, spec, 4, 4)(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(logits[:, [0, 1, 3]], pipeline.decision_function(x), atol=1e-3, rtol=1e-4)
+    assert (logits[:, 2] == ABSENT).all()
+    np.testing.assert_array_equal(logits.argmax(1), pipeline.predict(x))
+    head = to_torch(pipeline, spec, 4, 4)
+    path = export_onnx(head, torch.from_numpy(x[:2]), tmp_path / "svc.onnx")
+    assert verify_onnx(head, path, torch.from_numpy(x))["max_abs_diff"] < 1e-4
+
+
 def test_a_class_absent_from_training_is_never_predicted() -> None:
     x, y = _blobs(3)
     spec = {"name": "logistic", "scale": True, "params": {}}
@@ -135,6 +158,7 @@ def test_fitted_head_rebuilds_from_config_and_state_dict() -> None:
     x, y = _blobs(3)
     for spec in (
         {"name": "svm", "scale": True, "params": {"components": 40}},
+        {"name": "svc", "scale": True, "params": {"C": 1.0}},
         {"name": "knn", "scale": True, "params": {"n_neighbors": 5}},
         {"name": "random_forest", "scale": False, "params": {"n_estimators": 5}},
     ):
