@@ -11,7 +11,7 @@
    pseudo-labels (:func:`taxonomist.models.embeddings.semi.self_train`), test accuracy.
 
 Writes ``reports/benchmark_embeddings.md`` and README.md's ``embeddings`` block.
-Usage: ``.venv/bin/python benchmarks/embeddings.py [--only digits] [--epochs 15]``
+Usage: ``.venv/bin/python benchmarks/embeddings.py [--only digits] [--model "HOG + logistic"] [--epochs 15]``
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ MARKERS = ("<!-- embeddings:start -->", "<!-- embeddings:end -->")
 SETS = {"fashion-mnist": ("Fashion-MNIST, 28x28 gray, 10 classes", ["data=fashion_mnist"], "f1_macro"), **DATASETS}
 MODELS = {
     "HOG + RBF SVM": ["model=embeddings"],
+    "HOG + exact RBF SVM (svc)": ["model=embeddings", "model/classifier=svc"],
     "HOG + logistic": ["model=embeddings", "model/classifier=logistic"],
     "HOG + colour hist. + logistic": ["model=embeddings", "model/features=hog_color", "model/classifier=logistic"],
     "EfficientNet-Lite0 features + logistic": [
@@ -99,6 +100,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--only", choices=sorted(SETS), action="append", help="data set(s) to run")
+    parser.add_argument("--model", choices=sorted(MODELS), action="append", help="model row(s) to run (default: all)")
     parser.add_argument("--no-self-training", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -111,6 +113,8 @@ def main() -> int:
     for name in args.only or list(SETS):
         about, data, metric = SETS[name]
         for variant, model in MODELS.items():
+            if args.model and variant not in args.model:
+                continue
             if name == "fashion-mnist" and "network" in variant:
                 committed = json.loads((ROOT / "reports" / "metrics.json").read_text())["test"]
                 rows.append(
