@@ -9,7 +9,8 @@
   on tens of thousands of images, where ``SVC`` takes minutes to hours;
 - ``svc``: the exact RBF-kernel SVM, :class:`~sklearn.svm.SVC` (one-vs-one): no approximation,
   but training time grows with the square of the number of images (about 30 s for 10,000 HOG
-  vectors on 2 cores, 25 min for 60,000), so for data sets up to a few tens of thousands;
+  vectors on 2 cores, 17 min for 60,000) and the model keeps every support vector, so for data
+  sets up to a few tens of thousands;
 - ``knn``: :class:`~sklearn.neighbors.KNeighborsClassifier` (the training features are kept
   in the model);
 - ``random_forest``: :class:`~sklearn.ensemble.RandomForestClassifier`.
