@@ -188,6 +188,88 @@ def test_the_experiment_opens_on_training_runs_and_a_run_records_its_data_set(
     assert run.data.tags["auto_settings"] == "preprocess.channels = 1 (all 2 images are grayscale)"
 
 
+def test_an_experiment_created_by_a_parallel_run_since_the_look_up_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs opening a new experiment at once: the one whose create loses finds the other's."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = cfg(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"))
+    experiment_id = setup(config)
+    real_lookup, looked = mlflow.MlflowClient.get_experiment_by_name, []
+
+    def first_look_misses(self, name):
+        looked.append(name)
+        return None if len(looked) == 1 else real_lookup(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", first_look_misses)
+    assert setup(config) == experiment_id
+    assert len(looked) == 2  # the create failed on the existing name, the second look found it
+
+
+def test_two_runs_logging_the_same_data_set_at_once_share_it_instead_of_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of two queued experiments: run A's store looks the data set up, finds none, and
+    before A inserts it run B logs the same one. A's insert then fails on the unique key for
+    real; log_inputs tries again and A reuses B's row. Any other store error is not retried."""
+    import sqlite3
+
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking import sqlalchemy_store
+
+    from taxonomist.tracking import runs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment_id = setup(cfg(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art")))
+    client = mlflow.MlflowClient()
+    frame = pd.DataFrame({"path": ["a.png"], "labels": ["0"]})
+
+    def inputs(digest: str) -> list:
+        dataset = mlflow.data.from_pandas(frame, source=str(tmp_path), name="photos", digest=digest)
+        return [mlflow.entities.DatasetInput(dataset._to_mlflow_entity())]
+
+    real_uuid4, other = sqlalchemy_store.uuid.uuid4, []
+
+    def uuid4_after_the_other_run_logged():  # called between A's look-up and A's insert
+        if other:
+            run_id, datasets = other.pop()
+            mlflow.MlflowClient().log_inputs(run_id, datasets=datasets)
+        return real_uuid4()
+
+    monkeypatch.setattr(sqlalchemy_store.uuid, "uuid4", uuid4_after_the_other_run_logged)
+    a, b = (client.create_run(experiment_id).info.run_id for _ in range(2))
+    other.append((b, inputs("0000aaaa")))
+    with pytest.raises(MlflowException, match="UNIQUE constraint failed"):  # the race, unhandled
+        client.log_inputs(a, datasets=inputs("0000aaaa"))
+    a, b = (client.create_run(experiment_id).info.run_id for _ in range(2))
+    other.append((b, inputs("1111bbbb")))
+    runs.log_inputs(client, a, inputs("1111bbbb"))  # the same race, handled
+    assert not other  # the other run did log first
+    for run_id in (a, b):
+        assert client.get_run(run_id).inputs.dataset_inputs[0].dataset.digest == "1111bbbb"
+    with sqlite3.connect(tmp_path / "m.db") as db:  # one row for the data set, both runs point at it
+        assert db.execute("SELECT COUNT(*) FROM datasets WHERE digest = '1111bbbb'").fetchone() == (1,)
+        linked = db.execute(
+            "SELECT COUNT(*) FROM inputs JOIN datasets ON source_id = dataset_uuid WHERE digest = '1111bbbb'"
+        ).fetchone()
+        assert linked == (2,)
+
+    calls = []
+
+    class Refusing:
+        def log_inputs(self, run_id, datasets):
+            calls.append(run_id)
+            raise MlflowException("RESOURCE_DOES_NOT_EXIST: no run")
+
+    with pytest.raises(MlflowException, match="no run"):
+        runs.log_inputs(Refusing(), "r", inputs)
+    assert calls == ["r"]
+
+
 def test_redact_masks_credentials_in_uris_queries_and_secret_environment_values(monkeypatch):
     from taxonomist.tracking.redact import redact, secret_values
 

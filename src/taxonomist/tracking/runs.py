@@ -179,6 +179,7 @@ def setup(cfg: DictConfig) -> str:
     SQLite store that does not exist yet is created first (:func:`create_sqlite_store`), so
     parallel stages never race to create it."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(cfg)
     prefix = "sqlite:///"
@@ -194,11 +195,16 @@ def setup(cfg: DictConfig) -> str:
     if experiment is None:
         # A tracking server decides where artifacts go (it proxies them); a local store uses ours.
         remote = uri.startswith(("http://", "https://"))
-        return client.create_experiment(
-            name,
-            artifact_location=None if remote else artifact_location(cfg),
-            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
-        )
+        try:
+            return client.create_experiment(
+                name,
+                artifact_location=None if remote else artifact_location(cfg),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        except MlflowException:  # a parallel run created it since the look-up: use that one
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # an experiment made before, or by create_sqlite_store
@@ -314,6 +320,33 @@ def reopen_pipeline_run(cfg: DictConfig, run_id: str) -> bool:
     return True
 
 
+# The store's words for a row another writer inserted first (SQLite, PostgreSQL, MySQL).
+_DUPLICATE_ROW = re.compile(r"UNIQUE constraint failed|duplicate key value|Duplicate entry|IntegrityError")
+LOG_INPUTS_ATTEMPTS = 3
+
+
+def log_inputs(client: Any, run_id: str, datasets: list[Any], attempts: int = LOG_INPUTS_ATTEMPTS) -> None:
+    """``client.log_inputs``, tried again when another run inserted the same data set first.
+
+    MLflow's SQL store looks a data set (experiment, name, digest) up and inserts it when absent,
+    in one transaction but without a lock: two runs of the same data starting together (``dvc
+    queue start -j 2``, a sweep's parallel trials) can both miss it, and the second insert then
+    fails on the unique key. The failed transaction was rolled back, so trying again is safe, and
+    the second try finds the row the other run wrote and reuses it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as error:
+            if attempt == attempts or not _DUPLICATE_ROW.search(str(error)):
+                raise
+            log.debug("data set logged by a concurrent run first; trying again (%s)", error)
+            time.sleep(0.05 * attempt)
+
+
 def log_dataset(
     run_id: str, cfg: DictConfig, processed_dir: Path, digest: str, report: dict[str, Any], health_dir: Path | None
 ) -> None:
@@ -337,7 +370,7 @@ def log_dataset(
         dataset = mlflow.data.from_pandas(frame, source=raw, name=name, digest=digest[:DIGEST_LENGTH])
     client = mlflow.MlflowClient()
     context = mlflow.entities.InputTag(key="mlflow.data.context", value="training")
-    client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+    log_inputs(client, run_id, [mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
     lines = describe(report.get("settings", {"preprocess": {}}))
     if lines:
         client.set_tag(run_id, "auto_settings", redact("; ".join(lines))[:MAX_PARAM_LENGTH])
