@@ -451,3 +451,43 @@ def test_quarantine_log_names_the_users_file_and_a_worded_reason(caplog, staged)
     assert len(lines) == 1, lines
     assert lines[0].startswith("quarantined ") and "circle/zz_truncated.png: " in lines[0], lines[0]
     assert "images/" not in lines[0] and "BytesIO" not in lines[0], lines[0]
+
+
+def test_locate_finds_the_split_and_row_of_only_the_images_asked_for():
+    paths = pd.Series(["t0", "t1", "t2", "v0", "s0", "s1"], dtype="string[pyarrow]")
+    slices = {"train": slice(0, 3), "val": slice(3, 4), "test": slice(4, 6)}
+    found = preprocess.locate(paths, slices, ["s1", "t2", "gone", "s1", "v0"])
+    assert found == {"s1": ("test", 1), "t2": ("train", 2), "v0": ("val", 0)}
+    assert preprocess.locate(paths, slices, []) == {}
+
+
+def test_the_health_grid_shows_the_written_pixels_of_each_pair(tmp_path):
+    """The stage hands the report the decoded rows of exactly the images its grid shows."""
+    from PIL import Image
+
+    from taxonomist.data import health
+
+    source = make_image_folder(tmp_path / "images", per_class=12)
+    for label in ("circle", "square"):
+        for original in sorted((source / label).glob("*.png"))[:3]:  # near duplicates: the same picture re-encoded
+            Image.open(original).convert("RGB").save(original.with_name(f"again_{original.stem}.jpg"), quality=95)
+    cfg = compose(tiny_overrides(source), conf_dir=Path(__file__).resolve().parents[1] / "conf")
+    ingest.run(cfg, out_dir=tmp_path / "raw")
+    asked: list[tuple[str, tuple[int, ...] | None]] = []
+    real_write = health.Health.write
+
+    def write(self, out_dir, thumbnail=None):
+        def recorded(path):
+            pixels = thumbnail(path)
+            asked.append((path, None if pixels is None else pixels.shape))
+            return pixels
+
+        return real_write(self, out_dir, recorded)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(health.Health, "write", write)
+        preprocess.run(cfg, raw_dir=tmp_path / "raw", out_dir=tmp_path / "processed")
+    pairs = pd.read_csv(tmp_path / "health" / "near_duplicates.csv", keep_default_na=False)
+    assert len(pairs)
+    assert {path for path, _ in asked} == {*pairs["path_a"].head(8), *pairs["path_b"].head(8)}
+    assert all(shape is not None for _, shape in asked)

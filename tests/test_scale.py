@@ -352,3 +352,28 @@ def test_a_decoder_that_kills_its_worker_fails_the_stage_naming_the_file(photos,
     )
     with pytest.raises(parallel.WorkerDied, match=r"green/0010\.jpg: the process decoding this image died"):
         preprocess.run(cfg, raw_dir=photos["raw"], out_dir=photos["processed"])
+
+
+def test_an_image_that_inspects_but_does_not_decode_fails_the_stage_by_its_source_name(photos, monkeypatch):
+    """Decoding holds only the archive paths; the message still names the user's file (read back
+    from the splits table written before decoding), and the previous cache stays."""
+    before = (photos["processed"] / "train_images.npy").read_bytes()
+    victim = (photos["source"] / "blue" / "0011.jpg").read_bytes()
+    original = preprocess.decode
+
+    def failing(data, spec, draft=True):
+        if data == victim:
+            raise InvalidImage("truncated at row 7")
+        return original(data, spec, draft)
+
+    monkeypatch.setattr(preprocess, "decode", failing)
+    cfg = compose(
+        [*tiny_overrides(photos["source"]), "preprocess.workers=2", "preprocess.image_size=24"], conf_dir=REPO / "conf"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"1 image\(s\) passed inspection but did not decode at 24px: "
+        r"blue/0011\.jpg \(truncated at row 7\); run the ingest stage again",
+    ):
+        preprocess.run(cfg, raw_dir=photos["raw"], out_dir=photos["processed"])
+    assert (photos["processed"] / "train_images.npy").read_bytes() == before

@@ -556,6 +556,11 @@ class Health:
         """One line per problem, most important first."""
         return list(self.summary["warnings"])
 
+    def shown_paths(self) -> list[str]:
+        """The images :meth:`write` asks ``thumbnail`` for: both sides of the example pairs."""
+        shown = self.pairs.head(GRID_PAIRS)
+        return [*shown["path_a"].astype(str), *shown["path_b"].astype(str)]
+
     def write(self, out_dir: Path, thumbnail: Thumbnail | None = None) -> list[Path]:
         """Write ``health.md``, its PNGs and CSVs into ``out_dir``; return the paths written.
 

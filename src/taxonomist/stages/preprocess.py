@@ -36,7 +36,7 @@ import gc
 import logging
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +55,7 @@ from taxonomist.data.split import assign_splits, group_keys
 from taxonomist.errors import DataError
 from taxonomist.files import atomic_directory, atomic_write_csv, atomic_write_json, read_json
 from taxonomist.stages.paths import PROCESSED_DIR, RAW_DIR, health_dir_for
-from taxonomist.tasks import task_of
+from taxonomist.tasks import Task, task_of
 
 log = logging.getLogger(__name__)
 # What :func:`inspect` learns about each image (besides its perceptual hash), with its dtype.
@@ -99,15 +99,20 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return (kept if kept.index.is_monotonic_increasing else kept.sort_index()), dropped
 
 
-def source_namer(frame: pd.DataFrame) -> Callable[[str], str]:
-    """The user's name (``source_id``) of an archive path of ``frame``, for messages. The
-    lookup table is built on the first call only: a dict of every image would cost a few
-    hundred bytes per image for the rare failure that needs a name."""
+def source_namer(frame: pd.DataFrame | Path) -> Callable[[str], str]:
+    """The user's name (``source_id``) of an archive path of ``frame`` (a table, or a CSV file
+    of one), for messages. The lookup table is built on the first call only: a dict of every
+    image would cost a few hundred bytes per image for the rare failure that needs a name."""
     table: dict[str, str] = {}
 
     def name(path: str) -> str:
         if not table:
-            table.update(zip(frame["path"], frame["source_id"], strict=True))
+            names = (
+                pd.read_csv(frame, usecols=["path", "source_id"], dtype=str, keep_default_na=False)
+                if isinstance(frame, Path)
+                else frame
+            )
+            table.update(zip(names["path"], names["source_id"], strict=True))
         return table.get(path, path)
 
     return name
@@ -378,14 +383,24 @@ def _decode_chunk(
 
 
 def write_images(
-    frame: pd.DataFrame, raw_dir: Path, out_dir: Path, spec: ImageSpec, workers: int | Workers, previous: Previous
+    frame: pd.DataFrame,
+    raw_dir: Path,
+    out_dir: Path,
+    spec: ImageSpec,
+    workers: int | Workers,
+    previous: Previous,
+    names: Path | None = None,
 ) -> tuple[auto.PixelStats, int]:
     """Write each split's images (``<split>_images.npy``, rows in ``frame`` order) into
     ``out_dir``: copied from ``previous`` when it decoded the same content at ``spec``, else
     decoded on ``workers`` processes. Returns the training images' pixel sums and how many
-    images were decoded (not reused)."""
+    images were decoded (not reused).
+
+    ``frame`` needs ``path``, ``split`` and the spans, plus ``sha256`` when ``previous`` has
+    rows to reuse. Messages name an image by its ``source_id``: from ``frame``, or from the CSV
+    ``names`` (read only when a message needs it, so the stage can drop the column first)."""
     stats = auto.PixelStats(spec.channels)
-    source_name = source_namer(frame)  # what messages name
+    source_name = source_namer(frame if names is None else names)  # what messages name
     split_names: list[np.ndarray] = []  # per split, of what is decoded: the split, its row, the frame position
     split_rows: list[np.ndarray] = []
     at: list[np.ndarray] = []
@@ -513,24 +528,48 @@ def order_by_split(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, dict[s
     return frame.take(np.concatenate([rows[name] for name in SPLITS])), slices
 
 
-@dataclass
-class SplitPaths:
-    """Where each written image lies (``(split, row)`` by path), for the few the health report
-    shows: the paths in split-file order, searched when asked (a dict of every path would
-    cost a few hundred bytes per image)."""
+def locate(paths: pd.Series, slices: dict[str, slice], wanted: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """Where each of the ``wanted`` images lies once written, ``(split, row)`` by path; ``paths``
+    are every image's, in split-file order (``slices``: the rows of each split). Only the few
+    the health report shows are looked up: a table of every image would outlive the stage's
+    per-image tables."""
+    wanted = list(dict.fromkeys(wanted))
+    found: dict[str, tuple[str, int]] = {}
+    if not wanted:
+        return found
+    hits = np.flatnonzero(paths.isin(wanted).to_numpy(dtype=bool))
+    for at in hits:
+        path = str(paths.iat[at])
+        split = next(name for name, rows in slices.items() if rows.start <= at < rows.stop)
+        found.setdefault(path, (split, int(at) - slices[split].start))
+    return found
 
-    paths: pd.Series
-    slices: dict[str, slice]
 
-    def where(self, path: str) -> tuple[str, int] | None:
-        """The split and row of ``path`` (None: not written)."""
-        hits = np.flatnonzero((self.paths == path).to_numpy(dtype=bool))
-        if not len(hits):
-            return None
-        for split, rows in self.slices.items():
-            if rows.start <= hits[0] < rows.stop:
-                return split, int(hits[0]) - rows.start
-        return None
+def write_tables(
+    out_dir: Path,
+    frame: pd.DataFrame,
+    slices: dict[str, slice],
+    space: Task,
+    dropped: pd.DataFrame,
+    quarantined: pd.DataFrame,
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Write the stage's tables into ``out_dir``: each split's encoded labels
+    (``<split>_labels.npy``), the label space, ``splits.csv`` (``frame``, in split-file order,
+    ``slices`` its rows per split), ``duplicates.csv`` and ``quarantine.csv``. Returns the labels
+    per split and class (several per multi-label image) and the images per split."""
+    counts: dict[str, dict[str, int]] = {}
+    sizes: dict[str, int] = {}
+    for split in SPLITS:
+        labels = frame["labels"].iloc[slices[split]]
+        np.save(out_dir / f"{split}_labels.npy", np.asarray(space.encode(labels)))
+        sizes[split] = len(labels)
+        per_label = labels.map(split_labels).explode().dropna()
+        counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
+    write_labels(out_dir, space)
+    atomic_write_csv(out_dir / "splits.csv", frame)
+    atomic_write_csv(out_dir / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]])
+    atomic_write_csv(out_dir / "quarantine.csv", quarantined)
+    return counts, sizes
 
 
 def released() -> None:
@@ -600,32 +639,26 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
             if previous.decode != decode_key(spec):
                 previous.rows = None  # decoded at other settings (or nothing to reuse): everything is decoded
 
-            stats, _ = write_images(split_frame, raw_dir, tmp, spec, workers, previous)
-            del previous
-            split_frame = split_frame[list(COLUMNS)]  # what is left to write
-            parts = {split: split_frame.iloc[rows] for split, rows in slices.items()}
+            # The tables are final: write them now, so decoding holds no more text than it needs.
+            images_out = len(split_frame)
+            counts, sizes = write_tables(tmp, split_frame[list(COLUMNS)], slices, space, dropped, quarantined)
+            shown = locate(split_frame["path"], slices, report_health.shown_paths())  # the report's example images
+            decoding = ["path", "split", *SPAN] + (["sha256"] if previous.rows is not None else [])
+            split_frame = split_frame[decoding]
+            del parts
             released()
-            auto.add_normalisation(choice, cfg, stats, images=len(parts["train"]))
+            stats, _ = write_images(split_frame, raw_dir, tmp, spec, workers, previous, names=tmp / "splits.csv")
+            del previous, split_frame
+            released()
+            auto.add_normalisation(choice, cfg, stats, images=sizes["train"])
             for line in auto.describe(choice.to_dict()):
                 log.info("auto: %s", line)
-            counts: dict[str, dict[str, int]] = {}
-            sizes: dict[str, int] = {}
-            for split in SPLITS:
-                part = parts[split]
-                np.save(tmp / f"{split}_labels.npy", np.asarray(space.encode(part["labels"])))
-                sizes[split] = len(part)
-                per_label = part["labels"].map(split_labels).explode().dropna()
-                counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
-            write_labels(tmp, space)
-            atomic_write_csv(tmp / "splits.csv", split_frame)
-            atomic_write_csv(tmp / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]])
-            atomic_write_csv(tmp / "quarantine.csv", quarantined)
             report = {
                 "images_in": images_in,
                 "quarantined": len(problems),
                 "duplicates_dropped": int((dropped["reason"] == "duplicate").sum()),
                 "conflicting_dropped": int((dropped["reason"] != "duplicate").sum()),
-                "images_out": len(split_frame),
+                "images_out": images_out,
                 "task": task.name,
                 "classes": space.classes,
                 "image_shape": [spec.size, spec.size, spec.channels],
@@ -636,14 +669,11 @@ def _run(cfg: DictConfig, raw_dir: Path, out_dir: Path, health_dir: Path, worker
                 "per_split_per_class": counts,
             }
             atomic_write_json(tmp / "report.json", report)
-            written = SplitPaths(split_frame["path"], slices)  # for the health report's example images
-            del parts, split_frame
-            released()
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise DataError(no_space(out_dir, needed)) from None
         raise
-    report_health.write(health_dir, thumbnail=lambda path: thumbnail(out_dir, written.where(path)))
+    report_health.write(health_dir, thumbnail=lambda path: thumbnail(out_dir, shown.get(path)))
     log.info("data health report: %s (%d warning(s))", health_dir / "health.md", len(report_health.warnings))
     log.info(
         "preprocess: %d in, %d quarantined, %d duplicates dropped, %s",
