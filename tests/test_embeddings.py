@@ -20,8 +20,8 @@ from taxonomist.models.embeddings.heads import ABSENT, CLASSIFIERS, build_head, 
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (30, 33, 3), (64, 48)])
-@pytest.mark.parametrize("cell,block", [(4, 2), (8, 3)])
-def test_hog_matches_scikit_image(shape: tuple[int, ...], cell: int, block: int) -> None:
+@pytest.mark.parametrize("cell,block,sqrt", [(4, 2, False), (8, 3, False), (4, 2, True), (7, 2, True)])
+def test_hog_matches_scikit_image(shape: tuple[int, ...], cell: int, block: int, sqrt: bool) -> None:
     rng = np.random.default_rng(sum(shape))
     image = rng.integers(0, 256, shape).astype(np.uint8) / 255.0
     want = hog(
@@ -30,12 +30,33 @@ def test_hog_matches_scikit_image(shape: tuple[int, ...], cell: int, block: int)
         pixels_per_cell=(cell, cell),
         cells_per_block=(block, block),
         block_norm="L2-Hys",
+        transform_sqrt=sqrt,
         channel_axis=-1 if len(shape) == 3 else None,
     )
     x = torch.tensor(image if len(shape) == 3 else image[..., None]).permute(2, 0, 1)[None].float()
-    got = HOG(9, cell, block)(x)[0].numpy()
+    got = HOG(9, cell, block, transform_sqrt=sqrt)(x)[0].numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_multiscale_hog_config_is_two_compressed_hogs_and_exports(tmp_path: Path) -> None:
+    """``model/features=hog_multiscale``: scikit-image's HOG after square-root compression at 4
+    and 7 px cells, side by side (1,620 numbers at 28 px), in one ONNX graph."""
+    from taxonomist.config import compose
+    from taxonomist.export.onnx import export_onnx, verify_onnx
+
+    cfg = compose(["model=embeddings", "model/features=hog_multiscale"], conf_dir=REPO / "conf")
+    extractor = build_extractor(cfg.model.features, 1)
+    images = np.random.default_rng(4).integers(0, 256, (3, 28, 28)).astype(np.uint8) / 255.0
+    got = extractor(torch.tensor(images)[:, None].float()).numpy()
+    want = [
+        np.concatenate([hog(im, 9, (cell, cell), (2, 2), block_norm="L2-Hys", transform_sqrt=True) for cell in (4, 7)])
+        for im in images
+    ]
+    assert got.shape == (3, 1620)
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-5)
+    x = torch.tensor(images)[:, None].float()
+    assert verify_onnx(extractor, export_onnx(extractor, x[:2], tmp_path / "hog.onnx"), x)["max_abs_diff"] < 1e-5
 
 
 def test_lbp_codes_match_scikit_image() -> None:

@@ -75,18 +75,24 @@ class HOG(nn.Module):
     bin over ``pixels_per_cell`` square cells and divided by the cell's area, and the cells
     grouped into overlapping ``cells_per_block`` blocks, each L2-normalised, clipped at 0.2 and
     normalised again (L2-Hys). Orientation bins are found with cross products against the bin
-    edges (no ``atan2``, which ONNX lacks).
+    edges (no ``atan2``, which ONNX lacks). ``transform_sqrt`` takes the square root of the
+    image first (scikit-image's power-law compression: gradients in dark regions count more).
     """
 
-    def __init__(self, orientations: int = 9, pixels_per_cell: int = 4, cells_per_block: int = 2):
+    def __init__(
+        self, orientations: int = 9, pixels_per_cell: int = 4, cells_per_block: int = 2, transform_sqrt: bool = False
+    ):
         super().__init__()
         self.orientations, self.cell, self.block = int(orientations), int(pixels_per_cell), int(cells_per_block)
+        self.transform_sqrt = bool(transform_sqrt)
         edges = torch.arange(1, self.orientations, dtype=torch.float64) * math.pi / self.orientations
         self.register_buffer("edge_cos", edges.cos().float().view(1, -1, 1, 1), persistent=False)
         self.register_buffer("edge_sin", edges.sin().float().view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if self.transform_sqrt:
+            x = x.clamp(min=0).sqrt()
         g_row = F.pad(x[:, :, 2:, :] - x[:, :, :-2, :], (0, 0, 1, 1))
         g_col = F.pad(x[:, :, :, 2:] - x[:, :, :, :-2], (1, 1, 0, 0))
         if x.shape[1] > 1:  # the channel with the strongest gradient at each pixel
