@@ -39,24 +39,29 @@ def test_hog_matches_scikit_image(shape: tuple[int, ...], cell: int, block: int,
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_the_multiscale_hog_config_is_two_compressed_hogs_and_exports(tmp_path: Path) -> None:
+@pytest.mark.parametrize("config,pixels", [("hog_multiscale", False), ("hog_pixels", True)])
+def test_the_multiscale_hog_configs_are_compressed_hogs_and_export(tmp_path: Path, config: str, pixels: bool) -> None:
     """``model/features=hog_multiscale``: scikit-image's HOG after square-root compression at 4
-    and 7 px cells, side by side (1,620 numbers at 28 px), in one ONNX graph."""
+    and 7 px cells, side by side (1,620 numbers at 28 px); ``hog_pixels``: the same plus the
+    784 intensities. Each is one ONNX graph."""
     from taxonomist.config import compose
     from taxonomist.export.onnx import export_onnx, verify_onnx
 
-    cfg = compose(["model=embeddings", "model/features=hog_multiscale"], conf_dir=REPO / "conf")
+    cfg = compose(["model=embeddings", f"model/features={config}"], conf_dir=REPO / "conf")
     extractor = build_extractor(cfg.model.features, 1)
     images = np.random.default_rng(4).integers(0, 256, (3, 28, 28)).astype(np.uint8) / 255.0
-    got = extractor(torch.tensor(images)[:, None].float()).numpy()
+    x = torch.tensor(images)[:, None].float()
+    got = extractor(x).numpy()
     want = [
-        np.concatenate([hog(im, 9, (cell, cell), (2, 2), block_norm="L2-Hys", transform_sqrt=True) for cell in (4, 7)])
+        np.concatenate(
+            [hog(im, 9, (cell, cell), (2, 2), block_norm="L2-Hys", transform_sqrt=True) for cell in (4, 7)]
+            + ([im.reshape(-1)] if pixels else [])
+        )
         for im in images
     ]
-    assert got.shape == (3, 1620)
+    assert got.shape == (3, 1620 + 784 * pixels)
     np.testing.assert_allclose(got, np.stack(want), atol=1e-5)
-    x = torch.tensor(images)[:, None].float()
-    assert verify_onnx(extractor, export_onnx(extractor, x[:2], tmp_path / "hog.onnx"), x)["max_abs_diff"] < 1e-5
+    assert verify_onnx(extractor, export_onnx(extractor, x[:2], tmp_path / "f.onnx"), x)["max_abs_diff"] < 1e-5
 
 
 def test_lbp_codes_match_scikit_image() -> None:

