@@ -37,7 +37,9 @@ def main() -> int:
     parser.add_argument("n", type=int, nargs="?", default=60000, help="training images used (the first n)")
     parser.add_argument("C", type=float, nargs="?", default=10.0)
     parser.add_argument("--features", default="hog", help="a conf/model/features config (hog, hog_multiscale, ...)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the features (libsvm uses one)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # two runs side by side on 2 cores do not wait on each other's threads
     cfg = compose(
         [
             "model=embeddings",
