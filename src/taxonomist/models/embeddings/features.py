@@ -197,19 +197,12 @@ def _lbp(params: dict[str, Any], in_chans: int) -> nn.Module:
 
 
 class Pixels(nn.Module):
-    """The image's own intensities, flattened (channel-major), optionally averaged down to a
-    ``grid`` x ``grid`` image first: what the gradients of HOG leave out (brightness, filled
-    areas). Beside ``hog`` in a ``concat`` for small images (``model/features=hog_pixels``)."""
-
-    def __init__(self, grid: int | None = None):
-        super().__init__()
-        self.grid = int(grid) if grid else None
+    """The image's own intensities, flattened (channel-major): what the gradients of HOG leave
+    out (brightness, filled areas). Beside ``hog`` in a ``concat`` for small images
+    (``model/features=hog_pixels``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.grid and tuple(x.shape[-2:]) != (self.grid, self.grid):
-            x = F.adaptive_avg_pool2d(x, self.grid)
-        return x.flatten(1)
+        return x.float().flatten(1)
 
 
 @register("pixels")
