@@ -155,3 +155,34 @@ def test_write_back_does_nothing_where_the_call_is_missing(monkeypatch):
     write_back = files.WriteBack(-1)  # (a bad descriptor: it must not be used)
     write_back.written(10 * files.WRITE_BACK_WINDOW)
     assert write_back.started == 0
+
+
+def test_read_text_csv_reads_what_pandas_reads_as_text(tmp_path):
+    """Every column text, empty fields empty text (not missing), numbers-as-text kept as written,
+    and quoting (commas, quotes, newlines, non-ASCII) undone, as ``pd.read_csv(dtype=str,
+    keep_default_na=False)`` does; ``usecols`` picks columns; an empty file fails the same way."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "path": ["images/a,b.png", 'images/say "hi".png', "images/two\nlines.png", "images/café.png"],
+            "labels": ["cat", "", "NA", "dog|cat"],
+            "group": ["007", "", "1e3", "nan"],
+        }
+    )
+    path = tmp_path / "table.csv"
+    files.atomic_write_csv(path, frame)
+    expected = pd.read_csv(path, dtype=str, keep_default_na=False)
+    read = files.read_text_csv(path)
+    pd.testing.assert_frame_equal(read, expected)
+    assert read["group"].tolist() == ["007", "", "1e3", "nan"]
+    pd.testing.assert_frame_equal(files.read_text_csv(path, usecols=["group", "path"]), expected[["path", "group"]])
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("path,labels\n")
+    assert files.read_text_csv(header_only).columns.tolist() == ["path", "labels"]
+    assert len(files.read_text_csv(header_only)) == 0
+    with pytest.raises(ValueError, match="no column"):
+        files.read_text_csv(path, usecols=["absent"])
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(pd.errors.EmptyDataError):
+        files.read_text_csv(tmp_path / "empty.csv")

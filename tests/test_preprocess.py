@@ -461,6 +461,33 @@ def test_locate_finds_the_split_and_row_of_only_the_images_asked_for():
     assert preprocess.locate(paths, slices, []) == {}
 
 
+def test_order_by_split_moves_every_column_into_split_file_order():
+    """Train first in a seeded shuffle, then val and test in frame order; every column (text,
+    masked numbers, plain numbers) and the index follow their rows, and the input is emptied."""
+    n = 40
+    split = np.array(["train", "val", "test", "train"] * (n // 4))
+    frame = pd.DataFrame(
+        {
+            "path": pd.array([f"images/{k}.png" for k in range(n)], dtype="str"),
+            "split": pd.array(split, dtype="str"),
+            "width": pd.array([k if k % 7 else None for k in range(n)], dtype="Int64"),
+            "span_offset": np.arange(n, dtype=np.int64) * 10,
+        },
+        index=pd.Index(np.arange(n) + 100),
+    )
+    expected = frame.copy()
+    ordered, slices = preprocess.order_by_split(frame, seed=3)
+    assert frame.columns.empty
+    assert [slices[name].stop - slices[name].start for name in ("train", "val", "test")] == [20, 10, 10]
+    train = ordered.iloc[slices["train"]]
+    assert set(train.index) == set(expected.index[split == "train"])
+    assert list(train.index) != sorted(train.index)  # shuffled ...
+    again, _ = preprocess.order_by_split(expected.copy(), seed=3)
+    assert list(again.index) == list(ordered.index)  # ... by the seed
+    assert list(ordered.iloc[slices["val"]].index) == list(expected.index[split == "val"])
+    pd.testing.assert_frame_equal(ordered, expected.loc[ordered.index])
+
+
 def test_the_health_grid_shows_the_written_pixels_of_each_pair(tmp_path):
     """The stage hands the report the decoded rows of exactly the images its grid shows."""
     from PIL import Image

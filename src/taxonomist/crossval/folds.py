@@ -20,6 +20,7 @@ import pandas as pd
 
 from taxonomist.data.cache import read_labels
 from taxonomist.errors import ConfigError, DataError, missing_input
+from taxonomist.files import read_text_csv
 
 log = logging.getLogger(__name__)
 POOL_SPLITS = ("train", "val")  # cross-validated; test is never read
@@ -61,7 +62,7 @@ def read_pool(processed_dir: Path) -> Pool:
             f"taxonomist cv cross-validates single-label tasks ({', '.join(SINGLE_LABEL_TASKS)}); "
             f"data/processed holds {task.name} labels"
         )
-    frame = pd.read_csv(splits_file, dtype=str, keep_default_na=False)
+    frame = read_text_csv(splits_file)
     parts, targets = [], []
     for split in POOL_SPLITS:
         part = frame[frame["split"] == split].copy()

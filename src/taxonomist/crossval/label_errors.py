@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from taxonomist.crossval.run import CV_DIR, OOF_FILE, STATE_FILE
 from taxonomist.errors import DataError, missing_input, stale_input
-from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text, read_json
+from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text, read_json, read_text_csv
 from taxonomist.stages.paths import PROCESSED_DIR
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def grid_images(processed_dir: Path, table: pd.DataFrame, oof: dict[str, np.ndar
     if not splits_file.is_file():
         log.warning("label errors: %s not found: no image grid", splits_file)
         return None
-    frame = pd.read_csv(splits_file, dtype=str, keep_default_na=False)
+    frame = read_text_csv(splits_file)
     paths = {s: frame.loc[frame["split"] == s, "path"].to_numpy() for s in ("train", "val")}
     idx = table["pool_index"].to_numpy()
     images = []

@@ -45,7 +45,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from taxonomist.errors import StageOrderError, missing_input, stale_input
-from taxonomist.files import WriteBack, atomic_write_text, sha256_bytes
+from taxonomist.files import WriteBack, atomic_write_text, read_text_csv, sha256_bytes
 
 COLUMNS = ["path", "labels", "split", "sha256", "source_id", "group"]
 OPTIONAL_COLUMNS = {"group": ""}  # added later: an older manifest without them reads with this value
@@ -106,7 +106,7 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise missing_input(path, "ingest")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = read_text_csv(path)
     for column, default in OPTIONAL_COLUMNS.items():
         if column not in frame.columns:
             frame[column] = default

@@ -40,7 +40,7 @@ from taxonomist.export import gate, quantize, registry
 from taxonomist.export.model_card import render_model_card
 from taxonomist.export.onnx import export_onnx, verify_onnx
 from taxonomist.export.serving import IMAGE_COLUMN, ImageClassifierModel, Limits
-from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text, read_json
+from taxonomist.files import atomic_directory, atomic_write_json, atomic_write_text, read_json, read_text_csv
 from taxonomist.models.inference import load_classifier
 from taxonomist.stages.paths import (
     DECISION_FILE,
@@ -75,7 +75,7 @@ def gate_images(processed_dir: Path, raw_dir: Path) -> tuple[list[bytes], list[s
     path = processed_dir / "splits.csv"
     if not path.is_file():
         raise missing_input(path, "preprocess")
-    rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+    rows = read_text_csv(path)
     rows = rows[rows["split"] == "test"]
     with RawImages(raw_dir) as raw:
         return [raw.read(p) for p in rows["path"]], rows["labels"].tolist()

@@ -53,7 +53,7 @@ from taxonomist.data.manifest import COLUMNS, SPLITS, RawImages, read_manifest, 
 from taxonomist.data.parallel import Rows, Workers, local, map_chunks, resolve_workers
 from taxonomist.data.split import assign_splits, group_keys
 from taxonomist.errors import DataError
-from taxonomist.files import atomic_directory, atomic_write_csv, atomic_write_json, read_json
+from taxonomist.files import atomic_directory, atomic_write_csv, atomic_write_json, read_json, read_text_csv
 from taxonomist.stages.paths import PROCESSED_DIR, RAW_DIR, health_dir_for
 from taxonomist.tasks import Task, task_of
 
@@ -107,11 +107,7 @@ def source_namer(frame: pd.DataFrame | Path) -> Callable[[str], str]:
 
     def name(path: str) -> str:
         if not table:
-            names = (
-                pd.read_csv(frame, usecols=["path", "source_id"], dtype=str, keep_default_na=False)
-                if isinstance(frame, Path)
-                else frame
-            )
+            names = read_text_csv(frame, usecols=["path", "source_id"]) if isinstance(frame, Path) else frame
             table.update(zip(names["path"], names["source_id"], strict=True))
         return table.get(path, path)
 
@@ -339,7 +335,7 @@ def previous_run(out_dir: Path) -> Previous:
         facts = pd.read_csv(out_dir / FACTS_FILE, dtype={"sha256": str, "mode": str, "phash": str, "reason": str})
         facts = typed_facts(facts)
         facts = facts[facts["reason"] == ""]  # quarantined images are looked at again (a missing file may be back)
-        splits = pd.read_csv(out_dir / "splits.csv", dtype=str, keep_default_na=False)
+        splits = read_text_csv(out_dir / "splits.csv")
     except (OSError, ValueError, KeyError) as err:
         if out_dir.exists():
             log.info("nothing reused from %s: %s", out_dir, err)
@@ -519,13 +515,22 @@ def run(
 def order_by_split(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, dict[str, slice]]:
     """``frame`` in the order the split files store it, with the rows of each split: the
     training split first, in a seeded random order (any block of it is a random sample), then
-    val and test in manifest order. One copy of the frame."""
+    val and test in manifest order.
+
+    ``frame`` is emptied: its columns are moved into the new table one at a time, so only one
+    column is ever held twice (a ``take`` of the whole table would hold two copies of every
+    image's text at once: the largest table of the stage)."""
     split = frame["split"].to_numpy()
     rows = {name: np.flatnonzero(split == name) for name in SPLITS}
+    del split
     rows["train"] = pd.Series(rows["train"]).sample(frac=1.0, random_state=seed).to_numpy()
     bounds = np.cumsum([0, *(len(rows[name]) for name in SPLITS)])
     slices = {name: slice(int(bounds[k]), int(bounds[k + 1])) for k, name in enumerate(SPLITS)}
-    return frame.take(np.concatenate([rows[name] for name in SPLITS])), slices
+    order = np.concatenate([rows[name] for name in SPLITS])
+    ordered = pd.DataFrame(index=frame.index.take(order))
+    for column in list(frame.columns):
+        ordered[column] = frame.pop(column).array.take(order)
+    return ordered, slices
 
 
 def locate(paths: pd.Series, slices: dict[str, slice], wanted: Iterable[str]) -> dict[str, tuple[str, int]]:
@@ -560,11 +565,17 @@ def write_tables(
     counts: dict[str, dict[str, int]] = {}
     sizes: dict[str, int] = {}
     for split in SPLITS:
-        labels = frame["labels"].iloc[slices[split]]
-        np.save(out_dir / f"{split}_labels.npy", np.asarray(space.encode(labels)))
-        sizes[split] = len(labels)
-        per_label = labels.map(split_labels).explode().dropna()
-        counts[split] = {c: int(n) for c, n in per_label.value_counts().sort_index().items()}
+        # Each distinct label cell is encoded and split once (a few per data set), then spread
+        # to its images: a Python string or list per image would outlive the stage as heap holes.
+        codes, cells = pd.factorize(frame["labels"].iloc[slices[split]])
+        np.save(out_dir / f"{split}_labels.npy", np.asarray(space.encode(list(cells)))[codes])
+        sizes[split] = len(codes)
+        per_cell = np.bincount(codes, minlength=len(cells))
+        per_label: dict[str, int] = {}
+        for cell, n in zip(cells, per_cell, strict=True):
+            for label in split_labels(str(cell)):
+                per_label[label] = per_label.get(label, 0) + int(n)
+        counts[split] = dict(sorted(per_label.items()))
     write_labels(out_dir, space)
     atomic_write_csv(out_dir / "splits.csv", frame)
     atomic_write_csv(out_dir / "duplicates.csv", dropped[[*COLUMNS, "reason", "duplicate_of"]])

@@ -355,12 +355,12 @@ def log_dataset(
     source), the split table as its rows; plus the preprocess report, the chosen ``auto``
     settings (tag ``auto_settings``) and the data health report (``health_dir``) as artifacts."""
     import mlflow
-    import pandas as pd
     from mlflow.exceptions import MlflowException
 
     from taxonomist.data.auto import describe
+    from taxonomist.files import read_text_csv
 
-    frame = pd.read_csv(processed_dir / "splits.csv", dtype=str, keep_default_na=False)
+    frame = read_text_csv(processed_dir / "splits.csv")
     name = dataset_name(cfg)
     try:
         source = redact(cfg.data.source)
