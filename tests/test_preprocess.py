@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -459,6 +461,24 @@ def test_locate_finds_the_split_and_row_of_only_the_images_asked_for():
     found = preprocess.locate(paths, slices, ["s1", "t2", "gone", "s1", "v0"])
     assert found == {"s1": ("test", 1), "t2": ("train", 2), "v0": ("val", 0)}
     assert preprocess.locate(paths, slices, []) == {}
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "system"), ("mimalloc", "mimalloc")])
+def test_importing_the_package_puts_arrow_on_the_system_allocator(setting, expected):
+    """Arrow's compute kernels (hashing a text column: ``isin``, ``factorize``) allocate from
+    Arrow's default pool, which only the environment chooses, before Arrow loads: importing
+    the package sets it to the system allocator (whose freed memory ``malloc_trim`` returns)
+    unless the user chose one."""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if setting is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = setting
+    code = (
+        "import taxonomist, pandas as pd, pyarrow as pa; "
+        "s = pd.Series([f'images/{i:06d}.jpg' for i in range(20000)]); s.isin(['images/000001.jpg']); "
+        "print(pa.default_memory_pool().backend_name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected]
 
 
 def test_order_by_split_moves_every_column_into_split_file_order():

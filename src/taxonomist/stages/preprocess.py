@@ -140,7 +140,9 @@ def large_blocks_mapped() -> None:
 
 def arrow_on_malloc() -> None:
     """Make pandas' string columns (Arrow) allocate with malloc, which :func:`memory_returned`
-    can trim, instead of Arrow's own pool, which keeps what it freed."""
+    can trim, instead of Arrow's own pool, which keeps what it freed. Importing the package sets
+    ``ARROW_DEFAULT_MEMORY_POOL=system``, which covers Arrow's compute kernels too; this covers
+    the allocations made from Python when pyarrow was loaded before the package (a notebook)."""
     import pyarrow
 
     pyarrow.set_memory_pool(pyarrow.system_memory_pool())
