@@ -7,10 +7,11 @@
    from the full decode.
 2. **Flat memory, linear time**: ``taxonomist ingest`` and ``taxonomist preprocess`` at each of
    ``--sizes`` images: seconds per image and the peak memory of the stage's whole process tree
-   (the sum of its processes' PSS, sampled every 0.5 s: shared pages counted once). Beside
-   them, what the disk does with the same bytes: ``cat`` copying the photos into one file,
-   then ``fsync``; and, where ``/dev/shm`` has room, ingest writing its archive to memory (the
-   code's time apart from the disk's writes).
+   (the sum of its processes' PSS, sampled every 0.2 s: shared pages counted once). Beside
+   them, each stage's CPU seconds per image (user + system of its process tree: the code's work,
+   which waiting on the disk does not inflate), and what the disk does with the same bytes:
+   ``cat`` copying the photos into one file, then ``fsync``; and, where ``/dev/shm`` has room,
+   ingest writing its archive to memory (its time apart from the disk's writes).
 3. **Incremental data**: 1,000 images added to the data set of the second size: ingest and
    preprocess again (only the new images are decoded).
 4. **DVC**: at the largest size, the outputs are committed (``cache.type hardlink``, as the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,6 +39,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -63,7 +66,7 @@ OVERRIDES = ["data=folder", "preprocess.image_size=224", "preprocess.channels=3"
 class TreeMemory(threading.Thread):
     """The peak over time of the summed PSS of a process and all its descendants."""
 
-    def __init__(self, pid: int, every: float = 0.5):
+    def __init__(self, pid: int, every: float = 0.2):
         super().__init__(daemon=True)
         self.pid, self.every, self.peak = pid, every, 0
         self.done = threading.Event()
@@ -88,8 +91,24 @@ class TreeMemory(threading.Thread):
             self.done.wait(self.every)
 
 
-def run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run ``cmd``; return its wall seconds and the peak memory of its process tree."""
+class Ran(NamedTuple):
+    """What a command took: wall seconds, the peak memory of its process tree (bytes) and the
+    CPU seconds (user + system) of the tree: the code's work, apart from its waits on the disk."""
+
+    seconds: float
+    peak: int
+    cpu: float
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children and their descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> Ran:
+    """Run ``cmd``; return its wall seconds, the peak memory and CPU seconds of its process tree."""
+    cpu = children_cpu()
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -101,7 +120,7 @@ def run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None)
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed with exit code {code}; see {log}")
-    return seconds, sampler.peak
+    return Ran(seconds, sampler.peak, children_cpu() - cpu)
 
 
 def drop_page_cache() -> bool:
@@ -116,7 +135,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-def stage(project: Path, name: str, src: Path | None = None) -> tuple[float, int]:
+def stage(project: Path, name: str, src: Path | None = None) -> Ran:
     """Run one pipeline stage in ``project`` (with the code of ``src``, default this checkout),
     from a cold page cache when allowed."""
     drop_page_cache()
@@ -214,8 +233,8 @@ def preprocess_both(pool: Path, work: Path, count: int, old_src: Path) -> tuple[
     new_project = make_project(work / f"speed-new-{count}", source)
     stage(old_project, "ingest", src=old_src)
     shutil.copytree(old_project / "data" / "raw", new_project / "data" / "raw")  # the same ingested bytes
-    old_seconds, _ = stage(old_project, "preprocess", src=old_src)
-    new_seconds, _ = stage(new_project, "preprocess")
+    old_seconds = stage(old_project, "preprocess", src=old_src).seconds
+    new_seconds = stage(new_project, "preprocess").seconds
     return old_seconds, new_seconds, old_project, new_project
 
 
@@ -350,7 +369,9 @@ def loader_rows(project: Path, cap_gib: float) -> list[Row]:
 
 def size_rows(pool: Path, work: Path, sizes: list[int], cap_gib: float) -> list[Row]:
     rows: list[Row] = []
-    per_image: dict[str, dict[int, float]] = {"copy": {}, "ingest": {}, "preprocess": {}, "memory": {}}
+    per_image: dict[str, dict[int, float]] = {
+        name: {} for name in ("copy", "ingest", "preprocess", "memory", "ingest cpu", "preprocess cpu")
+    }
     peaks: dict[int, int] = {}
     for n, size in enumerate(sizes):
         source = photos.view(pool, work / f"photos-{size}", size)
@@ -364,15 +385,16 @@ def size_rows(pool: Path, work: Path, sizes: list[int], cap_gib: float) -> list[
             in_memory is not None
         ):  # the same ingest writing its archive to memory: the code's time apart from the disk's
             try:
-                seconds, _ = stage(make_project(in_memory, source), "ingest")
+                seconds = stage(make_project(in_memory, source), "ingest").seconds
             finally:
                 shutil.rmtree(in_memory, ignore_errors=True)
             per_image["memory"][size] = seconds / size
             rows.append(Row(f"ingest {size:,} photos into memory (tmpfs)", seconds, "s",
                             label=f"{1000 * seconds / size:.2f} ms/img"))  # fmt: skip
         for name in ("ingest", "preprocess"):
-            seconds, peak = stage(project, name)
+            seconds, peak, cpu = stage(project, name)
             per_image[name][size] = seconds / size
+            per_image[f"{name} cpu"][size] = cpu / size
             rows.append(Row(f"{name} {size:,} photos", seconds, "s", label=f"{1000 * seconds / size:.2f} ms/img"))
             if name == "preprocess":
                 peaks[size] = peak
@@ -380,8 +402,8 @@ def size_rows(pool: Path, work: Path, sizes: list[int], cap_gib: float) -> list[
                                 higher_is_better=False, digits=2))  # fmt: skip
         if n == 1 or len(sizes) == 1:  # incremental: add images to the second data set
             photos.view(pool, source, size + ADDED)
-            ingest_s, _ = stage(project, "ingest")
-            pre_s, _ = stage(project, "preprocess")
+            ingest_s = stage(project, "ingest").seconds
+            pre_s = stage(project, "preprocess").seconds
             report = json.loads((project / "data" / "processed" / "report.json").read_text())
             rows.append(Row(f"add {ADDED:,} photos to {size:,}: ingest", ingest_s, "s"))
             rows.append(Row(f"add {ADDED:,} photos to {size:,}: preprocess", pre_s, "s",
@@ -398,6 +420,9 @@ def size_rows(pool: Path, work: Path, sizes: list[int], cap_gib: float) -> list[
             ratio = per_image[name][last] / per_image[name][first]
             rows.append(Row(f"{name} time per image, {last:,} / {first:,}", ratio, "", target=1.1,
                             higher_is_better=False, digits=2))  # fmt: skip
+            cpu = per_image[f"{name} cpu"][last] / per_image[f"{name} cpu"][first]
+            rows.append(Row(f"  {name} CPU time per image, {last:,} / {first:,} (the code, apart from the disk)", cpu,
+                            "", digits=2))  # fmt: skip
         copy_ratio = per_image["copy"][last] / per_image["copy"][first]
         rows.append(Row(f"  `cat` copy per image, {last:,} / {first:,} (the disk)", copy_ratio, "", digits=2))
         memory = per_image["memory"]
