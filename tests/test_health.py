@@ -170,7 +170,32 @@ def test_near_pairs_caps():
     # Too many pairs: the nearest are kept.
     few = near_pairs(h, 6, max_pairs=50)
     assert few.capped == "pairs" and len(few.first) == 50
-    assert few.distance.max() <= sorted(bits_apart(h[i], h[j]) for i, j in exact)[49]
+    assert set(zip(few.first.tolist(), few.second.tolist(), strict=True)) <= exact
+    assert sorted(few.distance.tolist()) == sorted(bits_apart(h[i], h[j]) for i, j in exact)[:50]
+
+
+def test_nearest_pairs_keeps_the_nearest_in_memory_bounded_by_the_limit():
+    """The capped search keeps the ``limit`` nearest pairs of all it found (equally near ones:
+    the first found) without ever holding much more than the limit."""
+    rng = np.random.default_rng(5)
+    limit, batches = 1_000, [rng.integers(0, 7, size) for size in rng.integers(0, 400, 60)]
+    nearest = health._NearestPairs(limit)
+    keys = np.arange(sum(len(b) for b in batches), dtype=np.int64)[::-1]  # keys in the reverse of the order added
+    at = 0
+    for dist in batches:
+        nearest.add(keys[at : at + len(dist)], dist.astype(np.uint8))
+        at += len(dist)
+        assert nearest.held <= limit + limit // 2 + len(dist)
+    got_keys, got_dist, capped = nearest.result()
+    everything = np.concatenate(batches)
+    first = np.argsort(everything, kind="stable")[:limit]  # nearest first, then in the order added
+    order = np.argsort(keys[first])
+    assert capped == "pairs"
+    assert got_keys.tolist() == keys[first][order].tolist()
+    assert got_dist.tolist() == everything[first][order].tolist()
+    few = health._NearestPairs(limit)
+    few.add(keys[:10], np.zeros(10, np.uint8))
+    assert few.result()[2] == "" and few.result()[0].tolist() == sorted(keys[:10].tolist())
 
 
 def test_popcount_without_numpy_2(monkeypatch):
