@@ -177,6 +177,7 @@ def near_pairs(
         window = low
     # Each pair is kept as one int64, lo * n + hi, and its distance as a byte; a pair whose hashes
     # agree on an earlier chunk was looked for there, so each pair is kept once, without a sort.
+    # (Under a window the earlier chunk may have passed it by: one more pair the capped search misses.)
     nearest = _NearestPairs(max_pairs)
 
     def keep(i: np.ndarray, j: np.ndarray, dist: np.ndarray, chunk: int) -> None:
@@ -207,8 +208,8 @@ def near_pairs(
 
 
 class _NearestPairs:
-    """The ``limit`` nearest pairs (int64 keys, uint8 distances) of those added, nearest first and
-    then in the order added, in memory bounded by ``limit``: what is added is held until it
+    """The ``limit`` nearest pairs (int64 keys, uint8 distances) of those added (ranked by distance,
+    then by the order added), in memory bounded by ``limit``: what is added is held until it
     passes 1.5 ``limit``, then only the ``limit`` nearest stay and a pair added later has to be
     nearer than the farthest of them. (Keeping every pair found and sorting them at the end
     took 75 MB at 100,000 clustered hashes and grew with the pairs found.)"""
